@@ -1,0 +1,32 @@
+# Everything a newcomer needs: `make quickstart` (the main job) and `make test` (the test suite).
+# Both create .venv and install etbench[dev] into it when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.etbench-installed
+
+.PHONY: setup quickstart test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/etbench quickstart
+
+test: $(STAMP)
+	$(BIN)/ruff check etbench tests analysis
+	DS_ACCELERATOR=cpu $(BIN)/python -m etbench.engine.warmup
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check etbench tests analysis
+
+bench: $(STAMP)
+	$(BIN)/etbench bench core --out results/bench
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""Shared benchmark plumbing: machine description, timing, peak memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Wall seconds of one call, synchronised on GPU."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_child(conn, make_step: Callable[..., Callable[[], Any]], args: tuple) -> None:  # type: ignore[no-untyped-def]
+    step = make_step(*args)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    step()
+    conn.send((_status_kib("VmHWM") - base) / 1024.0)
+    conn.close()
+
+
+def peak_memory_mb(make_step: Callable[..., Callable[[], Any]], args: tuple, device: str) -> float:
+    """Peak memory (MiB) one call of ``make_step(*args)()`` adds above its set-up.
+
+    GPU: ``torch.cuda.max_memory_allocated`` around the call. CPU: peak RSS (VmHWM, reset just before the call)
+    minus RSS before it, for the first call in a fresh *spawned* process (forking after OpenMP has run can
+    deadlock), so ``make_step`` must be a module-level function and ``args`` picklable.
+    """
+    if device.startswith("cuda"):
+        step = make_step(*args)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_rss_child, args=(child, make_step, args))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)
+
+
+def write_json(result: dict[str, Any], out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path

@@ -1,0 +1,158 @@
+"""GNN baselines for node anomaly detection (SPEC §3): MLP, GCN, GraphSAGE, GAT, GIN (torch_geometric) and BWGNN.
+
+Every model maps (x (N, F), edge_index (2, E), relations=None) to logits (N, num_classes). edge_index is expected
+symmetrised and without self-loops; GCN and GAT add self-loops inside their layers (torch_geometric default), SAGE
+and GIN treat the root node separately by design. Layout: ``layers`` graph layers of width ``hidden`` (each
+followed by ReLU and dropout), then a Linear head. BWGNN has its own fixed layout (see ``bwgnn.py``) and ignores
+``layers``. Only layers that run on a plain edge_index tensor are used (no pyg-lib / torch-sparse needed).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+from torch import Tensor, nn
+from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+
+from etbench.models.baselines.bwgnn import BWGNN, bwgnn_flops, check_node_inputs
+
+GNN_MODELS = ("mlp", "gcn", "sage", "gat", "gin", "bwgnn")
+
+
+class GNNConfig(BaseModel):
+    """Sizes of a GNN baseline. ``heads`` is used by GAT only; ``order`` and ``bwgnn_mode`` by BWGNN only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_dim: int
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.0
+    heads: int = 4
+    num_classes: int = 2
+    order: int = 2
+    bwgnn_mode: Literal["homo", "hetero"] = "homo"
+
+    @field_validator("in_dim", "hidden", "layers", "heads", "order")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:  # type: ignore[no-untyped-def]
+        if v <= 0:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {v}")
+        return v
+
+    @field_validator("num_classes")
+    @classmethod
+    def _classes(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"num_classes must be ≥ 2, got {v}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {v}")
+        return v
+
+
+class MLP(nn.Module):
+    """Graph-agnostic baseline: ``layers`` × (Linear, ReLU, dropout) then a Linear head."""
+
+    def __init__(self, cfg: GNNConfig) -> None:
+        super().__init__()
+        self.in_dim = cfg.in_dim
+        dims = [cfg.in_dim] + [cfg.hidden] * cfg.layers
+        blocks: list[nn.Module] = []
+        for d_in, d_out in pairwise(dims):
+            blocks += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor, relations: dict[str, Tensor] | None = None) -> Tensor:
+        check_node_inputs(x, edge_index, self.in_dim, "MLP")
+        return self.head(self.body(x))
+
+
+def _conv(name: str, d_in: int, cfg: GNNConfig) -> nn.Module:
+    if name == "gcn":
+        return GCNConv(d_in, cfg.hidden)  # adds self-loops, symmetric normalisation (Kipf & Welling)
+    if name == "sage":
+        return SAGEConv(d_in, cfg.hidden, aggr="mean")  # Hamilton et al.: root + mean of neighbours
+    if name == "gat":
+        # hidden is split over the heads and the heads are concatenated, so every model has width `hidden`
+        return GATConv(d_in, cfg.hidden // cfg.heads, heads=cfg.heads, concat=True)
+    if name == "gin":
+        mlp = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        return GINConv(mlp, train_eps=True)  # Xu et al.: MLP((1 + ε) x + Σ neighbours)
+    raise ValueError(f"unknown message-passing layer {name!r}; allowed: gcn, sage, gat, gin")
+
+
+class MessagePassingNet(nn.Module):
+    """``layers`` × (conv, ReLU, dropout) with one torch_geometric conv kind, then a Linear head."""
+
+    def __init__(self, name: str, cfg: GNNConfig) -> None:
+        super().__init__()
+        if name == "gat" and cfg.hidden % cfg.heads != 0:
+            raise ValueError(f"gat: hidden ({cfg.hidden}) must be divisible by heads ({cfg.heads})")
+        self.name, self.in_dim = name, cfg.in_dim
+        dims = [cfg.in_dim] + [cfg.hidden] * cfg.layers
+        self.convs = nn.ModuleList(_conv(name, d_in, cfg) for d_in in dims[:-1])
+        self.act = nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor, relations: dict[str, Tensor] | None = None) -> Tensor:
+        check_node_inputs(x, edge_index, self.in_dim, self.name.upper())
+        for conv in self.convs:
+            x = self.act(conv(x, edge_index))
+        return self.head(x)
+
+
+def _check_name(name: str) -> None:
+    if name not in GNN_MODELS:
+        raise ValueError(f"unknown GNN baseline {name!r}; allowed: {', '.join(GNN_MODELS)}")
+
+
+def build_gnn(name: str, cfg: GNNConfig) -> nn.Module:
+    """Build the baseline ``name`` (one of GNN_MODELS) from ``cfg``."""
+    _check_name(name)
+    if name == "mlp":
+        return MLP(cfg)
+    if name == "bwgnn":
+        return BWGNN(cfg.in_dim, cfg.hidden, cfg.num_classes, cfg.order, cfg.bwgnn_mode, cfg.dropout)
+    return MessagePassingNet(name, cfg)
+
+
+def gnn_flops_per_node(name: str, cfg: GNNConfig, num_nodes: int, num_edges: int, num_relations: int = 1) -> float:
+    """Analytic forward FLOPs per node: 2 per multiply-add in Linear layers, plus edge work.
+
+    num_edges counts directed edges of edge_index (for BWGNN-hetero: summed over its ``num_relations`` relations).
+    Edge work: a weighted message costs 2 FLOPs per feature (multiply + add), an unweighted sum 1; self-loops added
+    by GCN/GAT count as N extra edges; GAT's per-edge score, LeakyReLU and softmax count 5 per head.
+    Bias additions and activations are ignored.
+    """
+    _check_name(name)
+    if num_nodes <= 0 or num_edges < 0 or num_relations <= 0:
+        raise ValueError(f"need num_nodes > 0, num_edges ≥ 0, num_relations > 0; got {num_nodes}, {num_edges}, "
+                         f"{num_relations}")
+    n, e, h = num_nodes, num_edges, cfg.hidden
+    if name == "bwgnn":
+        relations = num_relations if cfg.bwgnn_mode == "hetero" else 1
+        return bwgnn_flops(cfg.in_dim, h, cfg.num_classes, cfg.order, n, e, relations) / n
+    total = 0.0
+    d_in = cfg.in_dim
+    for _ in range(cfg.layers):
+        if name == "mlp":
+            total += n * 2 * d_in * h
+        elif name == "gcn":  # X W, then normalised weighted sum over edges + self-loops
+            total += n * 2 * d_in * h + (e + n) * 2 * h
+        elif name == "sage":  # mean aggregation, then lin_l(mean) + lin_r(x) and their sum
+            total += e * d_in + n * d_in + n * (4 * d_in * h + h)
+        elif name == "gat":  # projection, per-node source/target scores, per-edge softmax and weighted sum
+            total += n * 2 * d_in * h + n * 4 * h + (e + n) * (5 * cfg.heads + 2 * h)
+        elif name == "gin":  # (1 + ε) x + Σ neighbours, then the 2-layer MLP
+            total += e * d_in + n * 2 * d_in + n * (2 * d_in * h + 2 * h * h)
+        d_in = h
+    total += n * 2 * h * cfg.num_classes
+    return total / n

@@ -1,0 +1,67 @@
+"""The MLflow layout every etbench run follows; analysis reads exactly these names.
+
+One MLflow run = one resolved run config (one model, one seed, one split) of one grid.
+
+Experiment: the grid name (``etbench-single`` for a run started outside a grid).
+
+Tags (all strings):
+    etbench.config_hash       stable hash of the resolved run config (dedup key)
+    etbench.grid              grid name
+    etbench.task              "image" | "graph"
+    etbench.model             registry name: et, vit, vit-tied, vit-pm, mlp, gcn, sage, gat, gin, bwgnn
+    etbench.dataset           dataset name (digits, mnist, cifar10, imagenet, tolokers, ...)
+    etbench.protocol          "masked-completion" (image) | "bwgnn" | "gadbench" (graph)
+    etbench.seed              integer seed
+    etbench.split             split index (graph tasks; "-1" when not applicable)
+    etbench.axis.<name>       value of each swept grid axis (e.g. etbench.axis.model.steps = "4")
+    etbench.paper_comparable  "true" | "false" (small presets are not paper-comparable)
+    etbench.git_commit        commit of the code that ran
+    etbench.dataset_checksum  checksum / file-list hash of the data
+    etbench.versions          JSON of package versions
+    etbench.error             reason, when the run FAILED
+
+Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
+
+Metrics (step = epoch unless noted):
+    <split>/<name>            per-epoch metrics, split in {train, val, test}
+                              image: loss, mse_masked, mse_chosen, psnr
+                              graph: loss, auroc, auprc, macro_f1, rec_at_k
+    best/<split>/<name>       value at the best-validation epoch (the headline numbers)
+    energy/E, energy/E_att, energy/E_hn, energy/dx_norm
+                              ET only; step = descent step t, mean over evaluated samples at the end
+    energy/rise_fraction      fraction of (sample, step) pairs where E rose
+    cost/params, cost/flops_per_sample, cost/wall_s, cost/throughput, cost/peak_mem_mb
+
+Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose),
+    reconstruction.png, memories.png (images), checkpoint/ (optional).
+"""
+
+from __future__ import annotations
+
+TAG_PREFIX = "etbench."
+TAG_CONFIG_HASH = "etbench.config_hash"
+TAG_GRID = "etbench.grid"
+TAG_TASK = "etbench.task"
+TAG_MODEL = "etbench.model"
+TAG_DATASET = "etbench.dataset"
+TAG_PROTOCOL = "etbench.protocol"
+TAG_SEED = "etbench.seed"
+TAG_SPLIT = "etbench.split"
+TAG_AXIS_PREFIX = "etbench.axis."
+TAG_PAPER_COMPARABLE = "etbench.paper_comparable"
+TAG_GIT_COMMIT = "etbench.git_commit"
+TAG_DATASET_CHECKSUM = "etbench.dataset_checksum"
+TAG_VERSIONS = "etbench.versions"
+TAG_ERROR = "etbench.error"
+
+ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
+ENERGY_RISE = "energy/rise_fraction"
+COST_METRICS = ("cost/params", "cost/flops_per_sample", "cost/wall_s", "cost/throughput", "cost/peak_mem_mb")
+ENERGY_TRACE_ARTIFACT = "energy_trace.csv"
+ENERGY_TRACE_COLUMNS = ("step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose")
+DEFAULT_EXPERIMENT = "etbench-single"
+
+
+def best_metric(split: str, name: str) -> str:
+    """Name of the headline metric ``name`` on ``split`` at the best-validation epoch."""
+    return f"best/{split}/{name}"
