@@ -92,3 +92,8 @@ def write_json(result: dict[str, Any], out: Path, name: str) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return path
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return _status_kib("VmHWM") / 1024.0

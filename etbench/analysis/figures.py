@@ -1,0 +1,247 @@
+"""Result figures from run summaries: metric vs steps T, per energy-term variant, memory × steps heatmap, and
+metric vs cost (Pareto view). Every function returns the figures it could draw (name, Figure) and a message for
+each one it skipped because the grid lacks the data; it never raises for an absent axis.
+
+Graph runs with several stored splits are summarised over splits (each split the mean over its seeds); all
+other runs over seeds. The same rule labels each figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from etbench.analysis import style
+from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
+from etbench.analysis.stats import DEFAULT_CI, CIConfig, summarize
+from etbench.analysis.tables import fmt_mean_ci
+
+STEPS = "axis.model.steps"
+TERMS = "axis.model.terms"
+MEMORY = ("axis.model.memories", "axis.model.mem_ratio")
+
+
+@dataclass
+class FigureSet:
+    """Figures drawn (file stem, figure) and why others were skipped."""
+
+    made: list[tuple[str, Figure]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def extend(self, other: FigureSet) -> None:
+        self.made += other.made
+        self.skipped += other.skipped
+
+
+def summary_over(block: pd.DataFrame) -> str:
+    """"split" when the block has several stored splits (graph protocols), else "seed"."""
+    splits = block["split"].dropna()
+    return "split" if splits[splits != -1].nunique() > 1 else "seed"
+
+
+def metric_label(metric: str) -> str:
+    return f"{short_name(metric)} ({'↑' if higher_is_better(metric) else '↓'})"
+
+
+def varying(block: pd.DataFrame, axes: Sequence[str]) -> list[str]:
+    """Axes with more than one value in ``block``."""
+    return [a for a in axes if block[a].dropna().nunique() > 1]
+
+
+def rest_label(values: dict[str, object]) -> str:
+    """"name=value" of the other varying axes, for a title or file name."""
+    return ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in values.items())
+
+
+def _summary(block: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig) -> tuple[pd.DataFrame, str]:
+    over = summary_over(block)
+    table = summarize(block, metric, axes, over=over, cfg=cfg, complete=False)
+    return table[table["n"] > 0], over
+
+
+def _tag(dataset: str, protocol: str, metric: str) -> str:
+    return f"{dataset}_{protocol}_{metric.rsplit('/', 1)[-1]}"
+
+
+def _slices(table: pd.DataFrame, rest: Sequence[str]) -> list[tuple[dict[str, object], pd.DataFrame]]:
+    """One slice per combination of the ``rest`` axes; a row without a value for an axis (a baseline without
+    that ET-only axis) belongs to every slice."""
+    if not rest:
+        return [({}, table)]
+    combos = table[list(rest)].dropna(how="all").drop_duplicates().sort_values(list(rest))
+    out = []
+    for _, combo in combos.iterrows():
+        mask = np.ones(len(table), dtype=bool)
+        for a in rest:
+            mask &= (table[a].isna() | (table[a] == combo[a])).to_numpy(bool) if pd.notna(combo[a]) else True
+        out.append(({a: combo[a] for a in rest if pd.notna(combo[a])}, table[mask]))
+    return out
+
+
+def _title(fig: Figure, dataset: str, protocol: str, fixed: dict[str, object], over: str, note: str = "") -> None:
+    lines = [f"{dataset} / {protocol}", rest_label(fixed), f"mean, 95% CI over {over}s{note}"]
+    fig.suptitle("\n".join(line for line in lines if line))
+
+
+def _suffix(fixed: dict[str, object]) -> str:
+    return "".join(f"_{a.rsplit('.', 1)[-1]}-{v}" for a, v in fixed.items())
+
+
+def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+    """Metric vs steps T, one line per model with its 95% CI band; one figure per value of the other axes."""
+    out = FigureSet()
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        if STEPS not in axes or block[STEPS].dropna().nunique() < 2:
+            out.skipped.append(f"steps: {dataset}/{protocol} has no '{STEPS}' axis with ≥ 2 values")
+            continue
+        present = [a for a in axes if block[a].notna().any()]
+        table, over = _summary(block, metric, present, cfg)
+        rest = [a for a in varying(block, present) if a != STEPS]
+        for fixed, part in _slices(table[table[STEPS].notna()], rest):
+            fig, ax = style.new_figure()
+            ax = ax[0, 0]
+            palette = style.model_palette(part["model"])
+            for model in style.model_order(part["model"].unique()):
+                g = part[part["model"] == model].sort_values(STEPS)
+                x = g[STEPS].astype(float).to_numpy()
+                ax.plot(x, g["mean"], marker="o", color=palette[model], label=model)
+                ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=palette[model],
+                                alpha=0.2, linewidth=0)
+            ax.set_xlabel("steps T")
+            ax.set_ylabel(metric_label(metric))
+            ax.set_xticks(sorted(part[STEPS].astype(float).unique()))
+            _title(fig, dataset, protocol, fixed, over)
+            fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])),
+                       frameon=False)
+            out.made.append((f"steps_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+    return out
+
+
+def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+    """Metric per energy-term variant (attn+hn / attn / hn) with 95% CI bars; one figure per other-axes value."""
+    out = FigureSet()
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        if TERMS not in axes or block[TERMS].dropna().nunique() < 2:
+            out.skipped.append(f"terms: {dataset}/{protocol} has no '{TERMS}' axis with ≥ 2 values")
+            continue
+        block = block[block[TERMS].notna()]
+        present = [a for a in axes if block[a].notna().any()]
+        table, over = _summary(block, metric, present, cfg)
+        rest = [a for a in varying(block, present) if a != TERMS]
+        values = set(table[TERMS])
+        order = [t for t in style.TERMS_ORDER if t in values] + sorted(values - set(style.TERMS_ORDER))
+        for fixed, part in _slices(table, rest):
+            part = part.assign(x=part[TERMS].map({t: i for i, t in enumerate(order)}))
+            fig, ax = style.new_figure()
+            ax = ax[0, 0]
+            models = style.model_order(part["model"].unique())
+            palette = style.model_palette(models)
+            width = 0.5 / max(1, len(models))
+            for i, model in enumerate(models):
+                g = part[part["model"] == model].sort_values("x")
+                err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).astype(float)
+                ax.errorbar(g["x"] + (i - (len(models) - 1) / 2) * width, g["mean"], yerr=np.nan_to_num(err),
+                            fmt="o", color=palette[model], capsize=2, label=model)
+            ax.set_xticks(range(len(order)), order)
+            ax.set_xlim(-0.5, len(order) - 0.5)
+            ax.set_xlabel("energy terms")
+            ax.set_ylabel(metric_label(metric))
+            _title(fig, dataset, protocol, fixed, over)
+            if len(models) > 1:
+                fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])),
+                       frameon=False)
+            out.made.append((f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+    return out
+
+
+def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+    """Heatmap of the metric over memory size × steps T per model (and per value of the other varying axes)."""
+    out = FigureSet()
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        mem = next((a for a in MEMORY if a in axes and block[a].dropna().nunique() >= 2), None)
+        if mem is None or STEPS not in axes or block[STEPS].dropna().nunique() < 2:
+            out.skipped.append(f"memory heatmap: {dataset}/{protocol} lacks a memory axis {MEMORY} and a "
+                               f"'{STEPS}' axis with ≥ 2 values each")
+            continue
+        present = [a for a in axes if block[a].notna().any()]
+        over = summary_over(block)
+        table = summarize(block, metric, present, over=over, cfg=cfg, complete=True)
+        table = table[table[mem].notna() & table[STEPS].notna()]
+        rest = [a for a in varying(block, present) if a not in (mem, STEPS)]
+        keys = ["model", *rest]
+        for key, g in table.groupby(keys, dropna=False, sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            means = g.pivot(index=mem, columns=STEPS, values="mean").sort_index(ascending=False)
+            half = g.assign(h=(g["ci_high"] - g["ci_low"]) / 2).pivot(index=mem, columns=STEPS, values="h")
+            n = g.pivot(index=mem, columns=STEPS, values="n").fillna(0)
+            text = np.array([[fmt_mean_ci(means.loc[i, j], half.loc[i, j], int(n.loc[i, j])).replace(" ± ", "\n±")
+                              for j in means.columns] for i in means.index])
+            fig, ax = style.new_figure(height=0.2 * len(means) + 1.6)
+            ax = ax[0, 0]
+            cmap = "viridis" if higher_is_better(metric) else "viridis_r"
+            sns.heatmap(means.astype(float), annot=text, fmt="", cmap=cmap, ax=ax, annot_kws={"fontsize": 5},
+                        cbar_kws={"label": metric_label(metric)}, linewidths=0.4, linecolor="white")
+            for (i, j), missing in np.ndenumerate(means.isna().to_numpy()):
+                if missing:  # seaborn leaves NaN cells blank: say why
+                    ax.text(j + 0.5, i + 0.5, "missing\n(n=0)", ha="center", va="center", fontsize=5, color="0.4")
+            ax.set_xlabel("steps T")
+            ax.set_ylabel(mem.removeprefix("axis.model."))
+            fixed = {"model": key[0], **dict(zip(rest, key[1:], strict=True))}
+            _title(fig, dataset, protocol, fixed, over)
+            out.made.append((f"memory_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+    return out
+
+
+def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+    """Metric vs FLOPs per sample and vs parameters, one point per grid cell, with the Pareto front."""
+    out = FigureSet()
+    costs = [c for c in ("cost/flops_per_sample", "cost/params") if column(c) in runs.columns]
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        have = [c for c in costs if block[column(c)].notna().any()]
+        if not have:
+            out.skipped.append(f"pareto: {dataset}/{protocol} has no cost/flops_per_sample or cost/params metric")
+            continue
+        present = [a for a in axes if block[a].notna().any()]
+        table, over = _summary(block, metric, present, cfg)
+        keys = ["model", *present]
+        cost = block.groupby(keys, dropna=False)[[column(c) for c in have]].mean().reset_index()
+        table = table.merge(cost, on=keys, how="left")
+        fig, axs = style.new_figure(ncols=len(have), width=style.DOUBLE_COLUMN_IN if len(have) > 1 else
+                                    style.SINGLE_COLUMN_IN)
+        palette = style.model_palette(table["model"])
+        for ax, c in zip(axs[0], have, strict=True):
+            label, scale = COST_COLUMNS[c]
+            pts = table[table[column(c)].notna()].assign(x=lambda t, c=c, s=scale: t[column(c)] * s)
+            for model in style.model_order(pts["model"].unique()):
+                g = pts[pts["model"] == model]
+                err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).astype(float)
+                ax.errorbar(g["x"], g["mean"], yerr=np.nan_to_num(err), fmt="o", color=palette[model],
+                            capsize=1.5, label=model)
+            front = _pareto_front(pts["x"].to_numpy(float), pts["mean"].to_numpy(float), higher_is_better(metric))
+            ax.step(pts["x"].to_numpy(float)[front], pts["mean"].to_numpy(float)[front], where="post",
+                    color="0.5", linewidth=0.8, zorder=0)
+            style.cost_x(ax)
+            ax.set_xlabel(label)
+            ax.set_ylabel(metric_label(metric))
+        _title(fig, dataset, protocol, {}, over, note="; grey: Pareto front")
+        handles, labels = axs[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), frameon=False)
+        out.made.append((f"pareto_{_tag(dataset, protocol, metric)}", fig))
+    return out
+
+
+def _pareto_front(x: np.ndarray, y: np.ndarray, higher: bool) -> np.ndarray:
+    """Indices (sorted by cost) of the points no cheaper point beats."""
+    order = np.lexsort((-y if higher else y, x))
+    front, best = [], -np.inf
+    for i in order:
+        score = y[i] if higher else -y[i]
+        if np.isfinite(score) and score > best:
+            front.append(i)
+            best = score
+    return np.asarray(front, dtype=int)

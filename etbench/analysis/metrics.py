@@ -1,0 +1,101 @@
+"""Which metrics a report shows, which direction is better, and how cost columns are labelled.
+
+The headline metric of a run is the value at its best-validation epoch (``best/test/<name>``, see
+``etbench.tracking.schema``); which names exist depends on the task (image or graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from etbench.tracking.schema import COST_METRICS, best_metric
+
+METRIC_PREFIX = "metrics."
+
+#: Headline metrics per task, most important first (the first present one drives the figures).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "image": (best_metric("test", "mse_masked"), best_metric("test", "psnr")),
+    "graph": (
+        best_metric("test", "auroc"),
+        best_metric("test", "auprc"),
+        best_metric("test", "macro_f1"),
+        best_metric("test", "rec_at_k"),
+    ),
+}
+
+#: Direction per metric leaf name: True when a larger value is better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "loss": False,
+    "mse_masked": False,
+    "mse_chosen": False,
+    "mse": False,
+    "psnr": True,
+    "auroc": True,
+    "auprc": True,
+    "macro_f1": True,
+    "rec_at_k": True,
+    "params": False,
+    "flops_per_sample": False,
+    "wall_s": False,
+    "throughput": True,
+    "peak_mem_mb": False,
+    "rise_fraction": False,
+}
+
+#: Cost metric → (column label, scale factor applied to the logged value).
+COST_COLUMNS: dict[str, tuple[str, float]] = {
+    "cost/params": ("params (M)", 1e-6),
+    "cost/flops_per_sample": ("GFLOPs/sample", 1e-9),
+    "cost/throughput": ("throughput (samples/s)", 1.0),
+    "cost/peak_mem_mb": ("peak mem (MB)", 1.0),
+}
+assert set(COST_COLUMNS) <= set(COST_METRICS)
+
+
+def column(metric: str) -> str:
+    """DataFrame column holding the metric ``metric`` (``metrics.<name>``, as MLflow's search_runs names it)."""
+    return metric if metric.startswith(METRIC_PREFIX) else METRIC_PREFIX + metric
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better; raise for a metric whose direction is unknown."""
+    leaf = metric.removeprefix(METRIC_PREFIX).rsplit("/", 1)[-1]
+    if leaf not in HIGHER_IS_BETTER:
+        known = sorted(HIGHER_IS_BETTER)
+        raise ValueError(f"unknown direction for metric {metric!r}: its last part must be one of {known}")
+    return HIGHER_IS_BETTER[leaf]
+
+
+def short_name(metric: str) -> str:
+    """Human label of a metric: ``best/test/mse_masked`` → ``test mse_masked``."""
+    parts = metric.removeprefix(METRIC_PREFIX).split("/")
+    if parts[0] == "best":
+        parts = parts[1:]
+    return " ".join(parts)
+
+
+def available(runs: pd.DataFrame, metric: str) -> bool:
+    """Whether at least one run logged ``metric``."""
+    col = column(metric)
+    return col in runs.columns and bool(runs[col].notna().any())
+
+
+def choose_metrics(runs: pd.DataFrame, override: Sequence[str] | None = None) -> list[str]:
+    """Headline metrics to report for ``runs`` (one task): the override, checked, or the task's present ones."""
+    if override:
+        missing = [m for m in override if not available(runs, m)]
+        if missing:
+            present = sorted(c.removeprefix(METRIC_PREFIX) for c in runs.columns if c.startswith(METRIC_PREFIX))
+            raise ValueError(f"metric(s) {missing} not logged by any run; logged metrics: {present}")
+        for m in override:
+            higher_is_better(m)
+        return [m.removeprefix(METRIC_PREFIX) for m in override]
+    tasks = sorted(set(runs["task"].dropna()))
+    chosen: list[str] = []
+    for task in tasks:
+        if task not in TASK_METRICS:
+            raise ValueError(f"unknown etbench.task {task!r}; allowed: {sorted(TASK_METRICS)}")
+        chosen += [m for m in TASK_METRICS[task] if available(runs, m) and m not in chosen]
+    return chosen

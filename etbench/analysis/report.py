@@ -1,0 +1,187 @@
+"""``make_report``: everything for one grid (experiment) — tables, figures, artifact images and an index.
+
+Output layout under ``out``::
+
+    README.md           what was produced, what was skipped and why, which runs were left out
+    runs.csv            the analysed runs (tags, axes, params, metrics); excluded_runs.csv with reasons
+    tables/             results_* and compare_* tables as .md, .tex (booktabs) and .csv
+    figures/            steps_*, terms_*, memory_*, pareto_*, energy_* as .pdf and .png
+    images/             reconstruction.png / memories.png of the best run per (dataset, protocol, model)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from etbench.analysis import descent, figures, tables
+from etbench.analysis.cache import RunCache, energy_frame
+from etbench.analysis.load import client_for, load_runs
+from etbench.analysis.metrics import choose_metrics, column, higher_is_better
+from etbench.analysis.references import load_references
+from etbench.analysis.stats import DEFAULT_CI, CIConfig
+from etbench.analysis.style import label_problems, save
+
+IMAGE_ARTIFACTS = ("reconstruction.png", "memories.png")
+FIGURE_FAMILIES: dict[str, Callable[..., figures.FigureSet]] = {
+    "steps": figures.steps_figures,
+    "terms": figures.terms_figures,
+    "memory": figures.memory_heatmaps,
+    "pareto": figures.pareto_figures,
+}
+
+
+@dataclass
+class ReportResult:
+    """What ``make_report`` wrote."""
+
+    out: Path
+    index: Path
+    runs_csv: Path
+    n_runs: int
+    metrics: dict[str, list[str]]
+    tables: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    excluded: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _splits_vary(block: pd.DataFrame) -> bool:
+    return figures.summary_over(block) == "split"
+
+
+def make_report(
+    experiment: str,
+    tracking_uri: str | None,
+    out: Path,
+    *,
+    include_failed: bool = False,
+    cache_dir: Path | None = None,
+    metrics: Sequence[str] | None = None,
+    reference_model: str = "et",
+    references: Path | None = None,
+    ci: CIConfig = DEFAULT_CI,
+    progress: Callable[[str], None] = print,
+) -> ReportResult:
+    """Build the full report of ``experiment`` into ``out``.
+
+    ``metrics`` overrides the headline metrics (default: per task, those logged among best/test/*);
+    figures use the first. ``cache_dir`` (default ``out/.etbench-cache``) keeps downloaded artifacts and
+    metric histories per run. ``references`` is a reference_results.yaml to set published numbers beside ours.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"[report] loading runs of experiment {experiment!r}")
+    client = client_for(tracking_uri)
+    table = load_runs(experiment, tracking_uri, include_failed=include_failed, client=client, progress=progress)
+    runs, axes = table.runs, table.axes
+    progress(f"[report] {len(runs)} runs analysed, {len(table.excluded)} left out; axes: {axes or 'none'}")
+    if runs.empty:
+        reasons = table.excluded["reason"].value_counts().head(5).to_dict()
+        left = len(table.excluded)
+        raise ValueError(f"experiment {experiment!r} has no analysable runs ({left} left out: {reasons})")
+    cache = RunCache(client, Path(cache_dir) if cache_dir is not None else out / ".etbench-cache")
+    refs = load_references(references)
+    result = ReportResult(out=out, index=out / "README.md", runs_csv=out / "runs.csv", n_runs=len(runs), metrics={},
+                          excluded=table.excluded)
+    runs.to_csv(result.runs_csv, index=False)
+    table.excluded.to_csv(out / "excluded_runs.csv", index=False)
+    sections: list[str] = []
+    for task, block in runs.groupby("task", sort=True):
+        chosen = choose_metrics(block, metrics)
+        result.metrics[str(task)] = chosen
+        if not chosen:
+            result.skipped.append(f"{task}: no headline metric (best/test/*) logged; no tables or figures")
+            continue
+        progress(f"[report] {task}: metrics {chosen}")
+        sections += _tables(block, chosen, axes, reference_model, ci, refs, out / "tables", result, progress)
+        _figures(block, chosen[0], axes, ci, out / "figures", result, progress)
+        _images(block, chosen[0], cache, out / "images", result)
+    progress("[report] energy descent")
+    energy_runs = runs[runs["model"] == reference_model]
+    keep = ["dataset", "protocol", "model", "seed", "split", *axes]
+    energy = energy_frame(energy_runs, cache, keep=keep) if not energy_runs.empty else pd.DataFrame()
+    made = descent.energy_figures(energy, axes)
+    _save_figures(made, out / "figures", result)
+    result.index.write_text(_index(experiment, tracking_uri, result, sections))
+    for warning in result.warnings:
+        progress(f"[report] warning: {warning}")
+    progress(f"[report] wrote {len(result.tables)} table files, {len(result.figures)} figure files, "
+             f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index})")
+    return result
+
+
+def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: str, ci: CIConfig,
+            refs: pd.DataFrame, folder: Path, result: ReportResult, progress: Callable[[str], None]) -> list[str]:
+    """Results and comparison tables, per split and (graph protocols with stored splits) over splits."""
+    sections = []
+    for over in ("seed", "split") if _splits_vary(block) else ("seed",):
+        progress(f"[report]   tables over {over}s")
+        made = tables.results_tables(block, chosen, axes, over=over, cfg=ci, references=refs)
+        made += tables.comparison_tables(block, chosen, axes, reference=reference, over=over, cfg=ci)
+        for t in made:
+            result.tables += tables.write_table(t, folder)
+            sections.append(tables.to_markdown(t))
+    return sections
+
+
+def _save_figures(made: figures.FigureSet, folder: Path, result: ReportResult) -> None:
+    for name, fig in made.made:
+        result.warnings += [f"figure {name}: {problem}" for problem in label_problems(fig)]
+        result.figures += save(fig, folder / name)
+    result.skipped += made.skipped
+
+
+def _figures(block: pd.DataFrame, metric: str, axes: list[str], ci: CIConfig, folder: Path, result: ReportResult,
+             progress: Callable[[str], None]) -> None:
+    for family, make in FIGURE_FAMILIES.items():
+        progress(f"[report]   figures: {family}")
+        _save_figures(make(block, metric, axes, ci), folder, result)
+
+
+def _images(block: pd.DataFrame, metric: str, cache: RunCache, folder: Path, result: ReportResult) -> None:
+    """Copy reconstruction/memory images of the best run (by ``metric``) per (dataset, protocol, model)."""
+    value = column(metric)
+    for (dataset, protocol, model), group in block.groupby(["dataset", "protocol", "model"], sort=True):
+        scored = group[group[value].notna()] if value in group.columns else group.iloc[0:0]
+        if scored.empty:
+            continue
+        best = scored.sort_values(value, ascending=not higher_is_better(metric), kind="stable").iloc[0]
+        names = set(cache.artifact_names(best))
+        for name in IMAGE_ARTIFACTS:
+            if name not in names:
+                if block["task"].iloc[0] == "image" and (name != "memories.png" or model == "et"):
+                    run_id = best["run_id"]
+                    result.skipped.append(f"image: {dataset}/{protocol}/{model} best run {run_id} has no {name}")
+                continue
+            local = cache.artifact(best, name)
+            assert local is not None
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{dataset}_{protocol}_{model}_{str(best['run_id'])[:8]}_{name}"
+            shutil.copyfile(local, target)
+            result.images.append(target)
+
+
+def _index(experiment: str, tracking_uri: str | None, result: ReportResult, sections: list[str]) -> str:
+    """README.md of the report: provenance, tables inline, lists of figures, images, skips and exclusions."""
+    runs = result.n_runs
+    lines = [f"# etbench report: {experiment}", "", f"- tracking URI: {tracking_uri or '(MLflow default)'}",
+             f"- runs analysed: {runs}; left out: {len(result.excluded)} (see excluded_runs.csv)",
+             f"- headline metrics: {result.metrics}", ""]
+    if len(result.excluded):
+        lines += ["## Runs left out", ""]
+        lines += [f"- {reason}: {count}" for reason, count in result.excluded["reason"].value_counts().items()]
+        lines.append("")
+    lines += ["## Tables", "", *sections, "## Figures", ""]
+    lines += [f"- figures/{p.name}" for p in result.figures if p.suffix == ".pdf"]
+    lines += ["", "## Images from the runs", ""] + [f"- images/{p.name}" for p in result.images]
+    lines += ["", "## Skipped", ""] + [f"- {s}" for s in result.skipped]
+    if result.warnings:
+        lines += ["", "## Layout warnings (labels overlapping or cut off)", ""] + [f"- {w}" for w in result.warnings]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,140 @@
+"""The one paper style for every etbench figure: 8 pt fonts, fixed colour per model, column widths, saving.
+
+Colours come from seaborn's colour-blind palette and are bound to model names, so "et" has the same colour in
+every figure of every report; models outside the registry get grey shades in a fixed (sorted) order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from itertools import combinations
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import seaborn as sns
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+SINGLE_COLUMN_IN = 3.3
+DOUBLE_COLUMN_IN = 6.9
+FONT_PT = 8
+
+#: Registry model names in table order; the position fixes the colour.
+MODELS = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn")
+_COLOURS = sns.color_palette("colorblind", 10)
+PALETTE: dict[str, tuple[float, float, float]] = dict(zip(MODELS, _COLOURS, strict=True))
+_GREYS = sns.color_palette("Greys", 6)[2:]
+
+#: Energy terms in plot order, each with a fixed line style.
+ENERGY_STYLE = {"E": "-", "E_att": "--", "E_hn": ":"}
+#: Order of the energy-term ablation values.
+TERMS_ORDER = ("attn+hn", "attn", "hn")
+
+
+def model_order(models: Iterable[str]) -> list[str]:
+    """Registry order first, then unknown names sorted."""
+    models = set(models)
+    return [m for m in MODELS if m in models] + sorted(models - set(MODELS))
+
+
+def model_palette(models: Iterable[str]) -> dict[str, tuple[float, float, float]]:
+    """Colour per model: the fixed registry colour, or a grey for a name the registry does not know."""
+    unknown = sorted(set(models) - set(MODELS))
+    out = {m: PALETTE[m] for m in set(models) if m in PALETTE}
+    out.update({m: _GREYS[i % len(_GREYS)] for i, m in enumerate(unknown)})
+    return out
+
+
+def apply() -> None:
+    """Set the paper rcParams (called by every figure function)."""
+    sns.set_theme(context="paper", style="ticks", font_scale=1.0)
+    plt.rcParams.update({
+        "font.size": FONT_PT,
+        "axes.titlesize": FONT_PT,
+        "axes.labelsize": FONT_PT,
+        "xtick.labelsize": FONT_PT - 1,
+        "ytick.labelsize": FONT_PT - 1,
+        "legend.fontsize": FONT_PT - 1,
+        "legend.title_fontsize": FONT_PT - 1,
+        "figure.titlesize": FONT_PT,
+        "lines.linewidth": 1.2,
+        "lines.markersize": 3.5,
+        "axes.linewidth": 0.6,
+        "pdf.fonttype": 42,
+        "ps.fonttype": 42,
+        "savefig.dpi": 300,
+        "figure.dpi": 100,
+    })
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = SINGLE_COLUMN_IN, height: float | None = None,
+               **kwargs: object) -> tuple[Figure, object]:
+    """A figure in the paper style with constrained layout; ``height`` defaults to 0.75 × width per row."""
+    apply()
+    height = height if height is not None else 0.75 * SINGLE_COLUMN_IN * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", squeeze=False, **kwargs)
+    return fig, axes
+
+
+def cost_x(ax: Axes) -> None:
+    """x axis for a cost spanning orders of magnitude: log with plain labels (1, 2, 5 per decade over short
+    ranges) when the data span a factor ≥ 10, else linear with at most 4 ticks."""
+    low, high = ax.dataLim.intervalx
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    if low > 0 and high / low >= 10:
+        ax.set_xscale("log")
+        subs = (1.0, 2.0, 5.0) if math.log10(high / low) < 2 else (1.0,)
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=4))
+    ax.xaxis.set_major_formatter(plain)
+
+
+def save(fig: Figure, stem: Path) -> list[Path]:
+    """Save ``fig`` as ``stem.pdf`` and ``stem.png``, close it, return both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    for path in paths:
+        fig.savefig(path)
+    plt.close(fig)
+    return paths
+
+
+def _drawn_tick_labels(axis: Axis) -> list[Text]:
+    """Tick labels of ``axis`` that are drawn (matplotlib keeps labels of ticks outside the view limits)."""
+    low, high = sorted(axis.get_view_interval())
+    span = (high - low) * 1e-9
+    ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+    return [t.label1 for t in ticks if t.get_visible() and low - span <= t.get_loc() <= high + span]
+
+
+def label_problems(fig: Figure) -> list[str]:
+    """Texts (titles, axis and tick labels, legends) that overlap each other or stick out of the figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    texts: list[Text] = []
+    legends = [ax.get_legend() for ax in fig.axes] + list(fig.legends)
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+        texts += _drawn_tick_labels(ax.xaxis) + _drawn_tick_labels(ax.yaxis)
+    for legend in legends:
+        if legend is not None:
+            texts += [*legend.get_texts(), legend.get_title()]
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle)
+    texts = [t for t in texts if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    frame = fig.bbox
+    problems = [f"{a!r} overlaps {b!r}" for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
+    problems += [f"{a!r} sticks out of the figure" for a, box in boxes
+                 if box.x0 < frame.x0 - 1 or box.y0 < frame.y0 - 1 or box.x1 > frame.x1 + 1 or box.y1 > frame.y1 + 1]
+    return problems

@@ -1,0 +1,311 @@
+"""Paper tables from run summaries: Markdown, LaTeX (booktabs via pandas Styler) and CSV.
+
+A results table has one row per grid cell (model × axis values [× split]); each metric shows
+"mean ± 95% CI half-width" (half of the bootstrap interval's width; "(n=1)" without an interval, "missing"
+for a cell with no finished run), the best per column in bold with the metric's direction, and the
+cost columns beside it. The caption names dataset, protocol, what was aggregated and paper-comparability.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from etbench.analysis import references as refs_mod
+from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
+from etbench.analysis.stats import DEFAULT_CI, CIConfig, compare, summarize
+from etbench.analysis.style import model_order
+
+MISSING = "missing"
+NA_AXIS = "–"
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+@dataclass
+class Table:
+    """One table: display strings (Markdown), LaTeX strings, a bold mask, the numbers (CSV) and a caption."""
+
+    name: str
+    title: str
+    caption: str
+    display: pd.DataFrame
+    latex: pd.DataFrame
+    bold: pd.DataFrame
+    data: pd.DataFrame
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials in plain text; ± becomes $\\pm$."""
+    out = "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
+
+
+def fmt_sig(value: float, sig: int = 4) -> str:
+    """A number with ``sig`` significant digits."""
+    return f"{value:.{sig}g}"
+
+
+def fmt_cost(value: float) -> str:
+    """A cost value: whole numbers from 100 up, else three significant digits."""
+    if pd.isna(value):
+        return NA_AXIS
+    return f"{value:.0f}" if abs(value) >= 100 else fmt_sig(value, 3)
+
+
+def fmt_mean_ci(mean: float, half: float, n: int) -> str:
+    """"mean ± half" rounded to two significant digits of the half-width; "(n=1)" / "missing" otherwise."""
+    if n == 0 or pd.isna(mean):
+        return MISSING
+    if pd.isna(half):
+        return f"{fmt_sig(mean)} (n={n})"
+    if half == 0:
+        return f"{fmt_sig(mean)} ± 0"
+    half = float(f"{abs(half):.2g}")  # two significant digits, then the mean to the same decimal place
+    digits = min(8, max(0, 1 - math.floor(math.log10(half))))
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value for a table ("–" when no test was possible)."""
+    if pd.isna(p):
+        return NA_AXIS
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def _axis_label(axis: str) -> str:
+    return axis.removeprefix("axis.")
+
+
+def _comparability(runs: pd.DataFrame) -> str:
+    flags = runs["paper_comparable"]
+    if (flags == False).any():  # noqa: E712 - object column of True/False/NaN
+        return "not paper-comparable (small preset or changed protocol)"
+    if flags.isna().any():
+        return "paper-comparability unknown (tag missing)"
+    return "paper-comparable protocol"
+
+
+def _over_text(over: str, block: pd.DataFrame) -> str:
+    if over == "split":
+        return "over splits, each split the mean over its seeds"
+    return "over seeds, per split" if (block["split"] != -1).any() else "over seeds"
+
+
+def ci_text(cfg: CIConfig) -> str:
+    """How the intervals were computed, for a caption."""
+    if cfg.method == "t":
+        return "Student t interval"
+    return f"bootstrap {cfg.method}, {cfg.n_resamples} resamples, seed {cfg.seed}"
+
+
+def _direction_text(metrics: Sequence[str]) -> str:
+    low = [short_name(m) for m in metrics if not higher_is_better(m)]
+    high = [short_name(m) for m in metrics if higher_is_better(m)]
+    parts = [f"lower is better: {', '.join(low)}" if low else "",
+             f"higher is better: {', '.join(high)}" if high else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def _key_columns(block: pd.DataFrame, axes: Sequence[str], over: str) -> tuple[list[str], list[str]]:
+    """Axes that vary in this block, and the row keys (model, those axes, split when it matters)."""
+    present = [a for a in axes if block[a].notna().any()]
+    split = ["split"] if over == "seed" and (block["split"] != -1).any() else []
+    return present, ["model", *present, *split]
+
+
+def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    order = {m: i for i, m in enumerate(model_order(frame["model"].unique()))}
+    frame = frame.assign(_m=frame["model"].map(order))
+    return frame.sort_values(["_m", *keys[1:]], kind="stable", na_position="first").drop(columns="_m")
+
+
+def _to_text(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    text = frame[keys].copy()
+    for k in keys:
+        text[k] = frame[k].map(lambda v: NA_AXIS if pd.isna(v) else str(v)).astype(object)
+    return text.rename(columns={k: _axis_label(k) for k in keys})
+
+
+def results_tables(
+    runs: pd.DataFrame,
+    metrics: Sequence[str],
+    axes: Sequence[str] = (),
+    *,
+    over: str = "seed",
+    cfg: CIConfig = DEFAULT_CI,
+    references: pd.DataFrame | None = None,
+) -> list[Table]:
+    """One results table per (dataset, protocol) of ``runs``."""
+    tables = []
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        present, keys = _key_columns(block, axes, over)
+        merged: pd.DataFrame | None = None
+        for m in metrics:
+            summary = summarize(block, m, present, over=over, cfg=cfg)
+            summary = summary[[*keys, "mean", "std", "n", "ci_low", "ci_high"]]
+            summary = summary.rename(columns={c: f"{m}:{c}" for c in ("mean", "std", "n", "ci_low", "ci_high")})
+            merged = summary if merged is None else merged.merge(summary, on=keys, how="outer")
+        assert merged is not None
+        costs = [c for c in COST_COLUMNS if column(c) in block.columns]
+        if costs:
+            cost_means = block.groupby(keys, dropna=False)[[column(c) for c in costs]].mean().reset_index()
+            merged = merged.merge(cost_means.rename(columns={column(c): c for c in costs}), on=keys, how="left")
+        merged = _ordered(merged, keys).reset_index(drop=True)
+        display, latex, bold = _format_block(merged, keys, metrics, costs)
+        data = merged.assign(dataset=dataset, protocol=protocol, over=over, source="etbench")
+        refs = references if references is not None else refs_mod.load_references(None)
+        ref_rows = [refs_mod.matching(refs, block, dataset, protocol, m).assign(metric=m) for m in metrics]
+        ref_rows = [r for r in ref_rows if not r.empty]
+        notes = []
+        if ref_rows:
+            display, latex, bold, data, notes = _add_references(pd.concat(ref_rows), display, latex, bold, data)
+        n_word = "n = seeds" if over == "seed" else "n = splits"
+        caption = (
+            f"Dataset {dataset}, protocol {protocol}. Mean ± 95% CI half-width {_over_text(over, block)} ({n_word}; "
+            f"{ci_text(cfg)}); '{MISSING}' = grid cell without a finished run "
+            f"(n = 0); '(n=1)' = no interval. Bold: best per column ({_direction_text(metrics)}). "
+            f"Costs: mean over the cell's runs. Comparability: {_comparability(block)}." + "".join(notes)
+        )
+        name = f"results_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
+        title = f"{dataset} / {protocol} — {', '.join(short_name(m) for m in metrics)} ({_over_text(over, block)})"
+        tables.append(Table(name, title, caption, display, latex, bold, data))
+    return tables
+
+
+def _format_block(
+    merged: pd.DataFrame, keys: list[str], metrics: Sequence[str], costs: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Display strings, LaTeX strings and the bold mask of a merged summary."""
+    display = _to_text(merged, keys)
+    bold = pd.DataFrame(False, index=display.index, columns=display.columns)
+    ns = [merged[f"{m}:n"].fillna(0).astype(int) for m in metrics]
+    same_n = all((n == ns[0]).all() for n in ns)
+    for m, n in zip(metrics, ns, strict=True):
+        mean, half = merged[f"{m}:mean"], (merged[f"{m}:ci_high"] - merged[f"{m}:ci_low"]) / 2
+        col = short_name(m)
+        display[col] = [fmt_mean_ci(a, b, int(c)) for a, b, c in zip(mean, half, n, strict=True)]
+        valid = mean.where(n > 0)
+        best = valid.max() if higher_is_better(m) else valid.min()
+        bold[col] = (valid == best) & valid.notna()
+        if not same_n:
+            display[f"n ({col})"] = n.astype(str)
+            bold[f"n ({col})"] = False
+    if same_n and metrics:
+        display["n"] = ns[0].astype(str)
+        bold["n"] = False
+    for c in costs:
+        label, scale = COST_COLUMNS[c]
+        display[label] = [fmt_cost(v * scale) for v in merged[c]]
+        bold[label] = False
+    latex = display.map(latex_escape)
+    return display, latex, bold
+
+
+def _add_references(
+    refs: pd.DataFrame, display: pd.DataFrame, latex: pd.DataFrame, bold: pd.DataFrame, data: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Append published reference rows (never bold) below etbench's own rows."""
+    rows, data_rows, notes = [], [], []
+    for (label, source), group in refs.groupby(["model", "source"], sort=False):
+        row = dict.fromkeys(display.columns, "")
+        row[display.columns[0]] = f"{label} [ref]"
+        for _, ref in group.iterrows():
+            text = fmt_sig(ref["value"]) + ("" if pd.isna(ref["std"]) else f" (sd {fmt_sig(ref['std'])})")
+            row[short_name(ref["metric"])] = text
+            data_rows.append({"model": label, f"{ref['metric']}:mean": ref["value"],
+                              f"{ref['metric']}:std": ref["std"], "source": source})
+        rows.append(row)
+        notes.append(f" [ref] {label}: published, {source}.")
+    extra = pd.DataFrame(rows, columns=display.columns)
+    display = pd.concat([display, extra], ignore_index=True)
+    latex = pd.concat([latex, extra.map(latex_escape)], ignore_index=True)
+    bold = pd.concat([bold, pd.DataFrame(False, index=extra.index, columns=bold.columns)], ignore_index=True)
+    data = pd.concat([data, pd.DataFrame(data_rows)], ignore_index=True)
+    return display, latex, bold, data, notes
+
+
+def comparison_tables(
+    runs: pd.DataFrame,
+    metrics: Sequence[str],
+    axes: Sequence[str] = (),
+    *,
+    reference: str = "et",
+    over: str = "seed",
+    cfg: CIConfig = DEFAULT_CI,
+) -> list[Table]:
+    """One table per (dataset, protocol): ``reference`` − each baseline, paired, with CI and p-values."""
+    tables = []
+    for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
+        present, keys = _key_columns(block, axes, over)
+        parts = [compare(block, m, present, reference=reference, over=over, cfg=cfg) for m in metrics]
+        parts = [p for p in parts if not p.empty]
+        if not parts:
+            continue
+        data = pd.concat(parts, ignore_index=True)
+        row_keys = [k for k in keys if k != "model" and k in data.columns]
+        display = _to_text(data, ["metric", *row_keys, "baseline"])
+        display["metric"] = data["metric"].map(short_name)
+        display["n pairs"] = data["n"].astype(int).astype(str)
+        half = (data["ci_high"] - data["ci_low"]) / 2
+        display[f"Δ ({reference} − baseline)"] = [
+            fmt_mean_ci(a, b, int(c)) for a, b, c in zip(data["mean_diff"], half, data["n"], strict=True)
+        ]
+        display["p (paired t)"] = data["p_ttest"].map(fmt_p)
+        display["p (Wilcoxon, n≥6)"] = data["p_wilcoxon"].map(fmt_p)
+        display["favours"] = data["favours"]
+        bold = pd.DataFrame(False, index=display.index, columns=display.columns)
+        caption = (
+            f"Dataset {dataset}, protocol {protocol}. Paired differences {reference} − baseline, matched by seed "
+            f"and split and equal axis values, {_over_text(over, block)}: mean ± 95% CI half-width "
+            f"({ci_text(cfg)}), paired t-test p, Wilcoxon signed-rank p (only n ≥ 6). "
+            f"'favours' reads the sign with the metric's direction "
+            f"({_direction_text(metrics)}); it implies no significance. Comparability: {_comparability(block)}."
+        )
+        name = f"compare_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
+        title = f"{dataset} / {protocol} — {reference} vs baselines ({_over_text(over, block)})"
+        tables.append(Table(name, title, caption, display, display.map(latex_escape), bold, data))
+    return tables
+
+
+def to_markdown(table: Table) -> str:
+    """The table as a Markdown section: title, caption, pipe table with bold best values."""
+    cells = table.display.astype(str).where(~table.bold, "**" + table.display.astype(str) + "**")
+    header = [str(c) for c in cells.columns]
+    lines = [f"### {table.title}", "", table.caption, "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(v).replace("|", r"\|") for v in row) + " |" for row in cells.to_numpy()]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: Table) -> str:
+    """The table as a booktabs LaTeX float (pandas Styler, ``hrules=True``), best values in \\textbf."""
+    frame = table.latex.copy()
+    frame.columns = [latex_escape(str(c)) for c in frame.columns]
+    bold = table.bold.copy()
+    bold.columns = frame.columns
+    styler = frame.style.hide(axis="index").apply(
+        lambda col: np.where(bold[col.name], "textbf:--rwrap;", ""), axis=0
+    )
+    return styler.to_latex(
+        hrules=True,
+        caption=latex_escape(table.caption),
+        label=f"tab:{table.name}",
+        position_float="centering",
+        column_format="l" * frame.shape[1],
+    )
+
+
+def write_table(table: Table, out_dir: Path) -> list[Path]:
+    """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into ``out_dir``; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")]
+    paths[0].write_text(to_markdown(table))
+    paths[1].write_text(to_latex(table))
+    table.data.to_csv(paths[2], index=False)
+    return paths

@@ -1,0 +1,198 @@
+"""Typed run configuration: one resolved ``RunConfig`` = one run, identified by the hash of its JSON.
+
+A user (CLI, YAML grid) gives a nested dict of *overrides*; :func:`resolve_run_config` lays them over the dataset
+preset (model sizes) and the defaults, validates everything and returns the full config. Validation errors name
+the key path and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from etbench.hashing import config_hash, flatten
+from etbench.models.et_config import ETConfig
+
+# etbench's graph-ET sizes (small: GAD features are 10–64 wide); T = 4 steps keeps full-graph epochs cheap.
+GRAPH_ET_DEFAULTS: dict[str, Any] = {"dim": 64, "heads": 4, "head_dim": 16, "mem_ratio": 2.0, "steps": 4, "alpha": 0.1}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageTaskConfig(_Strict):
+    """Masked image completion on one dataset (SPEC §2)."""
+
+    kind: Literal["image"] = "image"
+    dataset: Literal["digits", "mnist", "cifar10", "imagefolder", "imagenet"] = "digits"
+    root: str | None = None
+    mask_ratio: float = Field(0.5, gt=0, le=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    limit_train: int | None = Field(None, ge=1)
+    limit_eval: int | None = Field(None, ge=1)
+    image_size: int = Field(224, ge=8)
+    patch: int | None = Field(None, ge=1, description="patch size; null = the dataset preset's")
+
+
+class GraphTaskConfig(_Strict):
+    """Node-level graph anomaly detection (SPEC §3)."""
+
+    kind: Literal["graph"] = "graph"
+    dataset: str = "synthetic"
+    path: str | None = None
+    protocol: Literal["bwgnn", "gadbench"] = "bwgnn"
+    train_ratio: float = Field(0.4, gt=0, lt=1)
+    split: int = Field(0, ge=0, description="stored split index (gadbench)")
+    batch_nodes: int | None = Field(None, ge=1, description="seed nodes per sampled mini-batch; null = full graph")
+    hops: int = Field(2, ge=1)
+
+
+class ModelConfig(_Strict):
+    """Registry name plus the ET sizes (baselines reuse width/heads/T) and baseline knobs."""
+
+    name: str = "et"
+    et: ETConfig = Field(default_factory=ETConfig)
+    mlp_ratio: float = Field(4.0, gt=0)
+    hidden: int = Field(64, ge=1, description="GNN baselines' hidden width")
+    layers: int = Field(2, ge=1, description="GNN baselines' depth")
+
+
+class TrainConfig(_Strict):
+    """Optimisation (AdamW, linear warm-up then cosine, clipping) and evaluation cadence."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch (split over workers × accumulation)")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.99, gt=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    eval_trace_samples: int = Field(16, ge=1, description="validation images whose energy trace is recorded")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+
+
+class DistConfig(_Strict):
+    """How a run is executed: one process, or a Ray Train job whose workers run DeepSpeed ZeRO."""
+
+    workers: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    use_gpu: bool = False
+    grad_accum: int = Field(1, ge=1)
+    activation_checkpointing: bool = False
+    offload: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
+    deepspeed: bool = Field(False, description="run under DeepSpeed even with one worker")
+
+
+class RunConfig(_Strict):
+    """One fully resolved run."""
+
+    task: Annotated[ImageTaskConfig | GraphTaskConfig, Field(discriminator="kind")]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> RunConfig:
+        allowed = allowed_models(self.task.kind)
+        if self.model.name not in allowed:
+            raise ValueError(f"model.name {self.model.name!r} is not a {self.task.kind} model; allowed: "
+                             f"{', '.join(allowed)}")
+        return self
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.model_dump(mode="json"))
+
+    @property
+    def paper_comparable(self) -> bool:
+        return self.task.kind == "image" and self.task.dataset == "imagenet" and _matches_paper(self)
+
+
+def allowed_models(kind: str) -> tuple[str, ...]:
+    from etbench.models.registry import IMAGE_MODELS
+
+    if kind == "image":
+        return IMAGE_MODELS
+    from etbench.models.baselines.gnn import GNN_MODELS
+
+    return ("et", *GNN_MODELS)
+
+
+def _matches_paper(cfg: RunConfig) -> bool:
+    from etbench.models.registry import IMAGE_PRESETS
+
+    return cfg.model.et == IMAGE_PRESETS["imagenet"].et
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively lay ``over`` on ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Return a copy of ``d`` with ``a.b.c`` set to ``value`` (creating dicts on the way)."""
+    out = copy.deepcopy(d)
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {p!r} is not a mapping")
+    node[parts[-1]] = value
+    return out
+
+
+def preset_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The dataset preset's model sizes for the task named in ``overrides`` (empty for graphs)."""
+    task = overrides.get("task", {}) or {}
+    if task.get("kind", "image") != "image":
+        return {"model": {"et": dict(GRAPH_ET_DEFAULTS)}}
+    from etbench.models.registry import IMAGE_PRESETS
+
+    ds = task.get("dataset", "digits")
+    preset = IMAGE_PRESETS.get(ds)
+    if preset is None:
+        return {}
+    return {"task": {"patch": preset.patch}, "model": {"et": preset.et.model_dump()}}
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message names the key path(s) and what is allowed."""
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("image", "graph")))
+        lines.append(f"  {loc or '<root>'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def resolve_run_config(overrides: dict[str, Any], source: str = "config") -> RunConfig:
+    """Preset + defaults + overrides → validated RunConfig (raises ConfigError naming the bad keys)."""
+    task = dict(overrides.get("task") or {})
+    task.setdefault("kind", "image")
+    overrides = {**overrides, "task": task}
+    merged = deep_merge(preset_defaults(overrides), overrides)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None

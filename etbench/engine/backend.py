@@ -1,0 +1,176 @@
+"""Execution backends: how a loss becomes an optimizer step, and how state is checkpointed.
+
+The training loop only talks to a :class:`Backend`; it never creates process groups or places tensors itself.
+``PlainBackend`` runs one process (CPU or one GPU) with torch's AdamW; the DeepSpeed backend
+(``etbench.engine.ds_backend``) wraps a DeepSpeed engine created inside a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from etbench.config import TrainConfig
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss; the run stops with this reason."""
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Any:
+    """LR multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (no decay on LN, biases, tokens, positions)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = cfg.epochs * steps_per_epoch
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm, cfg.min_lr / cfg.lr))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Backend(Protocol):
+    model: nn.Module
+    device: torch.device
+    rank: int
+    world_size: int
+
+    def train_step(self, loss: Tensor) -> bool: ...
+    def autocast(self) -> contextlib.AbstractContextManager[Any]: ...
+    def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+    def lr(self) -> float: ...
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None: ...
+    def load(self, directory: Path) -> dict[str, Any]: ...
+    def module(self) -> nn.Module: ...
+
+
+class PlainBackend:
+    """One process: AdamW + warm-up/cosine + clipping + gradient accumulation; bf16 autocast on GPU."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
+                 grad_accum: int = 1) -> None:
+        self.device = device
+        self.model = model.to(device)
+        self.cfg, self.grad_accum = cfg, grad_accum
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = make_scheduler(self.opt, cfg, max(1, steps_per_epoch // grad_accum))
+        self.rank, self.world_size = 0, 1
+        self._micro = 0
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda" and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, loss: Tensor) -> bool:
+        """Backward one micro-batch; step at accumulation boundaries. Returns True when the optimizer stepped."""
+        (loss / self.grad_accum).backward()
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return False
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return True
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
+        atomic_save(directory, {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "micro": self._micro, "client": client_state, "rng": rng_state(),
+        })
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self._micro = int(state["micro"])
+        set_rng_state(state["rng"])
+        return state["client"]
+
+
+def atomic_save(directory: Path, state: dict[str, Any]) -> None:
+    """Write ``directory/state.pt`` via a temporary sibling and a rename, so a crash never leaves half a checkpoint."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)

@@ -1,0 +1,71 @@
+"""Build a run's task and model from its resolved config (shared by single-process and Ray Train workers)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from etbench.config import GraphTaskConfig, ImageTaskConfig, RunConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str, use_gpu: bool = False) -> torch.device:
+    """'auto' → cuda when available, else cpu; asking for cuda without one is an error."""
+    if choice == "cuda" or use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is cuda (or dist.use_gpu is true) but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(cfg: RunConfig, data_info: dict[str, Any]) -> nn.Module:
+    """The registered model for this run (seeded, on CPU)."""
+    seed_everything(cfg.train.seed)
+    if isinstance(cfg.task, ImageTaskConfig):
+        from etbench.models.registry import ImageModelSpec, build_image_model
+
+        spec = ImageModelSpec(name=cfg.model.name, image_shape=tuple(data_info["image_shape"]),
+                              patch=cfg.task.patch or 1, et=cfg.model.et, mlp_ratio=cfg.model.mlp_ratio)
+        return build_image_model(spec)
+    from etbench.tasks.graph_task import build_graph_model_for
+
+    return build_graph_model_for(cfg, data_info)
+
+
+def build_task(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
+               input_dtype: torch.dtype = torch.float32) -> Any:
+    """Load the data and wrap it as the loop's Task for this worker."""
+    if isinstance(cfg.task, ImageTaskConfig):
+        from etbench.data.images import load_image_dataset
+        from etbench.tasks.image_task import ImageTask
+
+        t = cfg.task
+        splits = load_image_dataset(t.dataset, t.root, seed=cfg.train.seed, val_fraction=t.val_fraction,
+                                    limit_train=t.limit_train, limit_eval=t.limit_eval, image_size=t.image_size)
+        if t.patch is None:
+            raise ValueError("task.patch is not set (no preset for this dataset); give task.patch")
+        return ImageTask(cfg, splits, t.patch, device, rank, world, input_dtype)
+    assert isinstance(cfg.task, GraphTaskConfig)
+    from etbench.tasks.graph_task import GraphTask
+
+    return GraphTask.from_config(cfg, device, rank, world, input_dtype)
+
+
+def model_cost(model: nn.Module) -> dict[str, float]:
+    core = getattr(model, "module", model)
+    params = sum(p.numel() for p in core.parameters())
+    flops = float(core.flops_per_image()) if hasattr(core, "flops_per_image") else float("nan")
+    if hasattr(core, "flops_per_sample"):
+        flops = float(core.flops_per_sample())
+    return {"params": float(params), "flops_per_sample": flops}

@@ -1,0 +1,157 @@
+"""One run on one process: build → (resume) → train loop → artifacts, everything written under ``out``.
+
+Files: config.json (resolved config + hash), metrics.json / metrics.csv (one row per epoch, rewritten each epoch),
+energy_trace.csv (ET), reconstruction.png / memories.png (images), summary.json (best-epoch metrics and cost),
+checkpoints/latest/ (resume point).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etbench.config import RunConfig
+from etbench.engine.backend import PlainBackend
+from etbench.engine.build import build_model, build_task, model_cost, resolve_device, seed_everything
+from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
+from etbench.models.energy import EnergyTrace
+from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS
+
+
+class RunExistsError(RuntimeError):
+    """The output directory already holds a run; resume it or choose another directory."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config_hash: str
+    state: LoopState
+    summary: dict[str, Any]
+    trace: EnergyTrace | None
+
+
+def write_config(cfg: RunConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"config_hash": cfg.hash(), "paper_comparable": cfg.paper_comparable,
+                                                 "config": cfg.model_dump(mode="json")}, indent=2))
+
+
+def write_metrics(history: list[dict[str, float]], out: Path) -> None:
+    (out / "metrics.json").write_text(json.dumps(history, indent=2))
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with (out / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def write_trace(trace: EnergyTrace, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ENERGY_TRACE_COLUMNS))
+        w.writeheader()
+        w.writerows(trace.rows())
+
+
+def trace_means(trace: EnergyTrace) -> dict[str, list[float]]:
+    """Per-step means over samples, for the ``energy/*`` metrics."""
+    flat = {k: getattr(trace, k).reshape(-1, getattr(trace, k).shape[-1]) for k in ("E", "E_att", "E_hn", "dx_norm")}
+    return {k: v.mean(0).tolist() for k, v in flat.items()}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from etbench.bench.common import process_peak_rss_mb
+
+    return process_peak_rss_mb()
+
+
+def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopState, out: Path,
+               device: torch.device, wall_s: float) -> tuple[dict[str, Any], EnergyTrace | None]:
+    """Rank-0 epilogue: energy trace, images, summary.json."""
+    trace = task.energy_trace(model, cfg.train.eval_trace_samples)
+    if trace is not None:
+        write_trace(trace, out / ENERGY_TRACE_ARTIFACT)
+    artifacts = [p.name for p in task.write_artifacts(model, out)]
+    best = state.best()
+    cost = model_cost(model)
+    summary: dict[str, Any] = {
+        "config_hash": cfg.hash(),
+        "paper_comparable": cfg.paper_comparable,
+        "best_epoch": state.best_epoch + 1,
+        "best": {k: v for k, v in best.items() if "/" in k},
+        "final": state.history[-1] if state.history else {},
+        "cost": {**cost, "wall_s": wall_s,
+                 "throughput": state.samples_seen / state.train_seconds if state.train_seconds else float("nan"),
+                 "peak_mem_mb": _peak_memory_mb(device)},
+        "data": task.describe(),
+        "artifacts": artifacts,
+    }
+    if trace is not None:
+        summary["energy"] = {"rise_fraction": trace.rise_fraction(), **trace_means(trace)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary, trace
+
+
+def run_single(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    stop_after_epochs: int | None = None,
+) -> RunResult:
+    """Train ``cfg`` on this process; ``stop_after_epochs`` simulates an interruption (tests)."""
+    out = Path(out)
+    ckpt = checkpoint_dir(out)
+    if ckpt.exists() and not resume:
+        raise RunExistsError(f"{out} already holds a run (checkpoint {ckpt}); pass --resume to continue it or "
+                             f"choose another --out")
+    if resume and (out / "config.json").exists():
+        prev = json.loads((out / "config.json").read_text())["config_hash"]
+        if prev != cfg.hash():
+            raise RunExistsError(f"cannot resume {out}: it holds config {prev}, this config is {cfg.hash()}")
+    t_start = time.perf_counter()
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device, cfg.dist.use_gpu)
+    task = build_task(cfg, device)
+    model = build_model(cfg, task.describe())
+    backend = PlainBackend(model, cfg.train, task.num_train_batches(), device, cfg.dist.grad_accum)
+    write_config(cfg, out)
+    state = LoopState()
+    if resume and ckpt.exists():
+        state = LoopState.from_dict(backend.load(ckpt))
+        if progress:
+            print(f"resumed {out} at epoch {state.epoch}")
+
+    def save(s: LoopState) -> None:
+        backend.save(ckpt, s.to_dict())
+
+    def epoch_done(epoch: int, row: dict[str, float]) -> None:
+        write_metrics(state.history, out)
+        if progress:
+            shown = {k: round(v, 5) for k, v in row.items() if k in ("train/loss", "val/loss", "val/mse_masked",
+                                                                       "val/psnr", "val/auroc", "val/macro_f1")}
+            print(f"epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+    epochs = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, stop_after_epochs)
+    state = train_loop(task, backend, epochs, state, checkpoint=save, checkpoint_every=cfg.train.checkpoint_every,
+                       on_epoch=epoch_done, progress=progress)
+    write_metrics(state.history, out)
+    if state.epoch < cfg.train.epochs:
+        return RunResult(out, cfg.hash(), state, {}, None)
+    summary, trace = finish_run(cfg, task, backend.model, state, out, device, time.perf_counter() - t_start)
+    return RunResult(out, cfg.hash(), state, summary, trace)
