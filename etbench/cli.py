@@ -24,6 +24,39 @@ def _bench_core(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_image(a: argparse.Namespace) -> int:
+    from etbench.bench.image import run_image_bench
+
+    rep = run_image_bench(Path(a.out), dataset_preset=a.preset, batch=a.batch, repeats=a.repeats, device=a.device)
+    print(json.dumps(rep.get("ratios", rep), indent=2, default=str))
+    print(f"wrote {Path(a.out) / 'bench_image.json'}")
+    return 0
+
+
+def _inpaint(a: argparse.Namespace) -> int:
+    from etbench.interop.official import inpaint_png
+
+    res = inpaint_png(a.npz, a.png, a.out, mask_ratio=a.mask_ratio, seed=a.seed,
+                      image_shape=(3, a.image_size, a.image_size), patch_size=a.patch, steps=a.steps,
+                      alpha=a.alpha)
+    print(f"wrote {res['png_out']} (masked-patch MSE {res['mse_masked']:.4f})")
+    return 0
+
+
+def _add_inpaint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inpaint", help="inpaint a PNG with the authors' released ImageNet ET weights (.npz)")
+    p.add_argument("npz")
+    p.add_argument("png")
+    p.add_argument("out")
+    p.add_argument("--mask-ratio", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.set_defaults(func=_inpaint)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (JSON output)").add_subparsers(dest="bench", required=True)
     core = bench.add_parser("core", help="ET training step: analytic vs autograd gradients")
@@ -39,12 +72,226 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--device", default="cpu")
     core.add_argument("--peak-gflops", type=float, default=125.0, help="device fp32 peak, for the utilisation figure")
     core.set_defaults(func=_bench_core)
+    img = bench.add_parser("image", help="ET vs ViT baselines: train/inference throughput, peak memory")
+    img.add_argument("--out", default="results/bench")
+    img.add_argument("--preset", default="cifar10", choices=["digits", "mnist", "cifar10", "imagenet"])
+    img.add_argument("--batch", type=int, default=32)
+    img.add_argument("--repeats", type=int, default=5)
+    img.add_argument("--device", default="cpu")
+    img.set_defaults(func=_bench_image)
+
+
+def _overrides_from_args(a: argparse.Namespace, kind: str) -> dict:
+    """CLI flags (and an optional YAML file, then --set key=value pairs) → nested config overrides."""
+    import yaml
+
+    from etbench.config import set_dotted
+
+    over: dict = {}
+    if a.config:
+        path = Path(a.config)
+        if not path.is_file():
+            raise SystemExit(f"error: config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"error: {path} must hold a mapping of config sections (task, model, train, dist)")
+        over = loaded
+    over = set_dotted(over, "task.kind", kind)
+    flags = {
+        "task.dataset": a.dataset, "model.name": a.model, "model.et.steps": a.steps, "model.et.alpha": a.alpha,
+        "model.et.grad_mode": a.grad_mode, "train.epochs": a.epochs, "train.lr": a.lr,
+        "train.batch_size": a.batch_size, "train.seed": a.seed, "train.device": a.device,
+        "dist.workers": a.workers, "dist.zero_stage": a.zero,
+    }
+    if kind == "image":
+        flags.update({"task.root": a.root, "task.limit_train": a.limit_train, "task.limit_eval": a.limit_eval})
+    else:
+        flags.update({"task.path": a.path, "task.protocol": a.protocol, "task.train_ratio": a.train_ratio,
+                      "task.split": a.split})
+    for k, v in flags.items():
+        if v is not None:
+            over = set_dotted(over, k, v)
+    for item in a.set or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        over = set_dotted(over, k.strip(), yaml.safe_load(v))
+    return over
+
+
+def _train(a: argparse.Namespace) -> int:
+    from etbench.config import ConfigError, resolve_run_config
+
+    try:
+        cfg = resolve_run_config(_overrides_from_args(a, a.task), source=a.config or "command line")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else Path("results") / "runs" / f"{a.task}-{cfg.model.name}-{cfg.hash()}"
+    spec = None
+    if a.tracking_uri or a.experiment:
+        from etbench.engine.tracked import TrackingSpec
+        from etbench.tracking.mlflow_log import default_tracking_uri
+        from etbench.tracking.schema import DEFAULT_EXPERIMENT
+
+        spec = TrackingSpec(uri=a.tracking_uri or default_tracking_uri(Path("results")),
+                            experiment=a.experiment or DEFAULT_EXPERIMENT, grid=a.experiment or DEFAULT_EXPERIMENT,
+                            run_name=f"{cfg.model.name}-{cfg.hash()}", artifact_root=str(Path("results/artifacts")))
+    print(f"run {cfg.hash()} → {out}" + ("" if cfg.paper_comparable else "  (small preset: not paper-comparable)"))
+    if cfg.dist.workers > 1 or cfg.dist.deepspeed:
+        from etbench.engine.launch import fit
+
+        summary = fit(cfg, out, tracking=spec, resume=a.resume, address=a.address)
+    else:
+        from etbench.engine.tracked import run_tracked
+
+        summary = run_tracked(cfg, out, spec, resume=a.resume)
+    best = {k: round(v, 5) for k, v in summary.get("best", {}).items() if k.startswith(("val/", "test/"))}
+    print(f"best epoch {summary.get('best_epoch')}: {best}")
+    if "energy" in summary:
+        print(f"energy trace rise fraction on the trained model: {summary['energy']['rise_fraction']:.4f}")
+    print(f"results in {out}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train one run (one process, or --workers N under Ray Train + DeepSpeed)")
+    tsub = train.add_subparsers(dest="task", required=True)
+    for kind in ("image", "graph"):
+        p = tsub.add_parser(kind, help=f"{kind} task")
+        p.add_argument("--config", help="YAML file with task/model/train/dist sections (overrides)")
+        p.add_argument("--dataset")
+        p.add_argument("--model")
+        p.add_argument("--steps", type=int, help="ET descent steps T (baselines: depth)")
+        p.add_argument("--alpha", type=float)
+        p.add_argument("--grad-mode", choices=["analytic", "autograd"])
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--workers", type=int, help="Ray Train workers (DeepSpeed on each)")
+        p.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3")
+        p.add_argument("--address", help="Ray address: auto | ray://HOST:10001 (default: start a local Ray)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.et.terms=attn")
+        p.add_argument("--out", help="output directory (default results/runs/<task>-<model>-<hash>)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
+        p.add_argument("--experiment", help="MLflow experiment name (enables tracking)")
+        if kind == "image":
+            p.add_argument("--root", help="dataset root (mnist, cifar10, imagefolder, imagenet)")
+            p.add_argument("--limit-train", type=int)
+            p.add_argument("--limit-eval", type=int)
+        else:
+            p.add_argument("--path", help="dataset file")
+            p.add_argument("--protocol", choices=["bwgnn", "gadbench"])
+            p.add_argument("--train-ratio", type=float)
+            p.add_argument("--split", type=int)
+        p.set_defaults(func=_train)
+
+
+def _sweep_plan(a: argparse.Namespace) -> int:
+    from etbench.sweep.grid import GridError, estimate_cost
+    from etbench.sweep.runner import plan
+
+    try:
+        spec, trials = plan(a.file)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"grid {spec.name}: {len(trials)} trials; resources per trial {spec.resources.model_dump()}; "
+          f"max {spec.max_concurrent_trials} concurrent")
+    total = 0.0
+    for t in trials:
+        c = estimate_cost(t)
+        total += c["train_pflop"] if c["train_pflop"] == c["train_pflop"] else 0.0
+        axes = " ".join(f"{k}={v}" for k, v in t.axes.items())
+        print(f"  {t.config_hash}  {t.model:9s} seed={t.seed}" + (f" split={t.split}" if t.split is not None else "")
+              + f"  {axes}  ~{c['train_pflop'] * 1e3:.2f} TFLOP")
+    print(f"estimated training compute {total * 1e3:.2f} TFLOP ≈ {total * 1e15 / 60e9 / 3600:.2f} CPU-hours at an "
+          f"effective 60 GFLOP/s, {total * 1e15 / 200e12 / 60:.2f} GPU-minutes at 200 TFLOP/s; nothing was created")
+    return 0
+
+
+def _sweep_run(a: argparse.Namespace) -> int:
+    from etbench.sweep.grid import GridError
+    from etbench.sweep.runner import SweepError, run_sweep
+
+    try:
+        res = run_sweep(a.file, results_dir=a.results, address=a.address, tracking_uri=a.tracking_uri,
+                        resume=a.resume, force=a.force)
+    except (GridError, SweepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if res.failed and not res.finished else 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from etbench.analysis.report import make_report
+    from etbench.tracking.mlflow_log import default_tracking_uri
+
+    uri = a.tracking_uri or default_tracking_uri(Path(a.results))
+    refs = Path(__file__).resolve().parents[1] / "analysis" / "reference_results.yaml"
+    res = make_report(a.experiment, uri, Path(a.out), include_failed=a.include_failed,
+                      references=refs if refs.exists() else None)
+    print(f"report for {a.experiment!r}: {len(res.tables)} tables, {len(res.figures)} figures → {res.index}")
+    return 0
+
+
+def _quickstart(a: argparse.Namespace) -> int:
+    from etbench.analysis.report import make_report
+    from etbench.sweep.runner import run_sweep
+
+    grid = Path(a.grid) if a.grid else Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    if not grid.is_file():
+        print(f"error: quickstart grid not found: {grid}", file=sys.stderr)
+        return 2
+    res = run_sweep(grid, results_dir=a.results, resume=True)
+    out = Path(a.results).resolve() / res.grid / "report"
+    rep = make_report(res.experiment, res.tracking_uri, out)
+    print("\nquickstart done:")
+    print(f"  MLflow store : {res.tracking_uri} (experiment {res.experiment!r}; browse with "
+          f"`mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1`)")
+    print(f"  runs         : {res.results_dir / res.grid / 'trials'}")
+    print(f"  report       : {rep.index}")
+    print(f"  tables       : {out / 'tables'}")
+    print(f"  figures      : {out / 'figures'}")
+    return 0 if not res.failed else 1
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="ablation grids on Ray Tune").add_subparsers(dest="sweep", required=True)
+    p = sweep.add_parser("plan", help="list every trial of a grid and its estimated cost (creates nothing)")
+    p.add_argument("file")
+    p.set_defaults(func=_sweep_plan)
+    r = sweep.add_parser("run", help="run a grid (skips configs already FINISHED in MLflow)")
+    r.add_argument("file")
+    r.add_argument("--address", help="Ray address: auto | ray://HOST:10001 (default: a local loopback Ray)")
+    r.add_argument("--tracking-uri", help="MLflow URI (default: sqlite under --results)")
+    r.add_argument("--results", default="results", help="results directory (default ./results)")
+    r.add_argument("--resume", action="store_true", help="continue interrupted trials from their checkpoints")
+    r.add_argument("--force", action="store_true", help="re-run trials even if FINISHED")
+    r.set_defaults(func=_sweep_run)
+    rep = sub.add_parser("report", help="tables and figures for one grid (MLflow experiment)")
+    rep.add_argument("--experiment", required=True)
+    rep.add_argument("--tracking-uri")
+    rep.add_argument("--results", default="results")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--include-failed", action="store_true")
+    rep.set_defaults(func=_report)
+    q = sub.add_parser("quickstart", help="the main demo: the quickstart grid (offline, CPU) and its report")
+    q.add_argument("--results", default="results")
+    q.add_argument("--grid", help="a different grid file (default experiments/quickstart.yaml)")
+    q.set_defaults(func=_quickstart)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="etbench", description="Energy Transformer benchmark suite")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_sweep(sub)
     _add_bench(sub)
+    _add_inpaint(sub)
     return p
 
 

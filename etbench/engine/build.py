@@ -51,8 +51,11 @@ def build_task(cfg: RunConfig, device: torch.device, rank: int = 0, world: int =
         from etbench.tasks.image_task import ImageTask
 
         t = cfg.task
-        splits = load_image_dataset(t.dataset, t.root, seed=cfg.train.seed, val_fraction=t.val_fraction,
-                                    limit_train=t.limit_train, limit_eval=t.limit_eval, image_size=t.image_size)
+        from etbench.data.paths import resolve_data_path
+
+        splits = load_image_dataset(t.dataset, resolve_data_path(t.root), seed=cfg.train.seed,
+                                    val_fraction=t.val_fraction, limit_train=t.limit_train,
+                                    limit_eval=t.limit_eval, image_size=t.image_size)
         if t.patch is None:
             raise ValueError("task.patch is not set (no preset for this dataset); give task.patch")
         return ImageTask(cfg, splits, t.patch, device, rank, world, input_dtype)

@@ -1,0 +1,219 @@
+"""Ablation grids: a YAML file → validated schema → the list of trials (one resolved run config each).
+
+A grid is a base run config (overrides of the presets), axes to sweep (lists of values for a grid axis, or a
+random-search spec), seeds (and splits for graphs), the models to compare, resources per trial, concurrency and
+tracking settings. Every trial's resolved config has a stable hash; axes that only an ET has (memory size, energy
+terms, α, …) are not applied to baselines, whose duplicate trials are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from etbench.config import ConfigError, RunConfig, deep_merge, resolve_run_config, set_dotted
+
+# ET hyper-parameters that a baseline does not have (baselines reuse dim, heads and steps-as-depth).
+ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "terms", "grad_mode", "eps",
+                "hn_beta_init", "attn_init_std", "mem_init_std")
+
+
+class GridError(ValueError):
+    """A grid file is invalid: the message names the file, the key path and what is allowed."""
+
+
+class RandomAxis(BaseModel):
+    """A random-search axis: ``samples`` draws from a distribution, fixed by the grid's ``search_seed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    distribution: Literal["uniform", "loguniform", "choice", "randint"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    samples: int = Field(ge=1)
+
+    def draw(self, rng: random.Random) -> list[Any]:
+        if self.distribution == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' axis needs a non-empty 'values' list")
+            return [rng.choice(self.values) for _ in range(self.samples)]
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.distribution!r} axis needs low < high, got low={self.low}, high={self.high}")
+        if self.distribution == "uniform":
+            return [rng.uniform(self.low, self.high) for _ in range(self.samples)]
+        if self.distribution == "randint":
+            return [rng.randint(int(self.low), int(self.high)) for _ in range(self.samples)]
+        if self.low <= 0:
+            raise ValueError("a 'loguniform' axis needs low > 0")
+        return [math.exp(rng.uniform(math.log(self.low), math.log(self.high))) for _ in range(self.samples)]
+
+
+class Resources(BaseModel):
+    """Per trial: Ray Train workers and what each needs (mapped onto ``dist.*`` of every run)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+
+
+class Tracking(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str | None = Field(None, description="MLflow experiment (default: the grid name)")
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under the results dir)")
+
+
+class GridSpec(BaseModel):
+    """The schema of ``experiments/*.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=lambda: ["et"])
+    axes: dict[str, list[Any] | RandomAxis] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    splits: list[int] | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
+    search_seed: int = 0
+    tracking: Tracking = Field(default_factory=Tracking)
+
+    @field_validator("axes")
+    @classmethod
+    def _non_empty(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, vals in v.items():
+            if isinstance(vals, list) and not vals:
+                raise ValueError(f"axis {k!r} has no values")
+        return v
+
+    @field_validator("seeds", "models")
+    @classmethod
+    def _non_empty_list(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("must list at least one value")
+        return v
+
+
+class Trial(BaseModel):
+    """One run of a grid: its resolved config, hash, model, seed/split and the axis values it takes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: RunConfig
+    config_hash: str
+    model: str
+    seed: int
+    split: int | None
+    axes: dict[str, Any]
+
+    @property
+    def run_name(self) -> str:
+        bits = [self.model] + [f"{k.split('.')[-1]}={v}" for k, v in self.axes.items()] + [f"seed={self.seed}"]
+        if self.split is not None:
+            bits.append(f"split={self.split}")
+        return " ".join(bits)
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and validate a grid file (``yaml.safe_load``); errors name the file and the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise GridError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: a grid file must be a mapping with keys {', '.join(GridSpec.model_fields)}")
+    try:
+        spec = GridSpec.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path}: invalid grid:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            extra = f" (allowed keys: {', '.join(GridSpec.model_fields)})" if e["type"] == "extra_forbidden" and len(
+                e["loc"]) == 1 else ""
+            lines.append(f"  {loc}: {e['msg']}{extra}")
+        raise GridError("\n".join(lines)) from None
+    expand(spec, source=str(path))  # validates every axis path, model and value now, before anything starts
+    return spec
+
+
+def _axis_values(spec: GridSpec) -> dict[str, list[Any]]:
+    rng = random.Random(spec.search_seed)
+    out: dict[str, list[Any]] = {}
+    for k, v in spec.axes.items():
+        out[k] = v.draw(rng) if isinstance(v, RandomAxis) else list(v)
+    return out
+
+
+def _is_et_only(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 3 and parts[:2] == ["model", "et"] and parts[2] in ET_ONLY_KEYS
+
+
+def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
+    """All trials of the grid (models × axis values × seeds × splits), deduplicated by config hash."""
+    axes = _axis_values(spec)
+    names = list(axes)
+    trials: dict[str, Trial] = {}
+    base = deep_merge(spec.base, {"dist": {"workers": spec.resources.workers,
+                                           "cpus_per_worker": spec.resources.cpus_per_worker,
+                                           "use_gpu": spec.resources.use_gpu,
+                                           "zero_stage": spec.resources.zero_stage}})
+    splits: list[int | None] = list(spec.splits) if spec.splits is not None else [None]
+    for model in spec.models:
+        for combo in itertools.product(*(axes[n] for n in names)):
+            for seed in spec.seeds:
+                for split in splits:
+                    over = set_dotted(base, "model.name", model)
+                    over = set_dotted(over, "train.seed", seed)
+                    if split is not None:
+                        over = set_dotted(over, "task.split", split)
+                    applied: dict[str, Any] = {}
+                    for n, v in zip(names, combo, strict=True):
+                        if model != "et" and _is_et_only(n):
+                            continue
+                        over = set_dotted(over, n, v)
+                        applied[n] = v
+                    try:
+                        cfg = resolve_run_config(over, source=f"{source} (model={model}, {applied}, seed={seed})")
+                    except ConfigError as e:
+                        raise GridError(str(e)) from None
+                    h = cfg.hash()
+                    trials.setdefault(h, Trial(config=cfg, config_hash=h, model=model, seed=seed, split=split,
+                                               axes=applied))
+    return list(trials.values())
+
+
+def estimate_cost(trial: Trial) -> dict[str, float]:
+    """Rough training cost: 3 × forward FLOPs per sample × samples per epoch × epochs (images; NaN if unknown)."""
+    cfg = trial.config
+    if cfg.task.kind != "image":
+        return {"flops_per_sample": float("nan"), "train_pflop": float("nan")}
+    from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model
+
+    preset = IMAGE_PRESETS[cfg.task.dataset]
+    model = build_image_model(ImageModelSpec(name=cfg.model.name, image_shape=preset.image_shape,
+                                             patch=cfg.task.patch or preset.patch, et=cfg.model.et,
+                                             mlp_ratio=cfg.model.mlp_ratio))
+    n = cfg.task.limit_train or DATASET_TRAIN_SIZES.get(cfg.task.dataset, 0)
+    flops = float(model.flops_per_image())
+    return {"flops_per_sample": flops, "params": float(model.num_parameters()),
+            "train_pflop": 3 * flops * n * cfg.train.epochs / 1e15}
+
+
+DATASET_TRAIN_SIZES = {"digits": 1294, "mnist": 54000, "cifar10": 45000, "imagenet": 1_153_050}

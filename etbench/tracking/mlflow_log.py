@@ -1,0 +1,177 @@
+"""Log one etbench run to MLflow following ``etbench.tracking.schema`` (rank 0 only; URI always explicit).
+
+The default store is an embedded SQLite database under the results directory (no server needed); a cluster passes
+``http://HEAD:5000``. Experiments are created with an explicit absolute artifact location so Ray workers running
+in other working directories do not scatter artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from etbench.tracking import schema as S
+
+PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "torch_geometric", "numpy", "etbench")
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    results_dir = Path(results_dir).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{results_dir / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[p] = "absent"
+    return out
+
+
+def ensure_experiment(client: Any, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = None
+    if artifact_root is not None:
+        loc = (Path(artifact_root).resolve() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=loc)
+    except Exception:  # another trial created it concurrently
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(float(v))
+
+
+class RunTracker:
+    """One MLflow run: tags + params at start, per-epoch metrics, summary/trace/artifacts at the end, status."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_root: Path | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.uri = tracking_uri
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
+        self.run_name = run_name
+        self.run_id: str | None = None
+
+    def start(self, cfg: Any, *, grid: str, axes: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+              extra_tags: dict[str, str] | None = None) -> str:
+        """Create the run with the schema's tags and the flattened resolved config as params."""
+        task = cfg.task
+        tags = {
+            S.TAG_CONFIG_HASH: cfg.hash(),
+            S.TAG_GRID: grid,
+            S.TAG_TASK: task.kind,
+            S.TAG_MODEL: cfg.model.name,
+            S.TAG_DATASET: task.dataset,
+            S.TAG_PROTOCOL: "masked-completion" if task.kind == "image" else task.protocol,
+            S.TAG_SEED: str(cfg.train.seed),
+            S.TAG_SPLIT: str(getattr(task, "split", -1)) if task.kind == "graph" else "-1",
+            S.TAG_PAPER_COMPARABLE: "true" if cfg.paper_comparable else "false",
+            S.TAG_GIT_COMMIT: git_commit(),
+            S.TAG_VERSIONS: json.dumps(package_versions()),
+            "mlflow.runName": self.run_name,
+        }
+        if data and "checksum" in data:
+            tags[S.TAG_DATASET_CHECKSUM] = str(data["checksum"])
+        for k, v in (axes or {}).items():
+            tags[S.TAG_AXIS_PREFIX + k] = str(v)
+        tags.update(extra_tags or {})
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        self.log_params(cfg.flat())
+        return self.run_id
+
+    def attach(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self._id(), params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self._id(), metrics=items[i : i + 500])
+
+    def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """best/*, cost/* and the energy trace means (energy/* with step = descent step)."""
+        best = {f"best/{k}": v for k, v in summary.get("best", {}).items()}
+        best["best/epoch"] = summary.get("best_epoch", float("nan"))
+        cost = {f"cost/{k}": v for k, v in summary.get("cost", {}).items()}
+        self.log_metrics({**best, **cost}, step=0)
+        energy = summary.get("energy")
+        if energy:
+            self.log_metrics({S.ENERGY_RISE: energy["rise_fraction"]}, step=0)
+            for name in ("E", "E_att", "E_hn", "dx_norm"):
+                for t, v in enumerate(energy.get(name, [])):
+                    self.log_metrics({f"energy/{name}": v}, step=t)
+
+    def log_artifacts(self, out: Path, names: list[str]) -> None:
+        for n in names:
+            p = Path(out) / n
+            if p.is_file():
+                self.client.log_artifact(self._id(), str(p))
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        if error:
+            self.client.set_tag(self.run_id, S.TAG_ERROR, error[:5000])
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _id(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("RunTracker.start() was not called")
+        return self.run_id
+
+
+def find_finished(tracking_uri: str, experiment: str, config_hash: str) -> list[str]:
+    """Run ids of FINISHED runs with this config hash in ``experiment`` (the dedup query)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{S.TAG_CONFIG_HASH}` = '{config_hash}' and "
+                                            f"attributes.status = 'FINISHED'", max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
+RUN_ARTIFACTS = ["config.json", "metrics.csv", "summary.json", S.ENERGY_TRACE_ARTIFACT, "reconstruction.png",
+                 "memories.png"]
