@@ -121,7 +121,7 @@ def test_tracked_run_lands_in_mlflow(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["etbench.config_hash"] == cfg.hash()
-    assert run.data.tags["etbench.axis.model.et.steps"] == "3"
+    assert run.data.tags["etbench.axis.model.steps"] == "3"
     assert run.data.params["model.et.steps"] == "3"
     assert run.data.metrics["best/val/mse_masked"] == pytest.approx(summary["best"]["val/mse_masked"])
     assert len(client.get_metric_history(run.info.run_id, "val/mse_masked")) == 2

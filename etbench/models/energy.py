@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from etbench.models.et_config import ETConfig
+from etbench.models.lean_grads import AttentionGrad, HopfieldReluGrad, HopfieldSoftmaxGrad
 
 GAMMA_MIN = 1e-4  # γ is clamped to stay > 0 (the descent guarantee needs a positive-definite LN Hessian)
 
@@ -121,11 +122,21 @@ class EnergyAttention(nn.Module):
         _, _, s, empty = self._scores(g, mask)
         return self._energy_from_scores(s, empty)
 
-    def grad(self, g: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Closed-form (∂E^ATT/∂g (…, N, D), E^ATT (…)); the energy is returned detached."""
+    def grad(self, g: Tensor, mask: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]:
+        """Closed-form (∂E^ATT/∂g (…, N, D), E^ATT (…)); the energy is detached (NaN when not ``need_energy``).
+
+        With autograd recording (training), the memory-lean :class:`AttentionGrad` keeps only g for backward.
+        """
+        if torch.is_grad_enabled():
+            allowed = attention_allowed(mask, g.shape[-2], self.self_attention, g.device)
+            grad = AttentionGrad.apply(g, self.wq, self.wk, self.beta,
+                                       None if allowed is None else allowed.unsqueeze(-3))
+            if need_energy:
+                with torch.no_grad():
+                    return grad, self.energy(g.detach(), mask)
+            return grad, g.new_full(g.shape[:-2], float("nan"))
         q, k, s, empty = self._scores(g, mask)
-        with torch.no_grad():
-            e = self._energy_from_scores(s.detach(), empty)
+        e = self._energy_from_scores(s, empty)
         w = torch.softmax(s, -1)
         if empty is not None:
             w = w.masked_fill(empty.unsqueeze(-1), 0.0)
@@ -161,26 +172,33 @@ class HopfieldNetwork(nn.Module):
         b = self._beta()
         return -torch.logsumexp(b * h, -1).sum(-1) / b
 
-    def grad(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Closed-form (∂E^HN/∂g, E^HN detached)."""
+    def grad(self, g: Tensor, need_energy: bool = True) -> tuple[Tensor, Tensor]:
+        """Closed-form (∂E^HN/∂g, E^HN detached; NaN when not ``need_energy``).
+
+        With autograd recording (training), the memory-lean Functions keep only g for backward.
+        """
+        if torch.is_grad_enabled():
+            if self.kind == "relu":
+                grad = HopfieldReluGrad.apply(g, self.xi)
+            else:
+                grad = HopfieldSoftmaxGrad.apply(g, self.xi, self._beta())
+            if need_energy:
+                with torch.no_grad():
+                    return grad, self.energy(g.detach())
+            return grad, g.new_full(g.shape[:-2], float("nan"))
         h = g @ self.xi.T
         if self.kind == "relu":
             a = torch.relu(h)
-            with torch.no_grad():
-                e = -0.5 * a.pow(2).sum((-1, -2))
-            return -(a @ self.xi), e
-        b = self._beta()
-        bh = b * h
-        with torch.no_grad():
-            e = -torch.logsumexp(bh, -1).sum(-1) / b
-        return -(torch.softmax(bh, -1) @ self.xi), e
+            return -(a @ self.xi), -0.5 * a.pow(2).sum((-1, -2))
+        bh = self._beta() * h
+        return -(torch.softmax(bh, -1) @ self.xi), -torch.logsumexp(bh, -1).sum(-1) / self._beta()
 
 
 class Attention(Protocol):
     """What the ET block needs from an attention module (dense here; sparse over edges for graphs)."""
 
     def energy(self, g: Tensor, ctx: Tensor | None = None) -> Tensor: ...
-    def grad(self, g: Tensor, ctx: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+    def grad(self, g: Tensor, ctx: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
@@ -250,25 +268,26 @@ class EnergyTransformer(nn.Module):
         eh = self.hn.energy(g) if self.cfg.use_hn else zero
         return Energies(ea + eh, ea, eh)
 
-    def energy_grad(self, g: Tensor, mask: Tensor | None = None, mode: str | None = None) -> tuple[Tensor, Energies]:
+    def energy_grad(self, g: Tensor, mask: Tensor | None = None, mode: str | None = None,
+                    need_energy: bool = True) -> tuple[Tensor, Energies]:
         """(∂E/∂g, energies at g) by the configured (or given) gradient mode."""
         mode = mode or self.cfg.grad_mode
         if mode == "analytic":
-            return self._analytic_grad(g, mask)
+            return self._analytic_grad(g, mask, need_energy)
         if mode == "autograd":
             return self._autograd_grad(g, mask)
         raise ValueError(f"grad_mode must be one of analytic, autograd; got {mode!r}")
 
-    def _analytic_grad(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Energies]:
-        grad = torch.zeros_like(g)
+    def _analytic_grad(self, g: Tensor, mask: Tensor | None, need_energy: bool = True) -> tuple[Tensor, Energies]:
+        grad: Tensor | None = None
         zero = g.new_zeros(g.shape[:-2])
         ea = eh = zero
         if self.cfg.use_attn:
-            ga, ea = self.attn.grad(g, mask)
-            grad = grad + ga
+            grad, ea = self.attn.grad(g, mask, need_energy=need_energy)
         if self.cfg.use_hn:
-            gh, eh = self.hn.grad(g)
-            grad = grad + gh
+            gh, eh = self.hn.grad(g, need_energy=need_energy)
+            grad = gh if grad is None else grad + gh
+        assert grad is not None
         return grad, Energies(ea + eh, ea, eh)
 
     def _autograd_grad(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Energies]:
@@ -297,7 +316,7 @@ class EnergyTransformer(nn.Module):
         es: list[Energies] = []
         dxs: list[Tensor] = []
         for _ in range(steps):
-            grad, en = self.energy_grad(self.norm(x), mask)
+            grad, en = self.energy_grad(self.norm(x), mask, need_energy=trace)
             update = alpha * grad
             x = x - update
             if trace:

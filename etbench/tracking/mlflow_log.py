@@ -60,6 +60,11 @@ def ensure_experiment(client: Any, name: str, artifact_root: Path | None) -> str
         return exp.experiment_id
 
 
+def axis_tag_name(key: str) -> str:
+    """Config path → axis tag name: ET sizes drop their ``et.`` level (``model.et.steps`` → ``model.steps``)."""
+    return key.replace("model.et.", "model.", 1) if key.startswith("model.et.") else key
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(float(v))
 
@@ -97,7 +102,7 @@ class RunTracker:
         if data and "checksum" in data:
             tags[S.TAG_DATASET_CHECKSUM] = str(data["checksum"])
         for k, v in (axes or {}).items():
-            tags[S.TAG_AXIS_PREFIX + k] = str(v)
+            tags[S.TAG_AXIS_PREFIX + axis_tag_name(k)] = str(v)
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
         self.run_id = run.info.run_id
