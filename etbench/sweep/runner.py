@@ -72,7 +72,8 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, results_
         "config": t.config.model_dump(mode="json"), "config_hash": t.config_hash, "run_name": t.run_name,
         "axes": t.axes, "out": str(trial_dir(results_dir, spec.name, t.config_hash)), "uri": uri,
         "experiment": experiment, "grid": spec.name, "resume": resume, "run_id": run_id,
-        "artifact_root": str(Path(results_dir).resolve() / "artifacts"),
+        # a tracking server stores (proxies) artifacts itself; a local store keeps them beside the results
+        "artifact_root": None if uri.startswith("http") else str(Path(results_dir).resolve() / "artifacts"),
     }
 
 
@@ -126,7 +127,9 @@ def init_ray(address: str | None, use_gpu: bool) -> bool:
         if k in os.environ:
             env[k] = os.environ[k]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside `ray job submit`: the job's runtime env applies
+        ray.init(address=address or "auto", log_to_driver=False)
+    elif address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -220,7 +223,7 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], results_dir: 
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, resources),
             param_space={"trial": tune.grid_search(payloads)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(results_dir / "ray"),

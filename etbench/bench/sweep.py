@@ -1,0 +1,200 @@
+"""`etbench bench sweep`: what the sweep machinery costs per trial, and what trial concurrency buys.
+
+All in ONE local loopback Ray session on ``cpus`` logical CPUs, with trials of ONE training step (digits,
+``limit_train = batch``, one epoch), each sweep in a fresh results directory (its own MLflow sqlite store):
+
+1. 1-worker trials: a sequential sweep (``max_concurrent_trials=1``) of ``trials`` trials. Per-trial wall =
+   sweep wall / trials; overhead = per-trial wall − the same run done in this (warm) process with
+   ``etbench.engine.run.run_single``. The overhead is everything a sweep adds: Tune scheduling, a fresh actor
+   process and its imports, MLflow tracking, Tune bookkeeping, the sweep's plan/dedup queries (amortised).
+2. Concurrency: the same trials with ``max_concurrent_trials=2``; speed-up = sequential wall / concurrent wall.
+3. The floor: a bare ``TorchTrainer(num_workers=2).fit()`` of a loop that only reports once.
+4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), sequential; per-trial wall −
+   floor. Reported as not available while that module is not importable.
+
+Targets (pass/fail in the JSON): 1-worker overhead < 10 s per trial; 2-worker trials within 5 s of the floor;
+speed-up ≥ 1.7×. The machine's load average is recorded: other processes on the CPUs skew every figure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from etbench.bench.common import machine_info, write_json
+
+TARGETS = {"one_worker_overhead_s": 10.0, "two_worker_over_floor_s": 5.0, "speedup": 1.7}
+ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1",
+                "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "DS_ACCELERATOR": "cpu"}
+
+
+def one_step_grid(name: str, trials: int, *, workers: int = 1, cpus_per_worker: float = 1.0,
+                  concurrency: int = 1, batch: int = 32) -> dict[str, Any]:
+    """A grid of ``trials`` one-step runs (seeds 0..trials-1) of the small digits ET, on the CPU."""
+    if trials < 1 or batch < workers:
+        raise ValueError(f"need trials >= 1 and batch >= workers, got trials={trials}, batch={batch}, "
+                         f"workers={workers}")
+    return {
+        "name": name,
+        "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": batch, "limit_eval": batch},
+                 "train": {"epochs": 1, "batch_size": batch, "eval_trace_samples": 2, "device": "cpu",
+                           "warmup_epochs": 0}},
+        "models": ["et"],
+        "seeds": list(range(trials)),
+        "resources": {"workers": workers, "cpus_per_worker": cpus_per_worker},
+        "max_concurrent_trials": concurrency,
+    }
+
+
+def _noop_train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    ray.train.report({"ok": 1})
+
+
+def torchtrainer_floor(storage: Path, cpus_per_worker: float, name: str) -> float:
+    """Wall seconds of a bare 2-worker ``TorchTrainer.fit()`` whose loop only reports once."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(_noop_train_loop,
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
+                                                        resources_per_worker={"CPU": cpus_per_worker}),
+                           run_config=RunConfig(name=name, storage_path=str(storage)))
+    t0 = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - t0
+
+
+def _run_grid(grid: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Write the grid, run it as a sweep in a fresh results dir; wall time and Tune's per-trial records."""
+    from etbench.sweep.runner import run_sweep
+
+    path = work / f"{grid['name']}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    results = work / f"results-{grid['name']}"
+    t0 = time.perf_counter()
+    res = run_sweep(path, results_dir=results, progress=False)
+    wall = time.perf_counter() - t0
+    if res.failed or len(res.finished) != len(grid["seeds"]):
+        raise RuntimeError(f"benchmark sweep {grid['name']} did not finish cleanly: {len(res.finished)} finished, "
+                           f"failed: {json.dumps(res.failed)[:2000]}")
+    rows = [json.loads(line) for f in sorted(results.glob("ray/*/*/result.json"))
+            for line in f.read_text().splitlines() if line.strip()]
+    return {"wall_s": wall, "in_actor_s": [float(r["time_total_s"]) for r in rows], "path": path}
+
+
+def _in_process_run_s(grid_path: Path, work: Path, repeats: int = 2) -> float:
+    """Median wall of the grid's first run done in this process, after one warm-up run (imports, caches)."""
+    from etbench.engine.run import run_single
+    from etbench.sweep.grid import expand, load_grid
+
+    cfg = expand(load_grid(grid_path))[0].config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))  # as in a trial actor (Ray sets OMP threads)
+    times = []
+    try:
+        for i in range(repeats + 1):
+            out = work / f"inproc-{i}"
+            t0 = time.perf_counter()
+            run_single(cfg, out, progress=False)
+            if i:
+                times.append(time.perf_counter() - t0)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def _target(value: float | None, target: float, higher_is_better: bool) -> dict[str, Any]:
+    ok = None if value is None else (value >= target if higher_is_better else value < target)
+    return {"value": value, "target": target, "pass": ok}
+
+
+def launch_available() -> str | None:
+    """None when ``etbench.engine.launch.fit`` can be imported, else why not."""
+    if importlib.util.find_spec("etbench.engine.launch") is None:
+        return "etbench.engine.launch is not available yet (module missing)"
+    try:
+        from etbench.engine import launch
+    except Exception as e:  # a half-finished module: report it, do not crash the whole benchmark
+        return f"etbench.engine.launch failed to import: {type(e).__name__}: {e}"
+    return None if callable(getattr(launch, "fit", None)) else "etbench.engine.launch has no fit()"
+
+
+def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 32, floor_repeats: int = 2,
+                    two_worker_trials: int = 2, two_worker_cpus: float = 0.45) -> dict[str, Any]:
+    """Measure per-trial overhead, the TorchTrainer floor and the concurrency speed-up; write bench_sweep.json."""
+    if trials < 2 or cpus < 2:
+        raise ValueError(f"the concurrency comparison needs trials >= 2 and cpus >= 2, got {trials}, {cpus}")
+    if not 0 < two_worker_cpus <= (cpus - 0.1) / 2:
+        raise ValueError(f"two_worker_cpus must be in (0, {(cpus - 0.1) / 2:.2f}] so 2 workers + the trial driver "
+                         f"fit on {cpus} CPUs, got {two_worker_cpus}")
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    from etbench.sweep.runner import LOCAL_RAY_IP
+
+    if ray.is_initialized():
+        raise RuntimeError("run_sweep_bench needs its own Ray session: call ray.shutdown() first")
+    report: dict[str, Any] = {"machine": {**machine_info("cpu"), "loadavg_before": list(os.getloadavg())},
+                              "config": {"trials": trials, "cpus": cpus, "batch": batch, "steps_per_trial": 1,
+                                         "floor_repeats": floor_repeats, "two_worker_trials": two_worker_trials,
+                                         "two_worker_cpus_per_worker": two_worker_cpus}}
+    work = Path(tempfile.mkdtemp(prefix="etbench-bench-sweep-"))
+    env = {k: os.environ[k] for k in ENV_DEFAULTS}
+    t_init = time.perf_counter()
+    ray.init(address="local", num_cpus=cpus, _node_ip_address=LOCAL_RAY_IP, include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    report["ray_init_s"] = time.perf_counter() - t_init
+    try:
+        _run_grid(one_step_grid("warmup", 1, batch=batch), work)  # first actors, sqlite migrations, caches
+        seq = _run_grid(one_step_grid("seq", trials, concurrency=1, batch=batch), work)
+        conc = _run_grid(one_step_grid("conc", trials, concurrency=2, batch=batch), work)
+        in_proc = _in_process_run_s(seq["path"], work)
+        per_trial = seq["wall_s"] / trials
+        report["one_worker"] = {
+            "sequential_wall_s": seq["wall_s"], "per_trial_wall_s": per_trial, "in_process_run_s": in_proc,
+            "overhead_per_trial_s": per_trial - in_proc,
+            "in_actor_median_s": statistics.median(seq["in_actor_s"]),
+        }
+        speedup = seq["wall_s"] / conc["wall_s"]
+        report["concurrency"] = {"max_concurrent_trials": 2, "sequential_wall_s": seq["wall_s"],
+                                 "concurrent_wall_s": conc["wall_s"], "speedup": speedup}
+        floors = [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}") for i in range(floor_repeats)]
+        floor = statistics.median(floors) if floors else None
+        report["torchtrainer_floor"] = {"num_workers": 2, "times_s": floors, "median_s": floor}
+        why_not = launch_available()
+        over_floor = None
+        if why_not is not None or two_worker_trials < 1:
+            report["two_worker"] = {"available": False, "reason": why_not or "two_worker_trials = 0"}
+        else:
+            two = _run_grid(one_step_grid("two", two_worker_trials, workers=2, cpus_per_worker=two_worker_cpus,
+                                          concurrency=1, batch=batch), work)
+            per_two = two["wall_s"] / two_worker_trials
+            over_floor = per_two - floor if floor is not None else None
+            report["two_worker"] = {"available": True, "sequential_wall_s": two["wall_s"],
+                                    "per_trial_wall_s": per_two, "over_floor_s": over_floor,
+                                    "in_actor_median_s": statistics.median(two["in_actor_s"])}
+        report["targets"] = {
+            "one_worker_overhead_lt_10s": _target(per_trial - in_proc, TARGETS["one_worker_overhead_s"], False),
+            "two_worker_within_5s_of_floor": _target(over_floor, TARGETS["two_worker_over_floor_s"], False),
+            "speedup_ge_1.7": _target(speedup, TARGETS["speedup"], True),
+        }
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    report["machine"]["loadavg_after"] = list(os.getloadavg())
+    write_json(report, Path(out), "bench_sweep")
+    return report
