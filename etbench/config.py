@@ -15,9 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from etbench.hashing import config_hash, flatten
 from etbench.models.et_config import ETConfig
 
-# etbench's graph-ET sizes (small: GAD features are 10–64 wide); T = 4 steps keeps full-graph epochs cheap.
-GRAPH_ET_DEFAULTS: dict[str, Any] = {"dim": 64, "heads": 4, "head_dim": 16, "mem_ratio": 2.0, "steps": 4, "alpha": 0.1}
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -164,7 +161,9 @@ def preset_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
     """The dataset preset's model sizes for the task named in ``overrides`` (empty for graphs)."""
     task = overrides.get("task", {}) or {}
     if task.get("kind", "image") != "image":
-        return {"model": {"et": dict(GRAPH_ET_DEFAULTS)}}
+        from etbench.models.graph import GAD_ET_DEFAULTS
+
+        return {"model": {"et": dict(GAD_ET_DEFAULTS)}}
     from etbench.models.registry import IMAGE_PRESETS
 
     ds = task.get("dataset", "digits")
