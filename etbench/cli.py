@@ -44,6 +44,15 @@ def _bench_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_graph(a: argparse.Namespace) -> int:
+    from etbench.bench.graph import run_graph_bench
+
+    rep = run_graph_bench(Path(a.out), dataset=a.dataset, path=a.path, repeats=a.repeats, device=a.device)
+    print(json.dumps({k: rep[k] for k in ("ratios", "memory_scaling", "targets")}, indent=2, default=str))
+    print(f"wrote {Path(a.out) / 'bench_graph.json'}")
+    return 0
+
+
 def _inpaint(a: argparse.Namespace) -> int:
     from etbench.interop.official import inpaint_png
 
@@ -99,6 +108,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--two-worker-trials", type=int, default=2, help="0 skips the Ray Train + DeepSpeed trials")
     sw.add_argument("--two-worker-cpus", type=float, default=0.45, help="CPUs per Ray Train worker")
     sw.set_defaults(func=_bench_sweep)
+    gr = bench.add_parser("graph", help="graph ET vs GCN/BWGNN epoch time and memory; ET memory vs edges")
+    gr.add_argument("--out", default="results/bench")
+    gr.add_argument("--dataset", default="tolokers")
+    gr.add_argument("--path")
+    gr.add_argument("--repeats", type=int, default=3)
+    gr.add_argument("--device", default="cpu")
+    gr.set_defaults(func=_bench_graph)
 
 
 def _overrides_from_args(a: argparse.Namespace, kind: str) -> dict:

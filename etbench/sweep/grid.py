@@ -203,7 +203,7 @@ def estimate_cost(trial: Trial) -> dict[str, float]:
     """Rough training cost: 3 × forward FLOPs per sample × samples per epoch × epochs (images; NaN if unknown)."""
     cfg = trial.config
     if cfg.task.kind != "image":
-        return {"flops_per_sample": float("nan"), "train_pflop": float("nan")}
+        return _graph_cost(trial)
     from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model
 
     preset = IMAGE_PRESETS[cfg.task.dataset]
@@ -217,3 +217,25 @@ def estimate_cost(trial: Trial) -> dict[str, float]:
 
 
 DATASET_TRAIN_SIZES = {"digits": 1294, "mnist": 54000, "cifar10": 45000, "imagenet": 1_153_050}
+
+
+# (nodes, directed edges without self-loops, features) of the graphs etbench knows; used only for cost estimates.
+GRAPH_SIZES = {
+    "facebook": (1081, 55_104, 576), "amazon_upu": (10_224, 351_216, 25), "tolokers": (11_758, 1_038_000, 10),
+    "reddit": (10_984, 157_032, 64), "yelpchi": (45_954, 7_693_958, 32), "amazon": (11_944, 8_796_784, 25),
+    "tfinance": (39_357, 42_445_086, 10), "tsocial": (5_781_065, 146_211_774, 10), "synthetic": (1000, 10_000, 16),
+}
+
+
+def _graph_cost(trial: Trial) -> dict[str, float]:
+    """Full-graph training cost: 3 × forward FLOPs per node × nodes × epochs (NaN for unknown graphs)."""
+    cfg = trial.config
+    size = GRAPH_SIZES.get(cfg.task.dataset)
+    if size is None:
+        return {"flops_per_sample": float("nan"), "train_pflop": float("nan")}
+    from etbench.models.graph import graph_flops_per_node
+
+    n, e, f = size
+    kw = {"et": cfg.model.et} if cfg.model.name == "et" else {"hidden": cfg.model.hidden, "layers": cfg.model.layers}
+    flops = graph_flops_per_node(cfg.model.name, f, n, e, **kw)
+    return {"flops_per_sample": flops, "train_pflop": 3 * flops * n * cfg.train.epochs / 1e15}
