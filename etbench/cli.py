@@ -53,6 +53,20 @@ def _bench_graph(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_zero(a: argparse.Namespace) -> int:
+    from etbench.bench.zero import run_zero_bench
+
+    over = {"task": {"dataset": a.dataset, "limit_train": a.limit_train}, "train": {"batch_size": a.batch}}
+    rep = run_zero_bench(Path(a.out), world=a.world, stages=tuple(a.stages), steps=a.steps, warmup=a.warmup,
+                         overrides=over, check_resume=not a.no_resume_check, use_gpu=a.gpu)
+    print(json.dumps({"single_images_per_s": rep["single"]["images_per_s"],
+                      "stages": {s: {k: r[k] for k in ("per_worker_bytes", "images_per_s", "throughput_vs_single",
+                                                      "resume_exact") if k in r} for s, r in rep["stages"].items()},
+                      "state_ratio_vs_zero0": rep["state_ratio_vs_zero0"]}, indent=2, default=str))
+    print(f"wrote {Path(a.out) / 'bench_zero.json'}")
+    return 0
+
+
 def _inpaint(a: argparse.Namespace) -> int:
     from etbench.interop.official import inpaint_png
 
@@ -99,6 +113,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     img.add_argument("--repeats", type=int, default=5)
     img.add_argument("--device", default="cpu")
     img.set_defaults(func=_bench_image)
+    zero = bench.add_parser("zero", help="DeepSpeed ZeRO 0-3: per-worker state bytes and throughput vs one process")
+    zero.add_argument("--out", default="results/bench")
+    zero.add_argument("--world", type=int, default=2)
+    zero.add_argument("--stages", type=int, nargs="+", choices=(0, 1, 2, 3), default=[0, 1, 2, 3])
+    zero.add_argument("--steps", type=int, default=12)
+    zero.add_argument("--warmup", type=int, default=2)
+    zero.add_argument("--dataset", default="digits")
+    zero.add_argument("--batch", type=int, default=64, help="global batch")
+    zero.add_argument("--limit-train", type=int, default=None)
+    zero.add_argument("--gpu", action="store_true")
+    zero.add_argument("--no-resume-check", action="store_true")
+    zero.set_defaults(func=_bench_zero)
     sw = bench.add_parser("sweep", help="sweep overhead per trial, bare TorchTrainer floor, concurrency speed-up")
     sw.add_argument("--out", default="results/bench")
     sw.add_argument("--trials", type=int, default=8, help="one-step trials per sweep (sequential vs concurrency 2)")
@@ -138,6 +164,7 @@ def _overrides_from_args(a: argparse.Namespace, kind: str) -> dict:
         "model.et.grad_mode": a.grad_mode, "train.epochs": a.epochs, "train.lr": a.lr,
         "train.batch_size": a.batch_size, "train.seed": a.seed, "train.device": a.device,
         "dist.workers": a.workers, "dist.zero_stage": a.zero,
+        "dist.deepspeed": True if a.zero is not None else None, "dist.use_gpu": True if a.gpu else None,
     }
     if kind == "image":
         flags.update({"task.root": a.root, "task.limit_train": a.limit_train, "task.limit_eval": a.limit_eval})
@@ -207,7 +234,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"])
         p.add_argument("--workers", type=int, help="Ray Train workers (DeepSpeed on each)")
-        p.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3")
+        p.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (implies DeepSpeed)")
+        p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16")
         p.add_argument("--address", help="Ray address: auto | ray://HOST:10001 (default: start a local Ray)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.et.terms=attn")
         p.add_argument("--out", help="output directory (default results/runs/<task>-<model>-<hash>)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -126,34 +127,55 @@ def test_sweep_tracks_dedups_and_records_nan_trials(tmp_path: Path) -> None:
     assert all(v.count("FINISHED") <= 1 for v in _finished_by_hash(res.tracking_uri, "g").values())
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's GCS, raylet, trial workers), by PID."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in [psutil.Process(proc.pid), *tree] if proc.poll() is None else tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_only_missing_trials(tmp_path: Path) -> None:
     results = tmp_path / "results"
     path = write_grid(tmp_path, name="k", axes={"model.et.steps": [1, 2, 3]}, max_concurrent_trials=1,
-                      base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3}})
+                      base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 25}})
     script = textwrap.dedent(f"""
         from etbench.sweep.runner import run_sweep
         run_sweep({str(path)!r}, results_dir={str(results)!r}, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env={**os.environ})
     uri = f"sqlite:///{results.resolve() / 'mlflow.db'}"
+    results.mkdir()
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # create the store first: two processes must not both migrate it
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env={**os.environ})
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            time.sleep(2)
+            time.sleep(0.3)
             if proc.poll() is not None:
                 pytest.fail("sweep finished before it could be killed")
             try:
                 done = _finished_by_hash(uri, "k")
             except Exception:
                 continue
-            if sum(v.count("FINISHED") for v in done.values()) >= 1:
+            trials = results / "k" / "trials"
+            mid_run = [d for d in trials.glob("*") if (d / "checkpoints" / "latest").exists()
+                       and not (d / "summary.json").exists()] if trials.exists() else []
+            if sum(v.count("FINISHED") for v in done.values()) >= 1 and mid_run:
                 break
         else:
-            pytest.fail("no trial finished within 300 s")
+            pytest.fail("no trial finished (with another mid-run) within 300 s")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        proc.wait(timeout=30)
+        _kill_tree(proc)
     before = _finished_by_hash(uri, "k")
     n_before = sum(v.count("FINISHED") for v in before.values())
     assert 1 <= n_before < 3

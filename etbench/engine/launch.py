@@ -1,0 +1,169 @@
+"""Run one resolved config: in-process for a plain one-worker run, otherwise as a Ray Train job of DeepSpeed ranks.
+
+The distributed path is the Ray Train V2 pattern: ``ray.train.torch.TorchTrainer(train_worker, ScalingConfig,
+RunConfig(storage_path=<out>/ray, name=etbench-<hash>, FailureConfig(max_failures)))``. A worker failure restarts
+the worker group, which resumes from the latest reported checkpoint; ``resume=True`` on a later call does the same
+for a run that stopped (Ray restores a run whose storage folder and name already exist). With no ``address`` a
+loopback-only local Ray is started and shut down again; with one, or when Ray is already initialised (a Ray Tune
+trial), that cluster is used and left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from etbench.config import ConfigError, RunConfig
+from etbench.engine.run import RunExistsError, write_config
+from etbench.engine.tracked import TrackingSpec, error_reason
+from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
+
+LOCAL_NODE_IP = "127.0.0.2"  # a loopback address Ray keeps as given (127.0.0.1 is mapped to the external interface)
+TRACKING_FILE = "tracking.json"
+
+
+def run_name(cfg: RunConfig) -> str:
+    return f"etbench-{cfg.hash()[:16]}"
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """Fail before any work when this machine cannot host the run (GPUs asked for but absent)."""
+    from etbench.engine.ds_backend import check_dist_config
+
+    check_dist_config(cfg)
+    if cfg.dist.use_gpu or cfg.train.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ConfigError("dist.use_gpu (or train.device cuda) is set but this machine has no CUDA GPU; set "
+                              "dist.use_gpu: false, or pass --address of a Ray cluster with GPUs")
+        if have < cfg.dist.workers:
+            raise ConfigError(f"dist.workers {cfg.dist.workers} with dist.use_gpu needs {cfg.dist.workers} GPUs; "
+                              f"this machine has {have}")
+
+
+def _check_cluster_resources(cfg: RunConfig) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = cfg.dist.workers * cfg.dist.cpus_per_worker
+    if res.get("CPU", 0.0) + 1e-9 < need_cpu:
+        raise ConfigError(f"dist.workers × dist.cpus_per_worker = {need_cpu:g} CPUs, but the Ray cluster has "
+                          f"{res.get('CPU', 0.0):g}; lower dist.cpus_per_worker or dist.workers")
+    if cfg.dist.use_gpu and res.get("GPU", 0.0) < cfg.dist.workers:
+        raise ConfigError(f"dist.use_gpu with dist.workers {cfg.dist.workers} needs {cfg.dist.workers} GPUs, but the "
+                          f"Ray cluster has {res.get('GPU', 0.0):g}")
+
+
+def _worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    if not cfg.dist.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo); left unset on GPU nodes
+    return env
+
+
+def ensure_ray(cfg: RunConfig, address: str | None, progress: bool = True) -> bool:
+    """Use the running Ray, attach to ``address``, or start a local one; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, **({} if progress else {"log_to_driver": False}))
+        return True
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.dist.workers * cfg.dist.cpus_per_worker))
+    ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=progress, runtime_env={"env_vars": _worker_env(cfg)})
+    return True
+
+
+def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path, resume: bool) -> TrackingSpec | None:
+    """The spec with a run id: the given one, the one this ``out`` used before (resume), or a new MLflow run."""
+    if spec is None or spec.run_id:
+        return spec
+    from dataclasses import replace
+
+    saved = out / TRACKING_FILE
+    if resume and saved.exists():
+        return replace(spec, run_id=json.loads(saved.read_text())["run_id"])
+    tracker = spec.tracker()
+    run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes)
+    saved.write_text(json.dumps({"run_id": run_id, "uri": spec.uri, "experiment": spec.experiment}))
+    return replace(spec, run_id=run_id)
+
+
+def _check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
+    run_dir = out / "ray" / run_name(cfg)
+    if run_dir.exists() and not resume:
+        raise RunExistsError(f"{out} already holds a run ({run_dir}); pass --resume to continue it or choose "
+                             f"another --out")
+    if resume and (out / "config.json").exists():
+        prev = json.loads((out / "config.json").read_text())["config_hash"]
+        if prev != cfg.hash():
+            raise RunExistsError(f"cannot resume {out}: it holds config {prev}, this config is {cfg.hash()}")
+
+
+def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resume: bool = False,
+        address: str | None = None, progress: bool = True, fault: FaultInjection | None = None) -> dict[str, Any]:
+    """Train ``cfg`` with results under ``out``; returns the rank-0 summary (also ``out/summary.json``).
+
+    One worker without ``dist.deepspeed`` runs in this process (:func:`etbench.engine.tracked.run_tracked`);
+    anything else runs as a TorchTrainer of ``dist.workers`` DeepSpeed ranks. ``fault`` is a test hook.
+    """
+    import ray
+
+    out = Path(out).resolve()
+    if address is None and not ray.is_initialized():
+        check_local_resources(cfg)  # this machine hosts the workers
+    else:
+        from etbench.engine.ds_backend import check_dist_config
+
+        check_dist_config(cfg)  # the cluster's resources are checked once attached
+    if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
+        from etbench.engine.tracked import run_tracked
+
+        return run_tracked(cfg, out, tracking, resume=resume, progress=progress)
+    _check_out(cfg, out, resume)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = ensure_ray(cfg, address, progress)
+    try:
+        _check_cluster_resources(cfg)
+        write_config(cfg, out)
+        spec = _tracking(tracking, cfg, out, resume)
+        gpu = cfg.dist.use_gpu
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "tracking": spec,
+                               "fault": fault, "progress": progress},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.dist.workers, use_gpu=gpu,
+                resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=run_name(cfg), storage_path=str(out / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": _worker_env(cfg)}),
+        )
+        try:
+            result = trainer.fit()
+        except BaseException as exc:
+            if spec is not None and spec.run_id:
+                tracker = spec.tracker()
+                tracker.attach(spec.run_id)
+                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error_reason(exc))
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    if not result.metrics or SUMMARY_KEY not in result.metrics:
+        raise RuntimeError(f"run {run_name(cfg)} finished without reporting its summary (Ray result under "
+                           f"{out / 'ray'}); see the worker logs above")
+    summary = json.loads(result.metrics[SUMMARY_KEY])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

@@ -1,0 +1,164 @@
+"""The function every Ray Train worker runs: one DeepSpeed rank of one run.
+
+Build the worker's data shard and the model → DeepSpeed engine → resume from Ray's latest checkpoint (if any) →
+:func:`~etbench.engine.loop.train_loop`, with a DeepSpeed checkpoint reported through ``ray.train.report`` every
+``train.checkpoint_every`` epochs (all ranks save their shards; Ray merges them into one checkpoint directory) →
+rank-0 epilogue (metrics, energy trace, images, summary.json, MLflow). The final checkpoint is reported after
+the epilogue with the summary in its metrics (``summary_json``): Ray Train V2's ``Result.metrics`` are those of
+the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etbench.config import RunConfig
+from etbench.engine.build import build_model, build_task, seed_everything
+from etbench.engine.loop import LoopState, train_loop
+from etbench.engine.run import finish_run, write_metrics
+from etbench.engine.tracked import TrackingSpec, end_tracking
+
+SUMMARY_KEY = "summary_json"
+SHOWN = ("train/loss", "val/loss", "val/mse_masked", "val/psnr", "val/auroc", "val/macro_f1")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: rank ``rank`` SIGKILLs itself after its first batch of epoch ``epoch`` (0-based), once.
+
+    ``marker`` is a file created just before the kill; while it exists the fault does not fire again, so the
+    restarted worker group runs through.
+    """
+
+    epoch: int
+    rank: int
+    marker: str
+
+
+class _FaultyTask:
+    """Delegates to a task; kills this process mid-epoch as described by a :class:`FaultInjection`."""
+
+    def __init__(self, task: Any, fault: FaultInjection, rank: int) -> None:
+        self._task, self._fault, self._rank = task, fault, rank
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def train_batches(self, epoch: int) -> Iterator[Any]:
+        for i, batch in enumerate(self._task.train_batches(epoch)):
+            yield batch
+            f = self._fault
+            if i == 0 and epoch == f.epoch and self._rank == f.rank and not Path(f.marker).exists():
+                import ray.train
+
+                # the previous epoch's checkpoint must be committed before we die, or there is nothing to resume
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                       timeout_s=120)
+                Path(f.marker).write_text(f"killed rank {self._rank} in epoch {epoch}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if not cfg.dist.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
+def _numeric(row: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(v, int | float)}
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the run's TorchTrainer; ``config`` comes from :func:`etbench.engine.launch.fit`."""
+    import ray.train
+
+    from etbench.engine.ds_backend import DeepSpeedBackend
+
+    t_start = time.perf_counter()
+    cfg = RunConfig.model_validate(config["cfg"])
+    out = Path(config["out"])
+    spec: TrackingSpec | None = config.get("tracking")
+    fault: FaultInjection | None = config.get("fault")
+    progress = bool(config.get("progress", True))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(cfg)
+    dtype = torch.bfloat16 if cfg.dist.use_gpu and cfg.train.bf16 else torch.float32
+    seed_everything(cfg.train.seed)
+    task = build_task(cfg, device, rank, world, dtype)
+    data = task.describe()
+
+    def factory() -> torch.nn.Module:
+        return build_model(cfg, data)
+
+    backend = DeepSpeedBackend(factory(), cfg, task.num_train_batches(), device, getattr(task, "micro_batch", 1),
+                               model_factory=factory)
+    state, resumed_from = LoopState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = LoopState.from_dict(backend.load(Path(d))["loop"])
+        resumed_from = state.epoch
+        if rank == 0 and progress:
+            print(f"[etbench] resumed from checkpoint at epoch {state.epoch}", flush=True)
+
+    tracker = None
+    if rank == 0 and spec is not None and spec.run_id:
+        tracker = spec.tracker()
+        tracker.attach(spec.run_id)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:  # rank 0 only
+        write_metrics(state.history, out)
+        if tracker is not None:
+            tracker.log_epoch(epoch, row)
+        if progress:
+            shown = {k: round(v, 5) for k, v in row.items() if k in SHOWN}
+            print(f"epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
+
+    def report(s: LoopState, extra: dict[str, Any]) -> None:  # every rank: DeepSpeed shards → one Ray checkpoint
+        with tempfile.TemporaryDirectory(prefix="etbench-ckpt-") as tmp:
+            backend.save(Path(tmp), {"loop": s.to_dict()})
+            metrics = {"epoch": float(s.epoch), **_numeric(s.history[-1] if s.history else {}), **extra}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def save(s: LoopState) -> None:
+        if s.epoch < cfg.train.epochs:  # the final checkpoint is reported after the epilogue, with the summary
+            report(s, {})
+
+    run_task = _FaultyTask(task, fault, rank) if fault is not None else task
+    state = train_loop(run_task, backend, cfg.train.epochs, state, checkpoint=save,
+                       checkpoint_every=cfg.train.checkpoint_every, on_epoch=on_epoch, progress=progress)
+    full = backend.full_model()  # a collective under ZeRO-3: every rank
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        write_metrics(state.history, out)
+        summary, _ = finish_run(cfg, task, full, state, out, device, time.perf_counter() - t_start)
+        summary["distributed"] = {"workers": world, "zero_stage": cfg.dist.zero_stage,
+                                  "optimizer": backend.optimizer_name, "resumed_from_epoch": resumed_from,
+                                  "ds_config": backend.config}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        if tracker is not None:
+            _tag_checksum(tracker, data)
+            end_tracking(tracker, summary, out)
+    report(state, {SUMMARY_KEY: json.dumps(summary, default=float)})  # Ray's Result.metrics = last checkpoint's
+
+
+def _tag_checksum(tracker: Any, data: dict[str, Any]) -> None:
+    if "checksum" in data:
+        from etbench.tracking.schema import TAG_DATASET_CHECKSUM
+
+        tracker.client.set_tag(tracker.run_id, TAG_DATASET_CHECKSUM, str(data["checksum"]))
