@@ -11,7 +11,6 @@ Everything is computed over the edge list — scores (E, H), gathered keys/queri
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,7 @@ from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, s
 
 from etbench.models.baselines.bwgnn import check_node_inputs
 from etbench.models.baselines.gnn import GNN_MODELS, GNNConfig, build_gnn, gnn_flops_per_node
-from etbench.models.energy import EnergyTrace, EnergyTransformer
+from etbench.models.energy import EnergyAttention, EnergyTrace, EnergyTransformer
 from etbench.models.et_config import ETConfig
 
 GRAPH_MODELS: tuple[str, ...] = ("et", *GNN_MODELS)
@@ -116,7 +115,7 @@ class SparseAttentionGrad(torch.autograd.Function):
         return dg, dwq, dwk, None, None, None
 
 
-class SparseEnergyAttention(nn.Module):
+class SparseEnergyAttention(EnergyAttention):
     """Energy attention restricted to graph edges, computed over the edge list (SPEC §1.2).
 
         S(C) = {B : (B → C) ∈ edges} (∪ {C} when ``self_attention``), self-loops and duplicates removed first
@@ -131,11 +130,7 @@ class SparseEnergyAttention(nn.Module):
     """
 
     def __init__(self, cfg: ETConfig) -> None:
-        super().__init__()
-        self.heads, self.head_dim, self.self_attention = cfg.heads, cfg.head_dim, cfg.self_attention
-        self.beta = 1.0 / math.sqrt(cfg.head_dim)
-        self.wk = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_init_std)
-        self.wq = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_init_std)
+        super().__init__(cfg)  # W^K, W^Q (H, Y, D) and β = 1/√Y exactly as the dense module
         self._edge_cache: tuple[weakref.ref[Tensor], int, int, Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # weak references cannot be pickled; the cache is rebuilt on use
