@@ -120,30 +120,33 @@ class RunTracker:
             self.client.log_batch(self._id(), params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self._log_points([(k, v, step) for k, v in metrics.items()])
+
+    def _log_points(self, points: list[tuple[str, Any, int]]) -> None:
+        """(name, value, step) points in as few ``log_batch`` calls as MLflow allows (one SQL transaction each)."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self._id(), metrics=items[i : i + 500])
+        items = [Metric(k, float(v), ts, step) for k, v, step in points if _finite(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self._id(), metrics=items[i : i + 1000])
 
     def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
         self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        """best/*, cost/* and the energy trace means (energy/* with step = descent step)."""
-        best = {f"best/{k}": v for k, v in summary.get("best", {}).items()}
-        best["best/epoch"] = summary.get("best_epoch", float("nan"))
-        cost = {f"cost/{k}": v for k, v in summary.get("cost", {}).items()}
-        self.log_metrics({**best, **cost}, step=0)
+        """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch."""
+        points: list[tuple[str, Any, int]] = [(f"best/{k}", v, 0) for k, v in summary.get("best", {}).items()]
+        points.append(("best/epoch", summary.get("best_epoch", float("nan")), 0))
+        points += [(f"cost/{k}", v, 0) for k, v in summary.get("cost", {}).items()]
         energy = summary.get("energy")
         if energy:
-            self.log_metrics({S.ENERGY_RISE: energy["rise_fraction"]}, step=0)
+            points.append((S.ENERGY_RISE, energy["rise_fraction"], 0))
             for name in ("E", "E_att", "E_hn", "dx_norm"):
-                for t, v in enumerate(energy.get(name, [])):
-                    self.log_metrics({f"energy/{name}": v}, step=t)
+                points += [(f"energy/{name}", v, t) for t, v in enumerate(energy.get(name, []))]
+        self._log_points(points)
 
     def log_artifacts(self, out: Path, names: list[str]) -> None:
         for n in names:
