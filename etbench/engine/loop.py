@@ -8,6 +8,7 @@ one process and inside every Ray Train worker; only rank 0 reports.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -93,7 +94,8 @@ def train_loop(
         t0 = time.perf_counter()
         loss_sum, batches = torch.zeros((), dtype=torch.float64), 0
         bar = tqdm(task.train_batches(epoch), total=task.num_train_batches(), disable=not show, leave=False,
-                   desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+                   desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)  # log files get a line every 30 s, not 10/s
         for i, batch in enumerate(bar):
             with backend.autocast():
                 loss = task.train_loss(model, batch)
