@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,10 +117,14 @@ def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
             ax.set_ylabel(metric_label(metric))
             ax.set_xticks(sorted(part[STEPS].astype(float).unique()))
             _title(fig, dataset, protocol, fixed, over)
-            fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])),
-                       frameon=False)
+            _legend_below(fig, ax)
             out.made.append((f"steps_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
     return out
+
+
+def _legend_below(fig: Any, ax: Any) -> None:
+    """One figure-level legend under the axes, at most five entries per row."""
+    fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])), frameon=False)
 
 
 def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
@@ -153,8 +158,7 @@ def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
             ax.set_ylabel(metric_label(metric))
             _title(fig, dataset, protocol, fixed, over)
             if len(models) > 1:
-                fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])),
-                       frameon=False)
+                _legend_below(fig, ax)
             out.made.append((f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
     return out
 
