@@ -28,6 +28,7 @@ def test_graph_run_records_protocol_metrics(tmp_path: Path, model: str) -> None:
     summary = json.loads((tmp_path / model / "summary.json").read_text())
     assert summary["data"]["split_sizes"]["train"] == round(0.4 * 1000)
     assert summary["data"]["protocol"] == "bwgnn"
+    assert summary["cost"]["flops_per_sample"] > 0 and summary["cost"]["params"] > 0
     if model == "et":
         assert summary["energy"]["rise_fraction"] == 0.0
         assert len(summary["energy"]["E"]) == cfg.model.et.steps + 1

@@ -85,6 +85,8 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
     artifacts = [p.name for p in task.write_artifacts(model, out)]
     best = state.best()
     cost = model_cost(model)
+    if hasattr(task, "flops_per_sample"):  # graphs: FLOPs per node depend on the graph, so the task knows them
+        cost["flops_per_sample"] = float(task.flops_per_sample())
     summary: dict[str, Any] = {
         "config_hash": cfg.hash(),
         "paper_comparable": cfg.paper_comparable,

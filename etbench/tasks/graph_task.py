@@ -136,6 +136,15 @@ class GraphTask:
             _, tr = core.forward_with_trace(self.x, self.edge_index)
         return tr
 
+    def flops_per_sample(self) -> float:
+        """Analytic forward FLOPs per node of this run's model on this graph."""
+        from etbench.models.graph import graph_flops_per_node
+
+        m = self.cfg.model
+        kw: dict[str, Any] = {"et": m.et} if m.name == "et" else {"hidden": m.hidden, "layers": m.layers}
+        return graph_flops_per_node(m.name, self.graph.num_features, self.graph.num_nodes,
+                                    int(self.graph.edge_index.shape[1]), len(self.graph.relations), **kw)
+
     def write_artifacts(self, model: nn.Module, out: Path) -> list[Path]:
         return []
 
