@@ -37,7 +37,8 @@ def _bench_sweep(a: argparse.Namespace) -> int:
     from etbench.bench.sweep import run_sweep_bench
 
     rep = run_sweep_bench(Path(a.out), trials=a.trials, cpus=a.cpus, batch=a.batch, floor_repeats=a.floor_repeats,
-                          two_worker_trials=a.two_worker_trials, two_worker_cpus=a.two_worker_cpus)
+                          two_worker_trials=a.two_worker_trials, two_worker_cpus=a.two_worker_cpus,
+                          speedup_epochs=a.speedup_epochs)
     print(json.dumps({k: rep[k] for k in ("one_worker", "concurrency", "torchtrainer_floor", "two_worker",
                                           "targets") if k in rep}, indent=2, default=str))
     print(f"wrote {Path(a.out) / 'bench_sweep.json'}")
@@ -127,11 +128,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     zero.set_defaults(func=_bench_zero)
     sw = bench.add_parser("sweep", help="sweep overhead per trial, bare TorchTrainer floor, concurrency speed-up")
     sw.add_argument("--out", default="results/bench")
-    sw.add_argument("--trials", type=int, default=8, help="one-step trials per sweep (sequential vs concurrency 2)")
+    sw.add_argument("--trials", type=int, default=8, help="trials per sweep (sequential vs concurrency 2)")
+    sw.add_argument("--speedup-epochs", type=int, default=4,
+                    help="epochs (of 1,280 digits) per trial of the speed-up sweeps")
     sw.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray session")
     sw.add_argument("--batch", type=int, default=32, help="batch = training samples: one step per trial")
-    sw.add_argument("--floor-repeats", type=int, default=2, help="bare TorchTrainer(num_workers=2).fit() repeats")
-    sw.add_argument("--two-worker-trials", type=int, default=2, help="0 skips the Ray Train + DeepSpeed trials")
+    sw.add_argument("--floor-repeats", type=int, default=3, help="bare TorchTrainer(num_workers=2).fit() repeats")
+    sw.add_argument("--two-worker-trials", type=int, default=3, help="0 skips the Ray Train + DeepSpeed trials")
     sw.add_argument("--two-worker-cpus", type=float, default=0.45, help="CPUs per Ray Train worker")
     sw.set_defaults(func=_bench_sweep)
     gr = bench.add_parser("graph", help="graph ET vs GCN/BWGNN epoch time and memory; ET memory vs edges")

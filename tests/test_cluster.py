@@ -282,3 +282,20 @@ def test_bench_grids_are_one_training_step_each(tmp_path: Path) -> None:
     assert [build_task(cfg, torch.device("cpu"), rank=r, world=2).num_train_batches() for r in (0, 1)] == [1, 1]
     with pytest.raises(ValueError, match="batch >= workers"):
         one_step_grid("b", 1, workers=4, batch=2)
+
+
+def test_bench_speedup_grids_run_whole_epochs_of_real_work(tmp_path: Path) -> None:
+    """The speed-up trials really train ``steps`` batches per epoch for ``epochs`` epochs (not one step)."""
+    import torch
+
+    from etbench.bench.sweep import one_step_grid
+    from etbench.engine.build import build_task
+    from etbench.sweep.grid import expand, load_grid
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(one_step_grid("s", 2, steps=40, epochs=4, batch=32)))
+    cfg = expand(load_grid(path))[0].config
+    assert cfg.train.epochs == 4 and cfg.dist.cpus_per_worker == 1.0
+    assert build_task(cfg, torch.device("cpu")).num_train_batches() == 40
+    with pytest.raises(ValueError, match="exceeds the digits training split"):
+        one_step_grid("s", 1, steps=41, batch=32)

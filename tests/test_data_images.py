@@ -353,3 +353,16 @@ def test_unnormalize_by_hand():
     assert torch.allclose(out, torch.tensor([[[[0.5, 0.75]], [[0.1, 1.0]]]]))  # 0.2 + 10 * 0.1 = 1.2 → clamped
     with pytest.raises(ValueError, match="len\\(mean\\)=3"):
         unnormalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_digits_read_without_sklearn_equals_sklearn_loader() -> None:
+    """The direct CSV read (no scikit-learn import in every worker) yields exactly ``load_digits``'s arrays."""
+    from sklearn.datasets import load_digits
+
+    from etbench.data.images import _digits_arrays
+
+    images, labels = _digits_arrays()
+    ref = load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, ref.images.astype(np.uint8))
+    np.testing.assert_array_equal(labels, ref.target.astype(np.int64))

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.utils import to_undirected
 
 from etbench.models.baselines.gnn import GNN_MODELS, MessagePassingNet
+from etbench.models.edge_csr import CSRAttentionGrad
 from etbench.models.energy import EnergyAttention
 from etbench.models.et_config import ETConfig
 from etbench.models.graph import (
@@ -21,7 +22,6 @@ from etbench.models.graph import (
     GRAPH_MODELS,
     GraphET,
     GraphETConfig,
-    SparseAttentionGrad,
     SparseEnergyAttention,
     build_graph_model,
     graph_flops_per_node,
@@ -97,12 +97,12 @@ def test_sparse_energy_and_gradient_equal_dense_masked(kind: str, self_attention
 def test_lean_sparse_gradient_backward_passes_gradcheck(kind: str, self_attention: bool) -> None:
     """The hand-written backward of the closed-form gradient (used in training) against finite differences."""
     sparse, _ = sparse_and_dense(self_attention)
-    src, dst = sparse.edges(GRAPHS[kind](), 15)
+    plan = sparse.plan(GRAPHS[kind](), 15)
     g = torch.randn(15, 12, dtype=torch.float64, requires_grad=True)
     wq, wk = (w.detach().clone().requires_grad_(True) for w in (sparse.wq, sparse.wk))
 
     def fn(g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
-        return SparseAttentionGrad.apply(g, wq, wk, sparse.beta, src, dst)[0]
+        return CSRAttentionGrad.apply(g, wq, wk, sparse.beta, plan)[0]
 
     assert torch.autograd.gradcheck(fn, (g, wq, wk), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -200,7 +200,8 @@ def test_energy_never_increases_at_default_init(seed: int) -> None:
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest numel among the outputs of every dispatched op (forward and backward)."""
+    """Records the largest number of stored elements among the outputs of every dispatched op (forward and
+    backward): numel for dense tensors, the nonzero count for sparse ones (whose numel is the dense N×N size)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -209,8 +210,11 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), str(func)
+            if not isinstance(t, torch.Tensor):
+                continue
+            stored = t._nnz() if t.layout in (torch.sparse_csr, torch.sparse_coo) else t.numel()
+            if stored > self.largest:
+                self.largest, self.op = stored, str(func)
         return out
 
 

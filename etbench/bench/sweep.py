@@ -1,16 +1,23 @@
 """`etbench bench sweep`: what the sweep machinery costs per trial, and what trial concurrency buys.
 
-All in ONE local loopback Ray session on ``cpus`` logical CPUs, with trials of ONE training step (digits,
-``limit_train = batch``, one epoch), each sweep in a fresh results directory (its own MLflow sqlite store):
+All in ONE local loopback Ray session on ``cpus`` logical CPUs, each sweep in a fresh results directory (its own
+MLflow sqlite store), on the small digits ET (one epoch of ``steps`` batches, ``limit_train = steps · batch``):
 
-1. 1-worker trials: a sequential sweep (``max_concurrent_trials=1``) of ``trials`` trials. Per-trial wall =
-   sweep wall / trials; overhead = per-trial wall − the same run done in this (warm) process with
+1. 1-worker trials of ONE training step: a sequential sweep (``max_concurrent_trials=1``) of ``trials`` trials.
+   Per-trial wall = sweep wall / trials; overhead = per-trial wall − the same run done in this (warm) process with
    ``etbench.engine.run.run_single``. The overhead is everything a sweep adds: Tune scheduling, a fresh actor
    process and its imports, MLflow tracking, Tune bookkeeping, the sweep's plan/dedup queries (amortised).
-2. Concurrency: the same trials with ``max_concurrent_trials=2``; speed-up = sequential wall / concurrent wall.
-3. The floor: a bare ``TorchTrainer(num_workers=2).fit()`` of a loop that only reports once.
-4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), sequential; per-trial wall −
-   floor. Reported as not available while that module is not importable.
+2. Concurrency: ``trials`` trials of ``speedup_epochs`` epochs over 1,280 digits each (one CPU, one thread per
+   trial; a trial computes for seconds, as real trials do), sequential vs ``max_concurrent_trials=2``;
+   speed-up = median sequential wall / median concurrent wall over ``speedup_repeats`` interleaved pairs.
+   The same comparison on the one-step trials is recorded too:
+   there Tune's fixed start-up (~6 s before the first trial, ~3 s for a fresh actor's first run) dwarfs
+   8 × 0.2 s of work, so it only measures that.
+3. The floor: a bare ``TorchTrainer(num_workers=2).fit()`` of a loop that only reports once, measured before and
+   after step 4 (median).
+4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), one sequential sweep; per-trial
+   wall − floor. Each trial's worker phases (data, DeepSpeed init, training) come back in its summary.
+   Reported as not available while that module is not importable.
 
 Targets (pass/fail in the JSON): 1-worker overhead < 10 s per trial; 2-worker trials within 5 s of the floor;
 speed-up ≥ 1.7×. The machine's load average is recorded: other processes on the CPUs skew every figure.
@@ -39,15 +46,18 @@ ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TQ
 
 
 def one_step_grid(name: str, trials: int, *, workers: int = 1, cpus_per_worker: float = 1.0,
-                  concurrency: int = 1, batch: int = 32) -> dict[str, Any]:
-    """A grid of ``trials`` one-step runs (seeds 0..trials-1) of the small digits ET, on the CPU."""
-    if trials < 1 or batch < workers:
-        raise ValueError(f"need trials >= 1 and batch >= workers, got trials={trials}, batch={batch}, "
-                         f"workers={workers}")
+                  concurrency: int = 1, batch: int = 32, steps: int = 1, epochs: int = 1) -> dict[str, Any]:
+    """A grid of ``trials`` runs (seeds 0..trials-1) of the small digits ET on the CPU, each ``epochs`` epochs of
+    ``steps`` training steps (digits holds ~1,290 training images: steps · batch must fit)."""
+    if trials < 1 or batch < workers or steps < 1 or epochs < 1:
+        raise ValueError(f"need trials, steps, epochs >= 1 and batch >= workers, got trials={trials}, "
+                         f"steps={steps}, epochs={epochs}, batch={batch}, workers={workers}")
+    if steps * batch > 1280:
+        raise ValueError(f"steps · batch = {steps * batch} exceeds the digits training split (1,280 used at most)")
     return {
         "name": name,
-        "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": batch, "limit_eval": batch},
-                 "train": {"epochs": 1, "batch_size": batch, "eval_trace_samples": 2, "device": "cpu",
+        "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": batch * steps, "limit_eval": batch},
+                 "train": {"epochs": epochs, "batch_size": batch, "eval_trace_samples": 2, "device": "cpu",
                            "warmup_epochs": 0}},
         "models": ["et"],
         "seeds": list(range(trials)),
@@ -132,8 +142,9 @@ def launch_available() -> str | None:
     return None if callable(getattr(launch, "fit", None)) else "etbench.engine.launch has no fit()"
 
 
-def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 32, floor_repeats: int = 2,
-                    two_worker_trials: int = 2, two_worker_cpus: float = 0.45) -> dict[str, Any]:
+def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 32, floor_repeats: int = 3,
+                    two_worker_trials: int = 3, two_worker_cpus: float = 0.45,
+                    speedup_epochs: int = 4, speedup_repeats: int = 2) -> dict[str, Any]:
     """Measure per-trial overhead, the TorchTrainer floor and the concurrency speed-up; write bench_sweep.json."""
     if trials < 2 or cpus < 2:
         raise ValueError(f"the concurrency comparison needs trials >= 2 and cpus >= 2, got {trials}, {cpus}")
@@ -150,6 +161,7 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
         raise RuntimeError("run_sweep_bench needs its own Ray session: call ray.shutdown() first")
     report: dict[str, Any] = {"machine": {**machine_info("cpu"), "loadavg_before": list(os.getloadavg())},
                               "config": {"trials": trials, "cpus": cpus, "batch": batch, "steps_per_trial": 1,
+                                         "speedup_steps_per_trial": speedup_epochs * (1280 // batch),
                                          "floor_repeats": floor_repeats, "two_worker_trials": two_worker_trials,
                                          "two_worker_cpus_per_worker": two_worker_cpus}}
     work = Path(tempfile.mkdtemp(prefix="etbench-bench-sweep-"))
@@ -169,19 +181,39 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
             "overhead_per_trial_s": per_trial - in_proc,
             "in_actor_median_s": statistics.median(seq["in_actor_s"]),
         }
-        speedup = seq["wall_s"] / conc["wall_s"]
-        report["concurrency"] = {"max_concurrent_trials": 2, "sequential_wall_s": seq["wall_s"],
-                                 "concurrent_wall_s": conc["wall_s"], "speedup": speedup}
-        floors = [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}") for i in range(floor_repeats)]
-        floor = statistics.median(floors) if floors else None
-        report["torchtrainer_floor"] = {"num_workers": 2, "times_s": floors, "median_s": floor}
+        steps = 1280 // batch
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        in_actor: dict[int, list[float]] = {1: [], 2: []}
+        for r in range(speedup_repeats):  # interleaved (seq, conc), (conc, seq), …: this machine's load drifts
+            for c in ((1, 2) if r % 2 == 0 else (2, 1)):
+                res = _run_grid(one_step_grid(f"long-c{c}-r{r}", trials, concurrency=c, batch=batch, steps=steps,
+                                              epochs=speedup_epochs), work)
+                walls[c].append(res["wall_s"])
+                in_actor[c] += res["in_actor_s"]
+        speedup = statistics.median(walls[1]) / statistics.median(walls[2])
+        report["concurrency"] = {
+            "max_concurrent_trials": 2, "steps_per_trial": speedup_epochs * steps, "repeats": speedup_repeats,
+            "sequential_wall_s": walls[1], "concurrent_wall_s": walls[2], "speedup": speedup,
+            "in_actor_median_s": {"sequential": statistics.median(in_actor[1]),
+                                  "concurrent": statistics.median(in_actor[2])},
+            "one_step_trials": {"sequential_wall_s": seq["wall_s"], "concurrent_wall_s": conc["wall_s"],
+                                "speedup": seq["wall_s"] / conc["wall_s"]}}
+        # the floor is noisy (±3 s here): measure it on both sides of the 2-worker sweep and take the median
+        floors = [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}")
+                  for i in range((floor_repeats + 1) // 2)]
         why_not = launch_available()
         over_floor = None
-        if why_not is not None or two_worker_trials < 1:
-            report["two_worker"] = {"available": False, "reason": why_not or "two_worker_trials = 0"}
-        else:
+        two: dict[str, Any] | None = None
+        if why_not is None and two_worker_trials >= 1:
             two = _run_grid(one_step_grid("two", two_worker_trials, workers=2, cpus_per_worker=two_worker_cpus,
                                           concurrency=1, batch=batch), work)
+        floors += [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}")
+                   for i in range(len(floors), floor_repeats)]
+        floor = statistics.median(floors) if floors else None
+        report["torchtrainer_floor"] = {"num_workers": 2, "times_s": floors, "median_s": floor}
+        if two is None:
+            report["two_worker"] = {"available": False, "reason": why_not or "two_worker_trials = 0"}
+        else:
             per_two = two["wall_s"] / two_worker_trials
             over_floor = per_two - floor if floor is not None else None
             report["two_worker"] = {"available": True, "sequential_wall_s": two["wall_s"],

@@ -150,12 +150,27 @@ def _tensor_dataset(pool: ImagePool, idx: np.ndarray, mean: tuple[float, ...], s
     return TensorDataset(_normalised(pixels, mean, std), torch.from_numpy(pool.labels[idx].copy()))
 
 
-def _load_digits(seed: int, val_fraction: float, limit_train: int | None, limit_eval: int | None) -> ImageSplits:
-    """scikit-learn's 8×8 digits (pixels 0..16 → [0, 1]); fixed 20 % test carve, mean/std from the train split."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 8×8 digits images (uint8, 0..16) and labels, read straight from the CSV that scikit-learn ships —
+    importing scikit-learn alone costs ~1 s, paid by every trial and worker process; falls back to
+    ``sklearn.datasets.load_digits`` when the file is not where scikit-learn keeps it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        csv = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            data = np.loadtxt(csv, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8).astype(np.uint8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images, labels = bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
+    return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
+
+
+def _load_digits(seed: int, val_fraction: float, limit_train: int | None, limit_eval: int | None) -> ImageSplits:
+    """scikit-learn's 8×8 digits (pixels 0..16 → [0, 1]); fixed 20 % test carve, mean/std from the train split."""
+    images, labels = _digits_arrays()
     checksum = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     n = len(labels)
     perm = np.random.default_rng(_TEST_SEED).permutation(n)

@@ -16,6 +16,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,12 @@ def train_worker(config: dict[str, Any]) -> None:
     progress = bool(config.get("progress", True))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    phases: dict[str, float] = {"worker_start_unix": time.time()}
+    # rank 0 opens its MLflow store (engine creation + schema check, ~1 s on SQLite) while data and DeepSpeed load
+    pool = ThreadPoolExecutor(1, thread_name_prefix="etbench-mlflow")
+    pending_tracker: Future[Any] | None = (pool.submit(_attached_tracker, spec)
+                                           if rank == 0 and spec is not None and spec.run_id else None)
+    pool.shutdown(wait=False)
     device = _device(cfg)
     dtype = torch.bfloat16 if cfg.dist.use_gpu and cfg.train.bf16 else torch.float32
     seed_everything(cfg.train.seed)
@@ -105,8 +112,10 @@ def train_worker(config: dict[str, Any]) -> None:
     def factory() -> torch.nn.Module:
         return build_model(cfg, data)
 
+    phases["data_s"] = time.perf_counter() - t_start
     backend = DeepSpeedBackend(factory(), cfg, task.num_train_batches(), device, getattr(task, "micro_batch", 1),
                                model_factory=factory)
+    phases["deepspeed_init_s"] = time.perf_counter() - t_start - phases["data_s"]
     state, resumed_from = LoopState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -116,13 +125,9 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0 and progress:
             print(f"[etbench] resumed from checkpoint at epoch {state.epoch}", flush=True)
 
-    tracker = None
-    if rank == 0 and spec is not None and spec.run_id:
-        tracker = spec.tracker()
-        tracker.attach(spec.run_id)
-
     def on_epoch(epoch: int, row: dict[str, float]) -> None:  # rank 0 only
         write_metrics(state.history, out)
+        tracker = pending_tracker.result() if pending_tracker is not None else None
         if tracker is not None:
             tracker.log_epoch(epoch, row)
         if progress:
@@ -142,6 +147,7 @@ def train_worker(config: dict[str, Any]) -> None:
     run_task = _FaultyTask(task, fault, rank) if fault is not None else task
     state = train_loop(run_task, backend, cfg.train.epochs, state, checkpoint=save,
                        checkpoint_every=cfg.train.checkpoint_every, on_epoch=on_epoch, progress=progress)
+    phases["train_s"] = time.perf_counter() - t_start - phases["data_s"] - phases["deepspeed_init_s"]
     full = backend.full_model()  # a collective under ZeRO-3: every rank
     summary: dict[str, Any] = {}
     if rank == 0:
@@ -149,12 +155,21 @@ def train_worker(config: dict[str, Any]) -> None:
         summary, _ = finish_run(cfg, task, full, state, out, device, time.perf_counter() - t_start)
         summary["distributed"] = {"workers": world, "zero_stage": cfg.dist.zero_stage,
                                   "optimizer": backend.optimizer_name, "resumed_from_epoch": resumed_from,
-                                  "ds_config": backend.config}
+                                  "ds_config": backend.config, "phases_s": phases}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        tracker = pending_tracker.result() if pending_tracker is not None else None
         if tracker is not None:
             _tag_checksum(tracker, data)
             end_tracking(tracker, summary, out)
     report(state, {SUMMARY_KEY: json.dumps(summary, default=float)})  # Ray's Result.metrics = last checkpoint's
+
+
+def _attached_tracker(spec: TrackingSpec) -> Any:
+    tracker = spec.tracker()
+    assert spec.run_id is not None
+    tracker.attach(spec.run_id)
+    tracker.client.get_run(spec.run_id)  # the first query opens the store: done here, off the critical path
+    return tracker
 
 
 def _tag_checksum(tracker: Any, data: dict[str, Any]) -> None:

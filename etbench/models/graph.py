@@ -4,9 +4,11 @@ Edge direction convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` i
 ``edge_index[1]`` the destination = query C, so an edge B → C lets C attend to B. On symmetric graphs (every
 ``GraphData`` loader output) the convention is moot, but the code is exact for directed graphs too.
 
-Everything is computed over the edge list — scores (E, H), gathered keys/queries (E, H, Y), per-node max by
-``torch_geometric.utils.scatter`` and per-node sums by ``index_add_`` — never an N×N matrix. Scores are not clamped
-(the authors' GAD code clamps them to [−5, 5], which makes its update no longer the gradient of its energy).
+Never an N×N matrix: the closed-form gradient (used in training and inference) runs on CSR matrices over the edges
+(``etbench.models.edge_csr``: SDDMM scores, segment softmax, SpMM aggregation); the energy, which the ``autograd``
+mode differentiates and the tests use as oracle, is computed independently from per-edge gathers (scores (E, H),
+per-node max by ``torch_geometric.utils.scatter``, sums by ``index_add_``). Scores are not clamped (the authors' GAD
+code clamps them to [−5, 5], which makes its update no longer the gradient of its energy).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, scatter
 
 from etbench.models.baselines.bwgnn import check_node_inputs
 from etbench.models.baselines.gnn import GNN_MODELS, GNNConfig, build_gnn, gnn_flops_per_node
+from etbench.models.edge_csr import CSRAttentionGrad, EdgePlan, csr_forward
 from etbench.models.energy import EnergyAttention, EnergyTrace, EnergyTransformer
 from etbench.models.et_config import ETConfig
 
@@ -60,61 +62,6 @@ def _edge_softmax(q: Tensor, k: Tensor, beta: float, src: Tensor, dst: Tensor
     return p / z.index_select(0, dst), m + torch.log(z), q_e, k_e
 
 
-def _aggregate(w: Tensor, q_e: Tensor, k_e: Tensor, src: Tensor, dst: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """A₁[C] = Σ_B ω[C,B] K_B (scattered to the query), A₂[B] = Σ_C ω[C,B] Q_C (scattered to the key); (N, H, Y)."""
-    w3 = w.unsqueeze(-1)
-    return _sum_into(w3 * k_e, dst, n), _sum_into(w3 * q_e, src, n)
-
-
-def _sparse_grad(g: Tensor, wq: Tensor, wk: Tensor, beta: float, src: Tensor, dst: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(∂E^ATT/∂g = −(A₁ W^Q + A₂ W^K), E^ATT, A₁, A₂)."""
-    w, lse, q_e, k_e = _edge_softmax(*_qk(g, wq, wk), beta, src, dst)
-    a1, a2 = _aggregate(w, q_e, k_e, src, dst, g.shape[0])
-    out = -(torch.stack([a1, a2], 1).flatten(1) @ torch.cat([wq, wk], 0).reshape(-1, wq.shape[-1]))
-    return out, -lse.sum() / beta, a1, a2
-
-
-class SparseAttentionGrad(torch.autograd.Function):
-    """g, W^Q, W^K → (∂E^ATT/∂g, E^ATT) over edges, saving only g and the weights (like ``lean_grads``).
-
-    Backward (U = ∂L/∂out; per edge e = (B → C) and head): dA₁ = −U W^Qᵀ, dA₂ = −U W^Kᵀ;
-    dω_e = dA₁[C]·K_B + Q_C·dA₂[B];  dS_e = ω_e (dω_e − Σ_{e' into C} ω_e' dω_e');
-    dQ[C] = Σ_e (ω_e dA₂[B] + β dS_e K_B),  dK[B] = Σ_e (ω_e dA₁[C] + β dS_e Q_C);
-    ∂L/∂g = dQ W^Q + dK W^K,  ∂L/∂W^Q = −A₁ᵀU + dQᵀg,  ∂L/∂W^K = −A₂ᵀU + dKᵀg.  The energy output is not
-    differentiable (it is only recorded).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, g: Tensor, wq: Tensor, wk: Tensor, beta: float,  # type: ignore[override]
-                src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
-        out, energy, _, _ = _sparse_grad(g, wq, wk, beta, src, dst)
-        ctx.save_for_backward(g, wq, wk, src, dst)
-        ctx.beta = beta
-        ctx.mark_non_differentiable(energy)
-        return out, energy
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, u: Tensor, _u_energy: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        g, wq, wk, src, dst = ctx.saved_tensors
-        beta, n = ctx.beta, g.shape[0]
-        w, _, q_e, k_e = _edge_softmax(*_qk(g, wq, wk), beta, src, dst)
-        a1, a2 = _aggregate(w, q_e, k_e, src, dst, n)
-        da1 = -torch.einsum("nd,hyd->nhy", u, wq)
-        da2 = -torch.einsum("nd,hyd->nhy", u, wk)
-        da1_e, da2_e = da1.index_select(0, dst), da2.index_select(0, src)
-        dw = (da1_e * k_e).sum(-1) + (q_e * da2_e).sum(-1)  # (E, H)
-        ds = w * (dw - _sum_into(w * dw, dst, n).index_select(0, dst))
-        w3, ds3 = w.unsqueeze(-1), beta * ds.unsqueeze(-1)
-        dq = _sum_into(w3 * da2_e + ds3 * k_e, dst, n)
-        dk = _sum_into(w3 * da1_e + ds3 * q_e, src, n)
-        dg = torch.einsum("nhy,hyd->nd", dq, wq) + torch.einsum("nhy,hyd->nd", dk, wk)
-        dwq = torch.einsum("nhy,nd->hyd", dq, g) - torch.einsum("nhy,nd->hyd", a1, u)
-        dwk = torch.einsum("nhy,nd->hyd", dk, g) - torch.einsum("nhy,nd->hyd", a2, u)
-        return dg, dwq, dwk, None, None, None
-
-
 class SparseEnergyAttention(EnergyAttention):
     """Energy attention restricted to graph edges, computed over the edge list (SPEC §1.2).
 
@@ -126,12 +73,12 @@ class SparseEnergyAttention(EnergyAttention):
     (2, E); its cleaned form is cached for the last edge_index seen (keyed by identity and in-place version), so
     the T descent steps of one forward (and later forwards on the same graph) clean it once. Memory: O(E'·H·Y)
     transient, never N×N; in training the closed-form gradient keeps only g per step for backward
-    (``SparseAttentionGrad``).
+    (``edge_csr.CSRAttentionGrad``).
     """
 
     def __init__(self, cfg: ETConfig) -> None:
         super().__init__(cfg)  # W^K, W^Q (H, Y, D) and β = 1/√Y exactly as the dense module
-        self._edge_cache: tuple[weakref.ref[Tensor], int, int, Tensor] | None = None
+        self._edge_cache: tuple[weakref.ref[Tensor], int, int, Tensor, EdgePlan] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # weak references cannot be pickled; the cache is rebuilt on use
         state = super().__getstate__()
@@ -156,39 +103,49 @@ class SparseEnergyAttention(EnergyAttention):
             ei, _ = add_self_loops(ei, num_nodes=num_nodes)
         return ei
 
-    def edges(self, ctx: Tensor | None, num_nodes: int) -> Tensor:
-        """``prepare_edges(ctx)``, cached for the last ctx tensor (same object, unmodified, same node count)."""
+    def _cached(self, ctx: Tensor | None, num_nodes: int) -> tuple[Tensor, EdgePlan]:
+        """(``prepare_edges(ctx)``, its ``EdgePlan``), cached for the last ctx tensor (same object, unmodified, same
+        node count)."""
         if ctx is None:
             raise ValueError("sparse energy attention needs the graph: pass edge_index as ctx (descend(..., mask=))")
         c = self._edge_cache
         if c is not None and c[0]() is ctx and c[1] == ctx._version and c[2] == num_nodes:
-            return c[3]
+            return c[3], c[4]
         out = self.prepare_edges(ctx, num_nodes)
-        self._edge_cache = (weakref.ref(ctx), ctx._version, num_nodes, out)
-        return out
+        plan = EdgePlan.build(out, num_nodes, self.heads)
+        self._edge_cache = (weakref.ref(ctx), ctx._version, num_nodes, out, plan)
+        return out, plan
 
-    def _graph(self, g: Tensor, ctx: Tensor | None) -> Tensor:
+    def edges(self, ctx: Tensor | None, num_nodes: int) -> Tensor:
+        """The attention edges (2, E') of ``ctx`` (see ``prepare_edges``), cached."""
+        return self._cached(ctx, num_nodes)[0]
+
+    def plan(self, ctx: Tensor | None, num_nodes: int) -> EdgePlan:
+        """The CSR layout of the attention edges for this module's heads, cached with the edges."""
+        return self._cached(ctx, num_nodes)[1]
+
+    def _check(self, g: Tensor, ctx: Tensor | None) -> tuple[Tensor, EdgePlan]:
         if g.dim() != 2:
             raise ValueError(f"graph tokens must be (N, D) (one graph = one sample), got shape {tuple(g.shape)}")
-        edges = self.edges(ctx, g.shape[0])
+        edges, plan = self._cached(ctx, g.shape[0])
         if edges.device != g.device:
             raise ValueError(f"edge_index is on {edges.device} but the node tokens are on {g.device}")
-        return edges
+        return edges, plan
 
     # --- energy and gradient --------------------------------------------------------------------------------
     def energy(self, g: Tensor, ctx: Tensor | None = None) -> Tensor:
         """E^ATT of the graph, a 0-d tensor (differentiable: the ``autograd`` gradient mode differentiates it)."""
-        src, dst = self._graph(g, ctx)
+        src, dst = self._check(g, ctx)[0]
         return -_edge_softmax(*_qk(g, self.wq, self.wk), self.beta, src, dst)[1].sum() / self.beta
 
     def grad(self, g: Tensor, ctx: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]:
         """Closed-form (∂E^ATT/∂g (N, D), E^ATT 0-d detached). The energy comes for free with the gradient, so it
         is always returned (``need_energy`` is accepted for the ``Attention`` protocol)."""
-        src, dst = self._graph(g, ctx)
+        plan = self._check(g, ctx)[1]
         if torch.is_grad_enabled():
-            out, energy = SparseAttentionGrad.apply(g, self.wq, self.wk, self.beta, src, dst)
+            out, energy = CSRAttentionGrad.apply(g, self.wq, self.wk, self.beta, plan)
             return out, energy
-        out, energy, _, _ = _sparse_grad(g, self.wq, self.wk, self.beta, src, dst)
+        out, energy, _ = csr_forward(plan, g, self.wq, self.wk, self.beta)
         return out, energy
 
 

@@ -111,6 +111,11 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
+    dist = config["trial"]["config"].get("dist", {})
+    if int(dist.get("workers", 1)) == 1:  # an in-actor run uses the CPUs its trial reserved, not the whole node
+        import torch
+
+        torch.set_num_threads(max(1, int(float(dist.get("cpus_per_worker", 1)))))
     return run_trial(config["trial"])
 
 
