@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import get_laplacian, scatter
+from torch_geometric.utils import get_laplacian, scatter, to_torch_csr_tensor
 
 BWGNN_MODES = ("homo", "hetero")
 
@@ -58,14 +58,20 @@ def apply_sparse(index: Tensor, weight: Tensor, x: Tensor) -> Tensor:
     return scatter(weight.unsqueeze(-1) * x[col], row, dim=0, dim_size=x.size(0), reduce="sum")
 
 
+def sparse_operator(index: Tensor, weight: Tensor, n: int) -> Tensor:
+    """The CSR (n, n) matrix with entries ``weight`` at (row, col) = ``index``: ``torch.sparse.mm(M, X)`` equals
+    ``apply_sparse(index, weight, X)`` with one sparse-dense matmul instead of a per-edge gather and scatter."""
+    return to_torch_csr_tensor(index, weight, size=(n, n))
+
+
 def beta_wavelet_filter_bank(x: Tensor, edge_index: Tensor, order: int, coef: Tensor | None = None) -> Tensor:
     """Stack (C+1, N, F) of β_i(L/2) X for i = 0..C, using C sparse Laplacian propagations."""
     p = coef if coef is not None else torch.as_tensor(beta_wavelet_coefficients(order))
     p = p.to(dtype=x.dtype, device=x.device)
-    index, weight = laplacian_operator(edge_index, x.size(0), x.dtype)
+    lap = sparse_operator(*laplacian_operator(edge_index, x.size(0), x.dtype), x.size(0))
     powers = [x]
     for _ in range(order):
-        powers.append(apply_sparse(index, weight, powers[-1]))
+        powers.append(torch.sparse.mm(lap, powers[-1]))
     return torch.einsum("ik,knf->inf", p, torch.stack(powers))
 
 

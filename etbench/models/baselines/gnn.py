@@ -4,17 +4,22 @@ Every model maps (x (N, F), edge_index (2, E), relations=None) to logits (N, num
 symmetrised and without self-loops; GCN and GAT add self-loops inside their layers (torch_geometric default), SAGE
 and GIN treat the root node separately by design. Layout: ``layers`` graph layers of width ``hidden`` (each
 followed by ReLU and dropout), then a Linear head. BWGNN has its own fixed layout (see ``bwgnn.py``) and ignores
-``layers``. Only layers that run on a plain edge_index tensor are used (no pyg-lib / torch-sparse needed).
+``layers``. Only layers that run on a plain edge_index tensor or a torch CSR adjacency are used (no pyg-lib /
+torch-sparse needed).
 """
 
 from __future__ import annotations
 
+import weakref
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import sort_edge_index, to_torch_csr_tensor
 
 from etbench.models.baselines.bwgnn import BWGNN, bwgnn_flops, check_node_inputs
 
@@ -76,10 +81,10 @@ class MLP(nn.Module):
 
 
 def _conv(name: str, d_in: int, cfg: GNNConfig) -> nn.Module:
-    if name == "gcn":
-        return GCNConv(d_in, cfg.hidden)  # adds self-loops, symmetric normalisation (Kipf & Welling)
-    if name == "sage":
-        return SAGEConv(d_in, cfg.hidden, aggr="mean")  # Hamilton et al.: root + mean of neighbours
+    if name == "gcn":  # Kipf & Welling: self-loops + symmetric normalisation, applied once per graph (see _adjacency)
+        return GCNConv(d_in, cfg.hidden, normalize=False)
+    if name == "sage":  # Hamilton et al.: root + mean of neighbours; the mean's 1/deg sits in the adjacency weights
+        return SAGEConv(d_in, cfg.hidden, aggr="sum")
     if name == "gat":
         # hidden is split over the heads and the heads are concatenated, so every model has width `hidden`
         return GATConv(d_in, cfg.hidden // cfg.heads, heads=cfg.heads, concat=True)
@@ -101,11 +106,40 @@ class MessagePassingNet(nn.Module):
         self.convs = nn.ModuleList(_conv(name, d_in, cfg) for d_in in dims[:-1])
         self.act = nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout))
         self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+        self._adj_cache: tuple[weakref.ref[Tensor], int, int, Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # weak references cannot be pickled; the cache is rebuilt on use
+        state = super().__getstate__()
+        state["_adj_cache"] = None
+        return state
+
+    def _adjacency(self, edge_index: Tensor, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """What the convs consume: for GCN, SAGE and GIN a CSR adjacency Aᵀ (row = target), so torch_geometric
+        aggregates with one sparse-dense matmul instead of gathering and scattering per edge (~2-3× faster on CPU);
+        for GCN it already holds the self-loops and D^{-1/2}(A + I)D^{-1/2} weights, for SAGE the mean's 1/deg.
+        GAT keeps edge_index (its weights are per edge). Cached for the last edge_index seen (same object,
+        unmodified, same node count, same dtype)."""
+        if self.name == "gat":
+            return edge_index
+        c = self._adj_cache
+        if c is not None and c[0]() is edge_index and c[1] == edge_index._version and c[2] == n and c[3].dtype == dtype:
+            return c[3]
+        index, weight = edge_index, torch.ones(edge_index.size(1), dtype=dtype, device=edge_index.device)
+        if self.name == "gcn":
+            index, weight = gcn_norm(edge_index, None, n, add_self_loops=True, dtype=dtype)
+        elif self.name == "sage":  # mean over in-edges, duplicates counted as torch_geometric's aggr="mean" does
+            deg = torch.bincount(edge_index[1], minlength=n).to(dtype)
+            weight = 1.0 / deg[edge_index[1]]
+        index_t, weight = sort_edge_index(index.flip(0), weight, num_nodes=n)  # CSR needs rows (targets) sorted
+        adj_t = to_torch_csr_tensor(index_t, weight, size=(n, n))
+        self._adj_cache = (weakref.ref(edge_index), edge_index._version, n, adj_t)
+        return adj_t
 
     def forward(self, x: Tensor, edge_index: Tensor, relations: dict[str, Tensor] | None = None) -> Tensor:
         check_node_inputs(x, edge_index, self.in_dim, self.name.upper())
+        adj = self._adjacency(edge_index, x.size(0), x.dtype)
         for conv in self.convs:
-            x = self.act(conv(x, edge_index))
+            x = self.act(conv(x, adj))
         return self.head(x)
 
 
