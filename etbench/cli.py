@@ -305,25 +305,35 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+QUICKSTART_GRIDS = ("quickstart.yaml", "quickstart_graph.yaml")
+
+
 def _quickstart(a: argparse.Namespace) -> int:
     from etbench.analysis.report import make_report
     from etbench.sweep.runner import run_sweep
 
-    grid = Path(a.grid) if a.grid else Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
-    if not grid.is_file():
-        print(f"error: quickstart grid not found: {grid}", file=sys.stderr)
+    shipped = Path(__file__).resolve().parents[1] / "experiments"
+    grids = [Path(g) for g in a.grid] if a.grid else [shipped / name for name in QUICKSTART_GRIDS]
+    missing = [str(g) for g in grids if not g.is_file()]
+    if missing:
+        print(f"error: quickstart grid not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    res = run_sweep(grid, results_dir=a.results, resume=True)
-    out = Path(a.results).resolve() / res.grid / "report"
-    rep = make_report(res.experiment, res.tracking_uri, out)
+    done, failed = [], 0
+    for grid in grids:
+        res = run_sweep(grid, results_dir=a.results, resume=True)
+        out = Path(a.results).resolve() / res.grid / "report"
+        done.append((res, out, make_report(res.experiment, res.tracking_uri, out)))
+        failed += len(res.failed)
     print("\nquickstart done:")
-    print(f"  MLflow store : {res.tracking_uri} (experiment {res.experiment!r}; browse with "
-          f"`mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1`)")
-    print(f"  runs         : {res.results_dir / res.grid / 'trials'}")
-    print(f"  report       : {rep.index}")
-    print(f"  tables       : {out / 'tables'}")
-    print(f"  figures      : {out / 'figures'}")
-    return 0 if not res.failed else 1
+    for res, out, rep in done:
+        print(f"[{res.grid}]")
+        print(f"  MLflow store : {res.tracking_uri} (experiment {res.experiment!r}; browse with "
+              f"`mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1`)")
+        print(f"  runs         : {res.results_dir / res.grid / 'trials'}")
+        print(f"  report       : {rep.index}")
+        print(f"  tables       : {out / 'tables'}")
+        print(f"  figures      : {out / 'figures'}")
+    return 0 if not failed else 1
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
@@ -348,7 +358,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_report)
     q = sub.add_parser("quickstart", help="the main demo: the quickstart grid (offline, CPU) and its report")
     q.add_argument("--results", default="results")
-    q.add_argument("--grid", help="a different grid file (default experiments/quickstart.yaml)")
+    q.add_argument("--grid", action="append",
+                   help="grid file(s) to run instead of experiments/quickstart.yaml + quickstart_graph.yaml "
+                        "(repeatable)")
     q.set_defaults(func=_quickstart)
 
 

@@ -10,6 +10,7 @@ import yaml
 from etbench.cli import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+QUICKSTART_GRAPH = QUICKSTART.with_name("quickstart_graph.yaml")
 
 
 @pytest.mark.slow
@@ -21,10 +22,19 @@ def test_reduced_quickstart_runs_and_reports(tmp_path: Path, capsys: pytest.Capt
     spec["seeds"] = [0]
     grid = tmp_path / "quickstart.yaml"
     grid.write_text(yaml.safe_dump(spec))
+    gspec = yaml.safe_load(QUICKSTART_GRAPH.read_text())
+    gspec["base"]["train"].update({"epochs": 2})
+    gspec["seeds"] = [0]
+    ggrid = tmp_path / "quickstart_graph.yaml"
+    ggrid.write_text(yaml.safe_dump(gspec))
     results = tmp_path / "results"
-    assert main(["quickstart", "--grid", str(grid), "--results", str(results)]) == 0
+    assert main(["quickstart", "--grid", str(grid), "--grid", str(ggrid), "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "quickstart done" in out and "MLflow store" in out
+    assert "quickstart done" in out and "MLflow store" in out and "[quickstart_graph]" in out
+    graph_report = results / "quickstart_graph" / "report"
+    assert "runs analysed: 5" in (graph_report / "README.md").read_text()  # ET × T ∈ {1, 2} + GCN, BWGNN, MLP
+    graph_md = next(p for p in (graph_report / "tables").glob("results_synthetic*.md")).read_text()
+    assert all(f"| {m} |" in graph_md for m in ("et", "gcn", "bwgnn", "mlp")), graph_md
     report = results / "quickstart" / "report"
     index = (report / "README.md").read_text()
     assert "runs analysed: 4" in index
@@ -37,5 +47,6 @@ def test_reduced_quickstart_runs_and_reports(tmp_path: Path, capsys: pytest.Capt
     assert any(p.name.startswith("steps_") for p in figs) and any(p.name.startswith("energy_") for p in figs)
     assert all(p.stat().st_size > 0 for p in figs)
     # the second call finds every config FINISHED and runs nothing
-    assert main(["quickstart", "--grid", str(grid), "--results", str(results)]) == 0
-    assert "4 already FINISHED" in capsys.readouterr().out
+    assert main(["quickstart", "--grid", str(grid), "--grid", str(ggrid), "--results", str(results)]) == 0
+    again = capsys.readouterr().out
+    assert "4 already FINISHED" in again and "5 already FINISHED" in again

@@ -74,6 +74,18 @@ def test_expansion_hashes_and_et_only_axes(tmp_path: Path) -> None:
     assert {t.config.model.et.steps for t in trials} == {1, 2}
 
 
+def test_graph_baselines_ignore_every_et_axis(tmp_path: Path) -> None:
+    """On graphs a GNN baseline is sized by model.hidden / model.layers: model.et.steps must not multiply its trials."""
+    spec = {"name": "g", "base": {"task": {"kind": "graph", "dataset": "synthetic"}, "train": {"epochs": 1}},
+            "models": ["et", "gcn"], "axes": {"model.et.steps": [1, 2], "model.hidden": [16, 32]}, "seeds": [0]}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    trials = expand(load_grid(path))
+    gcn = [t for t in trials if t.model == "gcn"]
+    assert len([t for t in trials if t.model == "et"]) == 4 and len(gcn) == 2
+    assert all("model.et.steps" not in t.axes for t in gcn) and {t.config.model.hidden for t in gcn} == {16, 32}
+
+
 def test_random_axis_is_seeded(tmp_path: Path) -> None:
     axis = {"train.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2, "samples": 3}}
     a = expand(load_grid(write_grid(tmp_path, name="r1", axes=axis)))
@@ -92,7 +104,7 @@ def test_shipped_grids_validate_and_plan(capsys: pytest.CaptureFixture[str]) -> 
         assert "Trials:" in f.read_text() and "Cost:" in f.read_text(), f"{f.name} lacks its header comment"
         assert main(["sweep", "plan", str(f)]) == 0
     out = capsys.readouterr().out
-    assert "quickstart: 8 trials" in out and "nothing was created" in out
+    assert "quickstart: 8 trials" in out and "quickstart_graph: 10 trials" in out and "nothing was created" in out
 
 
 # --- real sweeps (local loopback Ray) -------------------------------------------------------------------------

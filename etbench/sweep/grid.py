@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from etbench.config import ConfigError, RunConfig, deep_merge, resolve_run_config, set_dotted
 
-# ET hyper-parameters that a baseline does not have (baselines reuse dim, heads and steps-as-depth).
+# ET hyper-parameters that an image baseline does not have (ViTs reuse dim, heads and steps-as-depth).
 ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "terms", "grad_mode", "eps",
                 "hn_beta_init", "attn_init_std", "mem_init_std")
 
@@ -160,9 +160,13 @@ def _axis_values(spec: GridSpec) -> dict[str, list[Any]]:
     return out
 
 
-def _is_et_only(key: str) -> bool:
+def _is_et_only(key: str, graph: bool) -> bool:
+    """Whether axis ``key`` means nothing to a baseline: ET-only keys for images (ViTs reuse dim, heads and steps as
+    depth); every ``model.et.*`` key for graphs (GNN baselines are sized by ``model.hidden`` / ``model.layers``)."""
     parts = key.split(".")
-    return len(parts) == 3 and parts[:2] == ["model", "et"] and parts[2] in ET_ONLY_KEYS
+    if len(parts) != 3 or parts[:2] != ["model", "et"]:
+        return False
+    return graph or parts[2] in ET_ONLY_KEYS
 
 
 def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
@@ -184,8 +188,9 @@ def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
                     if split is not None:
                         over = set_dotted(over, "task.split", split)
                     applied: dict[str, Any] = {}
+                    graph = dict(zip(names, combo, strict=True)).get("task.kind", over["task"].get("kind")) == "graph"
                     for n, v in zip(names, combo, strict=True):
-                        if model != "et" and _is_et_only(n):
+                        if model != "et" and _is_et_only(n, graph):
                             continue
                         over = set_dotted(over, n, v)
                         applied[n] = v
