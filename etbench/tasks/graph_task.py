@@ -3,7 +3,8 @@
 One epoch = one full-graph step (or, with ``task.batch_nodes``, k-hop subgraph mini-batches of training seeds) on a
 class-weighted cross-entropy over training nodes. Evaluation runs the full graph: the decision threshold is the one
 maximising validation macro-F1 (protocol ``bwgnn``); AUROC, AUPRC, macro-F1 and Rec@K are reported on val and test.
-With several workers, each takes an equal shard of the training nodes, so averaged gradients equal the full batch.
+With several workers, each takes a shard of the training nodes and scales its loss so that the ranks' averaged
+gradients equal the full-batch ones exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class GraphTask:
         self.edge_index = graph.edge_index.to(device)
         self.train_shard = tr[rank::world].to(device)
         self.class_weight = anomaly_class_weight(graph.y[tr]).to(device)
+        self.train_weight_total = float(self.class_weight.cpu()[graph.y[tr]].sum())
         self.samples_per_epoch = int(self.train_shard.numel())
         self.sampler = None
         if cfg.task.batch_nodes:
@@ -101,10 +103,13 @@ class GraphTask:
         if batch is None:
             logits = model(self.x, self.edge_index)[self.train_shard]
             target = self.y[self.train_shard]
-        else:
-            nodes = batch.nodes.to(self.device)
-            logits = model(self.x[nodes], batch.edge_index.to(self.device))[batch.seed_index.to(self.device)]
-            target = self.y[nodes[batch.seed_index.to(self.device)]]
+            # Σ_shard w_y·CE / Σ_train w_y, × world: averaged over the ranks this is exactly the full-batch weighted
+            # mean that one process computes (per-shard means would weight the shards unequally)
+            loss = nn.functional.cross_entropy(logits.float(), target, weight=self.class_weight, reduction="sum")
+            return loss * (self.world / self.train_weight_total)
+        nodes = batch.nodes.to(self.device)
+        logits = model(self.x[nodes], batch.edge_index.to(self.device))[batch.seed_index.to(self.device)]
+        target = self.y[nodes[batch.seed_index.to(self.device)]]
         return nn.functional.cross_entropy(logits.float(), target, weight=self.class_weight)
 
     # --- evaluation --------------------------------------------------------------------------------------
