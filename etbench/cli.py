@@ -258,7 +258,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep_plan(a: argparse.Namespace) -> int:
-    from etbench.sweep.grid import GridError, estimate_cost
+    from etbench.sweep.grid import EFFECTIVE_FLOPS, GridError, estimate_cost
     from etbench.sweep.runner import plan
 
     try:
@@ -268,15 +268,21 @@ def _sweep_plan(a: argparse.Namespace) -> int:
         return 2
     print(f"grid {spec.name}: {len(trials)} trials; resources per trial {spec.resources.model_dump()}; "
           f"max {spec.max_concurrent_trials} concurrent")
-    total = 0.0
+    total, cpu_h, gpu_min = 0.0, 0.0, 0.0
     for t in trials:
         c = estimate_cost(t)
-        total += c["train_pflop"] if c["train_pflop"] == c["train_pflop"] else 0.0
+        if c["train_pflop"] == c["train_pflop"]:  # not NaN
+            rate = EFFECTIVE_FLOPS[t.config.task.kind]
+            total += c["train_pflop"]
+            cpu_h += c["train_pflop"] * 1e15 / rate["cpu"] / 3600
+            gpu_min += c["train_pflop"] * 1e15 / rate["gpu"] / 60
         axes = " ".join(f"{k}={v}" for k, v in t.axes.items())
         print(f"  {t.config_hash}  {t.model:9s} seed={t.seed}" + (f" split={t.split}" if t.split is not None else "")
               + f"  {axes}  ~{c['train_pflop'] * 1e3:.2f} TFLOP")
-    print(f"estimated training compute {total * 1e3:.2f} TFLOP ≈ {total * 1e15 / 60e9 / 3600:.2f} CPU-hours at an "
-          f"effective 60 GFLOP/s, {total * 1e15 / 200e12 / 60:.2f} GPU-minutes at 200 TFLOP/s; nothing was created")
+    rates = "; ".join(f"{k} {v['cpu'] / 1e9:g} GFLOP/s per CPU trial, {v['gpu'] / 1e12:g} TFLOP/s per GPU"
+                      for k, v in EFFECTIVE_FLOPS.items())
+    print(f"estimated training compute {total * 1e3:.2f} TFLOP ≈ {cpu_h:.2f} CPU-trial-hours, {gpu_min:.2f} "
+          f"GPU-minutes (effective rates: {rates}); nothing was created")
     return 0
 
 
