@@ -188,7 +188,8 @@ def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
                     if split is not None:
                         over = set_dotted(over, "task.split", split)
                     applied: dict[str, Any] = {}
-                    graph = dict(zip(names, combo, strict=True)).get("task.kind", over["task"].get("kind")) == "graph"
+                    kind = dict(zip(names, combo, strict=True)).get("task.kind", (over.get("task") or {}).get("kind"))
+                    graph = kind == "graph"
                     for n, v in zip(names, combo, strict=True):
                         if model != "et" and _is_et_only(n, graph):
                             continue
