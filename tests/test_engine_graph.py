@@ -57,6 +57,7 @@ def test_graph_bench_tiny(tmp_path: Path) -> None:
 
     rep = run_graph_bench(tmp_path, dataset="synthetic", repeats=1, scaling_nodes=2000,
                           scaling_edges=(5_000, 10_000, 20_000))
-    assert set(rep["results"]) == {"et", "gcn", "bwgnn"}
+    assert set(rep["results"]) == {"et", "gcn", "bwgnn", "et_T4"}
+    assert rep["et_defaults"]["steps"] == 1 and rep["ratios"]["et_T4_epoch_over_gcn"] > 0
     assert rep["memory_scaling"]["points"][-1]["edges"] == 20_000
     assert (tmp_path / "bench_graph.json").exists()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from etbench.bench.common import machine_info, peak_memory_mb, summary, timed, write_json
+from etbench.models.graph import GAD_ET_DEFAULTS
 
 MODELS = ("et", "gcn", "bwgnn")
 
@@ -26,13 +27,16 @@ def _graph_inputs(dataset: str, path: str | None) -> tuple[torch.Tensor, torch.T
     return x, g.edge_index, g.y.clamp_min(0)
 
 
-def make_epoch(name: str, dataset: str, path: str | None, device: str) -> Callable[[], float]:
-    """One full-graph training epoch (forward, class-weighted CE on all labelled nodes, backward, Adam)."""
+def make_epoch(name: str, dataset: str, path: str | None, device: str, et_steps: int | None = None
+               ) -> Callable[[], float]:
+    """One full-graph training epoch (forward, class-weighted CE on all labelled nodes, backward, Adam); the model at
+    its defaults (``et_steps`` overrides the graph ET's T)."""
     from etbench.models.graph import build_graph_model
 
     x, ei, y = _graph_inputs(dataset, path)
     torch.manual_seed(0)
-    model = build_graph_model(name, x.shape[1]).to(device).train()
+    kw = {"et": {"steps": et_steps}} if et_steps is not None else {}
+    model = build_graph_model(name, x.shape[1], **kw).to(device).train()
     x, ei, y = x.to(device), ei.to(device), y.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     w = torch.tensor([1.0, float((y == 0).sum()) / max(1, int((y == 1).sum()))], device=device)
@@ -69,17 +73,23 @@ def make_random_graph_epoch(num_nodes: int, num_edges: int, device: str) -> Call
 
 def run_graph_bench(out: Path, *, dataset: str = "tolokers", path: str | None = None, repeats: int = 3,
                     device: str = "cpu", scaling_nodes: int = 20_000,
-                    scaling_edges: tuple[int, ...] = (50_000, 100_000, 200_000, 400_000)) -> dict[str, Any]:
-    """Epoch time (interleaved repeats) and peak memory per model; ET memory vs E at fixed N; JSON out."""
-    epochs = {m: make_epoch(m, dataset, path, device) for m in MODELS}
-    for m in MODELS:
-        epochs[m]()  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in MODELS}
+                    scaling_edges: tuple[int, ...] = (50_000, 100_000, 200_000, 400_000),
+                    extra_et_steps: tuple[int, ...] = (4,)) -> dict[str, Any]:
+    """Epoch time (interleaved repeats) and peak memory per model (the graph ET at its default T and at each of
+    ``extra_et_steps``, as ``et_T<steps>``); ET memory vs E at fixed N; JSON out."""
+    variants: dict[str, tuple[str, int | None]] = {m: (m, None) for m in MODELS}
+    variants.update({f"et_T{t}": ("et", t) for t in extra_et_steps})
+    names = list(variants)
+    epochs = {k: make_epoch(m, dataset, path, device, t) for k, (m, t) in variants.items()}
+    for k in names:
+        epochs[k]()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
-        for m in (MODELS if r % 2 == 0 else MODELS[::-1]):
-            times[m].append(timed(epochs[m], device))
-    results = {m: {**summary(times[m]), "peak_mem_mb": peak_memory_mb(make_epoch, (m, dataset, path, device), device)}
-               for m in MODELS}
+        for k in (names if r % 2 == 0 else names[::-1]):
+            times[k].append(timed(epochs[k], device))
+    results = {k: {**summary(times[k]),
+                   "peak_mem_mb": peak_memory_mb(make_epoch, (m, dataset, path, device, t), device)}
+               for k, (m, t) in variants.items()}
     scaling = [{"edges": e, "peak_mem_mb": peak_memory_mb(make_random_graph_epoch, (scaling_nodes, e, device),
                                                           device)} for e in scaling_edges]
     es = np.array([s["edges"] for s in scaling], dtype=float)
@@ -93,8 +103,11 @@ def run_graph_bench(out: Path, *, dataset: str = "tolokers", path: str | None = 
         "dataset": dataset,
         "machine": machine_info(device),
         "results": results,
+        "et_defaults": GAD_ET_DEFAULTS,
         "ratios": {"et_epoch_over_gcn": ratio,
-                   "et_epoch_over_bwgnn": results["et"]["median_s"] / results["bwgnn"]["median_s"]},
+                   "et_epoch_over_bwgnn": results["et"]["median_s"] / results["bwgnn"]["median_s"],
+                   **{f"et_T{t}_epoch_over_gcn": results[f"et_T{t}"]["median_s"] / results["gcn"]["median_s"]
+                      for t in extra_et_steps}},
         "memory_scaling": {"nodes": scaling_nodes, "points": scaling, "mb_per_million_edges": slope * 1e6,
                            "linear_fit_max_residual_mb": float(np.abs(resid).max()),
                            "dense_scores_would_need_mb": dense_mb},
