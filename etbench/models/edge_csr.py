@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from etbench.models.energy import project_qk
+
 # CSR tensors are "beta" in torch 2.14; the ops used here (construction, sampled_addmm, sparse.mm) are tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -107,18 +109,11 @@ def _nodes_first(x: Tensor, h: int) -> Tensor:
     return x.reshape(h, -1, x.shape[-1]).transpose(0, 1)
 
 
-def _qk(g: Tensor, wq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
-    """Q, K of shape (H·N, Y), head-major, from one fused projection of g (N, D)."""
-    h, y, _ = wq.shape
-    qk = (g @ torch.cat([wq, wk], 0).reshape(2 * h * y, -1).T).unflatten(-1, (2, h, y))  # (N, 2, H, Y)
-    return _heads_first(qk[:, 0]), _heads_first(qk[:, 1])
-
-
 def csr_forward(plan: EdgePlan, g: Tensor, wq: Tensor, wk: Tensor, beta: float
                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(∂E^ATT/∂g (N, D), E^ATT 0-d, intermediates (Q, K, ω, A₁, A₂) for the backward)."""
     h = wq.shape[0]
-    q, k = _qk(g, wq, wk)
+    q, k = (t.reshape(-1, wq.shape[1]) for t in project_qk(g, wq, wk))  # (H·N, Y), head-major rows
     w, lse = plan.softmax(beta * plan.sddmm(q, k))
     a1 = torch.sparse.mm(plan.csr(w), k)  # Σ_B ω[C,B] K_B, at the query
     a2 = torch.sparse.mm(plan.csr_t(w), q)  # Σ_C ω[C,B] Q_C, at the key

@@ -75,6 +75,13 @@ def attention_allowed(mask: Tensor | None, n: int, self_attention: bool, device:
     return allowed
 
 
+def project_qk(g: Tensor, wq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
+    """Q, K of shape (…, H, N, Y) from tokens g (…, N, D) and W^Q, W^K (H, Y, D), in one fused projection."""
+    h, y, _ = wq.shape
+    qk = (g @ torch.cat([wq, wk], 0).reshape(2 * h * y, -1).T).unflatten(-1, (2, h, y)).movedim(-4, -2)
+    return qk[..., 0, :, :, :], qk[..., 1, :, :, :]  # from (…, 2, H, N, Y)
+
+
 class EnergyAttention(nn.Module):
     """Energy attention without values or biases (SPEC §1.2), dense over N tokens.
 
@@ -95,9 +102,7 @@ class EnergyAttention(nn.Module):
 
     def _qk(self, g: Tensor) -> tuple[Tensor, Tensor]:
         """Q, K of shape (…, H, N, Y), from one fused projection."""
-        w = torch.cat([self.wq, self.wk], 0).reshape(2 * self.heads * self.head_dim, -1)
-        qk = (g @ w.T).unflatten(-1, (2, self.heads, self.head_dim)).movedim(-4, -2)  # (…, 2, H, N, Y)
-        return qk[..., 0, :, :, :], qk[..., 1, :, :, :]
+        return project_qk(g, self.wq, self.wk)
 
     def _scores(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         q, k = self._qk(g)

@@ -37,13 +37,6 @@ def _sum_into(values: Tensor, index: Tensor, n: int) -> Tensor:
     return values.new_zeros((n, *values.shape[1:])).index_add_(0, index, values)
 
 
-def _qk(g: Tensor, wq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
-    """Q, K of shape (N, H, Y), from one fused projection."""
-    h, y, _ = wq.shape
-    qk = (g @ torch.cat([wq, wk], 0).reshape(2 * h * y, -1).T).unflatten(-1, (2, h, y))  # (N, 2, H, Y)
-    return qk[:, 0], qk[:, 1]
-
-
 def _edge_softmax(q: Tensor, k: Tensor, beta: float, src: Tensor, dst: Tensor
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ω (E, H), softmax of β Q_C·K_B over the edges into each query C; the per-query logsumexp (N, H); and the
@@ -136,7 +129,8 @@ class SparseEnergyAttention(EnergyAttention):
     def energy(self, g: Tensor, ctx: Tensor | None = None) -> Tensor:
         """E^ATT of the graph, a 0-d tensor (differentiable: the ``autograd`` gradient mode differentiates it)."""
         src, dst = self._check(g, ctx)[0]
-        return -_edge_softmax(*_qk(g, self.wq, self.wk), self.beta, src, dst)[1].sum() / self.beta
+        q, k = (t.transpose(0, 1) for t in self._qk(g))  # (N, H, Y)
+        return -_edge_softmax(q, k, self.beta, src, dst)[1].sum() / self.beta
 
     def grad(self, g: Tensor, ctx: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]:
         """Closed-form (∂E^ATT/∂g (N, D), E^ATT 0-d detached). The energy comes for free with the gradient, so it
