@@ -15,6 +15,7 @@ from etbench.data.images import ImageSplits, unnormalize
 from etbench.models.energy import EnergyTrace
 from etbench.models.image import ImageET, MaskedPatchModel, memory_grid, patchify, unpatchify
 from etbench.tasks.image_completion import PatchMask, draw_mask, patch_losses, summarise
+from etbench.tasks.image_grid import save_png, tile
 
 EVAL_MASK_SEED = 1_000_003  # eval masks are fixed per split, independent of the run seed (paired comparisons)
 
@@ -118,8 +119,6 @@ class ImageTask:
 
     def write_artifacts(self, model: nn.Module, out: Path, n: int = 8) -> list[Path]:
         """reconstruction.png (masked input | reconstruction | original) and, for the ET, memories.png."""
-        from torchvision.utils import make_grid, save_image
-
         core: MaskedPatchModel = getattr(model, "module", model)
         images, mask = self._to_device(*self.eval_batch(n))
         with torch.no_grad():
@@ -134,14 +133,14 @@ class ImageTask:
                                                                                  mean, std),
                 unnormalize(images, mean, std)]
         rows[0] = torch.where(masked_img.isnan(), torch.full_like(rows[0], 0.5), rows[0])
-        grid = make_grid(torch.cat(rows).cpu(), nrow=images.shape[0], padding=1, pad_value=1.0)
+        grid = tile(torch.cat(rows).cpu(), nrow=images.shape[0], padding=1, pad_value=1.0)
         paths = [out / "reconstruction.png"]
-        save_image(_upscale(grid), paths[0])
+        save_png(_upscale(grid), paths[0])
         if isinstance(core, ImageET):
             with torch.no_grad():
                 mem = memory_grid(core.memories_as_patches().float().cpu(), shape, self.patch)
             paths.append(out / "memories.png")
-            save_image(_upscale(mem), paths[1])
+            save_png(_upscale(mem), paths[1])
         return paths
 
     def describe(self) -> dict[str, Any]:
