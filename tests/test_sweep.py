@@ -197,3 +197,32 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path: Path) -> None:
     assert len(res.skipped) == n_before and len(res.finished) == 3 - n_before
     after = _finished_by_hash(uri, "k")
     assert len(after) == 3 and all(v.count("FINISHED") == 1 for v in after.values()), after
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_retried_trial_continues_its_own_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               distributed: bool) -> None:
+    """Tune's retry of a trial whose first attempt left a run folder resumes it (was RunExistsError for 2 workers)."""
+    from etbench.engine import launch, tracked
+    from etbench.engine.loop import checkpoint_dir
+    from etbench.sweep import runner
+
+    over = {"resources": {"workers": 2, "cpus_per_worker": 0.5}} if distributed else {}
+    spec = load_grid(write_grid(tmp_path, **over))
+    trial = expand(spec)[0]
+    payload = runner._trial_payload(trial, spec, f"sqlite:///{tmp_path / 'm.db'}", "g", tmp_path / "r", False, "rid")
+    out = Path(payload["out"])
+    calls: list[tuple[bool, str | None]] = []
+
+    def fake_fit(cfg, out_, tracking=None, resume=False, **kw):
+        calls.append((resume, tracking.run_id))
+        return {"best": {"val/loss": 1.0}}
+
+    monkeypatch.setattr(launch, "fit", fake_fit)
+    monkeypatch.setattr(tracked, "run_tracked", lambda cfg, out_, spec_, resume=False, **kw: fake_fit(
+        cfg, out_, spec_, resume))
+    assert runner.run_trial(payload)["status"] == "finished"
+    # the first attempt left its folder behind (Ray Train run dir, or a local checkpoint), then the trial is retried
+    (out / "ray" / launch.run_name(trial.config) if distributed else checkpoint_dir(out)).mkdir(parents=True)
+    assert runner.run_trial(payload)["status"] == "finished"
+    assert calls == [(False, None), (True, "rid")]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.config import ConfigError, RunConfig
+from etbench.engine.loop import checkpoint_dir
 from etbench.engine.run import RunExistsError, write_config
 from etbench.engine.tracked import TrackingSpec, error_reason
 from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
@@ -94,6 +95,15 @@ def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path, resume: bool
     run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes)
     saved.write_text(json.dumps({"run_id": run_id, "uri": spec.uri, "experiment": spec.experiment}))
     return replace(spec, run_id=run_id)
+
+
+def has_started(cfg: RunConfig, out: Path) -> bool:
+    """True when ``out`` already holds (part of) this config's run: a Ray Train run folder or a local checkpoint.
+
+    A retried or resumed trial must then continue that run (``resume=True``) instead of refusing to overwrite it.
+    """
+    out = Path(out)
+    return (out / "ray" / run_name(cfg)).exists() or checkpoint_dir(out).exists()
 
 
 def _check_out(cfg: RunConfig, out: Path, resume: bool) -> None:

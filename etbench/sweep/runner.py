@@ -81,7 +81,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried."""
     from etbench.config import RunConfig
     from etbench.engine.backend import DivergedError
-    from etbench.engine.loop import checkpoint_dir
+    from etbench.engine.launch import has_started
     from etbench.engine.tracked import TrackingSpec
     from etbench.tracking.mlflow_log import find_finished
 
@@ -91,7 +91,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     if find_finished(payload["uri"], payload["experiment"], cfg.hash()):
         return {"status": "skipped", "config_hash": cfg.hash()}
     out = Path(payload["out"])
-    resume = checkpoint_dir(out).exists()  # a retry (or --resume) continues from the trial's own checkpoint
+    resume = has_started(cfg, out)  # a retry (or --resume) continues the trial's own run and checkpoint
     spec = TrackingSpec(uri=payload["uri"], experiment=payload["experiment"], grid=payload["grid"],
                         run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
                         run_id=payload.get("run_id") if resume else None)
