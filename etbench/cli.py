@@ -134,7 +134,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray session")
     sw.add_argument("--batch", type=int, default=32, help="batch = training samples: one step per trial")
     sw.add_argument("--floor-repeats", type=int, default=3, help="bare TorchTrainer(num_workers=2).fit() repeats")
-    sw.add_argument("--two-worker-trials", type=int, default=3, help="0 skips the Ray Train + DeepSpeed trials")
+    sw.add_argument("--two-worker-trials", type=int, default=4,
+                    help="0 skips the Ray Train + DeepSpeed trials; >= 2 gives the steady-state per-trial cost")
     sw.add_argument("--two-worker-cpus", type=float, default=0.45, help="CPUs per Ray Train worker")
     sw.set_defaults(func=_bench_sweep)
     gr = bench.add_parser("graph", help="graph ET vs GCN/BWGNN epoch time and memory; ET memory vs edges")

@@ -299,3 +299,13 @@ def test_bench_speedup_grids_run_whole_epochs_of_real_work(tmp_path: Path) -> No
     assert build_task(cfg, torch.device("cpu")).num_train_batches() == 40
     with pytest.raises(ValueError, match="exceeds the digits training split"):
         one_step_grid("s", 1, steps=41, batch=32)
+
+
+def test_bench_steady_state_cost_leaves_out_the_sweep_startup() -> None:
+    from etbench.bench.sweep import steady_state
+
+    s = steady_state({"start_unix": 100.0, "ends_unix": [130.0, 152.0, 173.0, 195.0]})
+    assert s["completion_gaps_s"] == [22.0, 21.0, 22.0] and s["per_trial_s"] == 22.0
+    assert s["first_trial_done_s"] == 30.0 and s["sweep_fixed_s"] == 8.0
+    one = steady_state({"start_unix": 0.0, "ends_unix": [30.0]})
+    assert one["per_trial_s"] is None and one["sweep_fixed_s"] is None

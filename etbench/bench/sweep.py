@@ -14,10 +14,21 @@ MLflow sqlite store), on the small digits ET (one epoch of ``steps`` batches, ``
    there Tune's fixed start-up (~6 s before the first trial, ~3 s for a fresh actor's first run) dwarfs
    8 × 0.2 s of work, so it only measures that.
 3. The floor: a bare ``TorchTrainer(num_workers=2).fit()`` of a loop that only reports once, measured before and
-   after step 4 (median).
-4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), one sequential sweep; per-trial
-   wall − floor. Each trial's worker phases (data, DeepSpeed init, training) come back in its summary.
-   Reported as not available while that module is not importable.
+   after step 4 (median). Beside it, two references that show what a *fresh* worker process must load before any
+   tracked DeepSpeed rank can train (``torchtrainer_floor.fresh_rank_imports_s``): ``deepspeed`` (with the MLflow
+   it imports) + ``torch._dynamo`` (first optimizer), and additionally rank 0's MLflow SQLite store. Ray Train V2
+   starts new worker processes for every ``fit()``, so every 2-worker trial pays these; the trial's cost over the
+   second reference is what etbench itself adds (``two_worker.over_fresh_tracked_rank_floor_s``).
+4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), one sequential sweep of
+   ``two_worker_trials``. A trial's cost is the interval between consecutive trial completions (median over trials
+   2..n): everything a trial adds — Tune's scheduling, the dedup query, the MLflow run, the TorchTrainer with its
+   DeepSpeed ranks, tracking, checkpoints — but not the sweep's one-off start-up (Tune's first scheduling, the
+   trial actor's first imports), which is recorded beside it (``sweep_fixed_s``), as is the plain sweep wall /
+   trials. Over-floor = that cost − floor. Each trial's worker phases (data, DeepSpeed init, training, epilogue)
+   come back in its summary. Reported as not available while that module is not importable.
+
+Before anything is timed, DeepSpeed's CPU communication op is loaded (JIT-built if its cache is stale — ~50 s,
+once per machine and Python environment; left in, it would land on the first 2-worker trial).
 
 Targets (pass/fail in the JSON): 1-worker overhead < 10 s per trial; 2-worker trials within 5 s of the floor;
 speed-up ≥ 1.7×. The machine's load average is recorded: other processes on the CPUs skew every figure.
@@ -26,6 +37,7 @@ speed-up ≥ 1.7×. The machine's load average is recorded: other processes on t
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -66,24 +78,54 @@ def one_step_grid(name: str, trials: int, *, workers: int = 1, cpus_per_worker: 
     }
 
 
-def _noop_train_loop(config: dict[str, Any]) -> None:
+FLOOR_VARIANTS = ("bare", "deepspeed", "deepspeed_mlflow")
+
+
+def _floor_train_loop(config: dict[str, Any]) -> None:
+    """One report, after loading what a fresh rank of the given ``variant`` must load and nothing of etbench's.
+
+    ``bare``: nothing. ``deepspeed``: ``import deepspeed`` and a first ``torch.optim`` optimizer (whose construction
+    imports ``torch._dynamo``). ``deepspeed_mlflow``: that, and on rank 0 the MLflow SQLite store a tracked run
+    logs to (``import mlflow`` comes with ``deepspeed`` already).
+    """
     import ray.train
 
+    if config["variant"] != "bare":
+        import deepspeed  # noqa: F401
+
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+        if config["variant"] == "deepspeed_mlflow" and ray.train.get_context().get_world_rank() == 0:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(config["tracking_uri"]).search_experiments(max_results=1)
     ray.train.report({"ok": 1})
 
 
-def torchtrainer_floor(storage: Path, cpus_per_worker: float, name: str) -> float:
-    """Wall seconds of a bare 2-worker ``TorchTrainer.fit()`` whose loop only reports once."""
+def torchtrainer_floor(storage: Path, cpus_per_worker: float, name: str, variant: str = "bare",
+                       tracking_uri: str | None = None) -> float:
+    """Wall seconds of a 2-worker ``TorchTrainer.fit()`` whose loop is :func:`_floor_train_loop` of ``variant``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(_noop_train_loop,
+    if variant not in FLOOR_VARIANTS or (variant == "deepspeed_mlflow" and not tracking_uri):
+        raise ValueError(f"variant must be one of {FLOOR_VARIANTS} (deepspeed_mlflow needs tracking_uri), "
+                         f"got {variant!r}, tracking_uri={tracking_uri!r}")
+    trainer = TorchTrainer(_floor_train_loop, train_loop_config={"variant": variant, "tracking_uri": tracking_uri},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
                                                         resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(name=name, storage_path=str(storage)))
     t0 = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - t0
+
+
+def _floors(work: Path, cpus_per_worker: float, rounds: range, variants: tuple[str, ...],
+            tracking_uri: str | None, into: dict[str, list[float]]) -> None:
+    """Measure each variant once per round, rotating the order between rounds (the machine's load drifts)."""
+    for r in rounds:
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            into[v].append(torchtrainer_floor(work / "floor", cpus_per_worker, f"floor-{v}-{r}", v, tracking_uri))
 
 
 def _run_grid(grid: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -93,7 +135,7 @@ def _run_grid(grid: dict[str, Any], work: Path) -> dict[str, Any]:
     path = work / f"{grid['name']}.yaml"
     path.write_text(yaml.safe_dump(grid))
     results = work / f"results-{grid['name']}"
-    t0 = time.perf_counter()
+    t0_unix, t0 = time.time(), time.perf_counter()
     res = run_sweep(path, results_dir=results, progress=False)
     wall = time.perf_counter() - t0
     if res.failed or len(res.finished) != len(grid["seeds"]):
@@ -101,7 +143,28 @@ def _run_grid(grid: dict[str, Any], work: Path) -> dict[str, Any]:
                            f"failed: {json.dumps(res.failed)[:2000]}")
     rows = [json.loads(line) for f in sorted(results.glob("ray/*/*/result.json"))
             for line in f.read_text().splitlines() if line.strip()]
-    return {"wall_s": wall, "in_actor_s": [float(r["time_total_s"]) for r in rows], "path": path}
+    ends = sorted(float(r["timestamp"]) for r in rows)  # Tune's wall-clock stamp of each trial's (only) result
+    return {"wall_s": wall, "in_actor_s": [float(r["time_total_s"]) for r in rows], "path": path,
+            "start_unix": t0_unix, "ends_unix": ends}
+
+
+def steady_state(run: dict[str, Any]) -> dict[str, Any]:
+    """Per-trial cost of a sequential sweep without its one-off start-up: the median gap between completions."""
+    ends = run["ends_unix"]
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
+    first = ends[0] - run["start_unix"] if ends else None
+    return {"completion_gaps_s": gaps, "per_trial_s": statistics.median(gaps) if gaps else None,
+            "first_trial_done_s": first,
+            "sweep_fixed_s": (first - statistics.median(gaps)) if gaps and first is not None else None}
+
+
+def _phases(results: Path) -> list[dict[str, float]]:
+    """Rank 0's phase timings (data, DeepSpeed init, training, epilogue) of every distributed trial under results."""
+    out = []
+    for f in sorted(results.glob("*/trials/*/summary.json")):
+        phases = json.loads(f.read_text()).get("distributed", {}).get("phases_s", {})
+        out.append({k: round(float(v), 3) for k, v in phases.items() if k.endswith("_s")})
+    return out
 
 
 def _in_process_run_s(grid_path: Path, work: Path, repeats: int = 2) -> float:
@@ -143,7 +206,7 @@ def launch_available() -> str | None:
 
 
 def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 32, floor_repeats: int = 3,
-                    two_worker_trials: int = 3, two_worker_cpus: float = 0.45,
+                    two_worker_trials: int = 4, two_worker_cpus: float = 0.45,
                     speedup_epochs: int = 4, speedup_repeats: int = 2) -> dict[str, Any]:
     """Measure per-trial overhead, the TorchTrainer floor and the concurrency speed-up; write bench_sweep.json."""
     if trials < 2 or cpus < 2:
@@ -164,6 +227,10 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
                                          "speedup_steps_per_trial": speedup_epochs * (1280 // batch),
                                          "floor_repeats": floor_repeats, "two_worker_trials": two_worker_trials,
                                          "two_worker_cpus_per_worker": two_worker_cpus}}
+    if launch_available() is None:
+        from etbench.engine.warmup import warm_deepspeed
+
+        report["deepspeed_op_load_s"] = warm_deepspeed()
     work = Path(tempfile.mkdtemp(prefix="etbench-bench-sweep-"))
     env = {k: os.environ[k] for k in ENV_DEFAULTS}
     t_init = time.perf_counter()
@@ -198,27 +265,40 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
                                   "concurrent": statistics.median(in_actor[2])},
             "one_step_trials": {"sequential_wall_s": seq["wall_s"], "concurrent_wall_s": conc["wall_s"],
                                 "speedup": seq["wall_s"] / conc["wall_s"]}}
-        # the floor is noisy (±3 s here): measure it on both sides of the 2-worker sweep and take the median
-        floors = [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}")
-                  for i in range((floor_repeats + 1) // 2)]
+        # the floors are noisy (±3 s here): measured on both sides of the 2-worker sweep, medians taken
+        variants = FLOOR_VARIANTS if launch_available() is None else ("bare",)
+        from etbench.tracking.mlflow_log import default_tracking_uri
+
+        uri = default_tracking_uri(work / "results-seq")  # an existing store, as a trial's rank 0 finds it
+        floor_runs: dict[str, list[float]] = {v: [] for v in variants}
+        _floors(work, two_worker_cpus, range((floor_repeats + 1) // 2), variants, uri, floor_runs)
         why_not = launch_available()
         over_floor = None
         two: dict[str, Any] | None = None
         if why_not is None and two_worker_trials >= 1:
             two = _run_grid(one_step_grid("two", two_worker_trials, workers=2, cpus_per_worker=two_worker_cpus,
                                           concurrency=1, batch=batch), work)
-        floors += [torchtrainer_floor(work / "floor", two_worker_cpus, f"floor-{i}")
-                   for i in range(len(floors), floor_repeats)]
-        floor = statistics.median(floors) if floors else None
-        report["torchtrainer_floor"] = {"num_workers": 2, "times_s": floors, "median_s": floor}
+        _floors(work, two_worker_cpus, range((floor_repeats + 1) // 2, floor_repeats), variants, uri, floor_runs)
+        medians = {v: statistics.median(t) for v, t in floor_runs.items() if t}
+        floor = medians.get("bare")
+        report["torchtrainer_floor"] = {
+            "num_workers": 2, "times_s": floor_runs["bare"], "median_s": floor,
+            "variants": {v: {"times_s": t, "median_s": medians.get(v)} for v, t in floor_runs.items()},
+            "fresh_rank_imports_s": {v: medians[v] - floor for v in medians if v != "bare" and floor is not None}}
         if two is None:
             report["two_worker"] = {"available": False, "reason": why_not or "two_worker_trials = 0"}
         else:
-            per_two = two["wall_s"] / two_worker_trials
+            steady = steady_state(two)
+            per_two = steady["per_trial_s"] if steady["per_trial_s"] is not None else two["wall_s"] / two_worker_trials
             over_floor = per_two - floor if floor is not None else None
-            report["two_worker"] = {"available": True, "sequential_wall_s": two["wall_s"],
-                                    "per_trial_wall_s": per_two, "over_floor_s": over_floor,
-                                    "in_actor_median_s": statistics.median(two["in_actor_s"])}
+            ref = medians.get("deepspeed_mlflow")
+            report["two_worker"] = {"available": True, "trials": two_worker_trials,
+                                    "sequential_wall_s": two["wall_s"],
+                                    "wall_per_trial_incl_startup_s": two["wall_s"] / two_worker_trials,
+                                    "per_trial_s": per_two, "over_floor_s": over_floor,
+                                    "over_fresh_tracked_rank_floor_s": per_two - ref if ref is not None else None,
+                                    **steady, "in_actor_s": two["in_actor_s"],
+                                    "phases_s": _phases(work / "results-two")}
         report["targets"] = {
             "one_worker_overhead_lt_10s": _target(per_trial - in_proc, TARGETS["one_worker_overhead_s"], False),
             "two_worker_within_5s_of_floor": _target(over_floor, TARGETS["two_worker_over_floor_s"], False),

@@ -152,7 +152,9 @@ def train_worker(config: dict[str, Any]) -> None:
     summary: dict[str, Any] = {}
     if rank == 0:
         write_metrics(state.history, out)
-        summary, _ = finish_run(cfg, task, full, state, out, device, time.perf_counter() - t_start)
+        t_finish = time.perf_counter()
+        summary, _ = finish_run(cfg, task, full, state, out, device, t_finish - t_start)
+        phases["finish_s"] = time.perf_counter() - t_finish  # evaluation, energy trace, artifacts, summary
         summary["distributed"] = {"workers": world, "zero_stage": cfg.dist.zero_stage,
                                   "optimizer": backend.optimizer_name, "resumed_from_epoch": resumed_from,
                                   "ds_config": backend.config, "phases_s": phases}
