@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, scatter
 
@@ -27,6 +27,7 @@ from etbench.models.baselines.gnn import GNN_MODELS, GNNConfig, build_gnn, gnn_f
 from etbench.models.edge_csr import CSRAttentionGrad, EdgePlan, csr_forward
 from etbench.models.energy import EnergyAttention, EnergyTrace, EnergyTransformer
 from etbench.models.et_config import ETConfig
+from etbench.models.node_config import NodeClassifierConfig
 
 GRAPH_MODELS: tuple[str, ...] = ("et", *GNN_MODELS)
 
@@ -148,7 +149,7 @@ GAD_ET_DEFAULTS: dict[str, Any] = {"dim": 64, "heads": 4, "head_dim": 16, "mem_r
                                    "attn_init_std": 0.1}
 
 
-class GraphETConfig(BaseModel):
+class GraphETConfig(NodeClassifierConfig):
     """Sizes of the graph ET (SPEC §3). ``et`` given as a mapping is merged over ``GAD_ET_DEFAULTS``.
 
     etbench defaults: D = 64, H = 4, Y = 16, M = 2·D, one update (T = 1) of step size α = 1 from attention weights
@@ -162,38 +163,12 @@ class GraphETConfig(BaseModel):
     input only, so the descent stays a descent.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    in_dim: int
     et: ETConfig = Field(default_factory=lambda: ETConfig(**GAD_ET_DEFAULTS))
-    num_classes: int = 2
-    dropout: float = 0.0
 
     @field_validator("et", mode="before")
     @classmethod
     def _gad_defaults(cls, v: object) -> object:
         return {**GAD_ET_DEFAULTS, **v} if isinstance(v, Mapping) else v
-
-    @field_validator("in_dim")
-    @classmethod
-    def _in_dim(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"in_dim must be a positive integer, got {v}")
-        return v
-
-    @field_validator("num_classes")
-    @classmethod
-    def _classes(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"num_classes must be ≥ 2, got {v}")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {v}")
-        return v
 
 
 class GraphET(nn.Module):

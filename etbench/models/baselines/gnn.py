@@ -15,50 +15,32 @@ from itertools import pairwise
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import sort_edge_index, to_torch_csr_tensor
 
 from etbench.models.baselines.bwgnn import BWGNN, bwgnn_flops, check_node_inputs
+from etbench.models.node_config import NodeClassifierConfig
 
 GNN_MODELS = ("mlp", "gcn", "sage", "gat", "gin", "bwgnn")
 
 
-class GNNConfig(BaseModel):
+class GNNConfig(NodeClassifierConfig):
     """Sizes of a GNN baseline. ``heads`` is used by GAT only; ``order`` and ``bwgnn_mode`` by BWGNN only."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    in_dim: int
     hidden: int = 64
     layers: int = 2
-    dropout: float = 0.0
     heads: int = 4
-    num_classes: int = 2
     order: int = 2
     bwgnn_mode: Literal["homo", "hetero"] = "homo"
 
-    @field_validator("in_dim", "hidden", "layers", "heads", "order")
+    @field_validator("hidden", "layers", "heads", "order")
     @classmethod
     def _positive(cls, v: int, info) -> int:  # type: ignore[no-untyped-def]
         if v <= 0:
             raise ValueError(f"{info.field_name} must be a positive integer, got {v}")
-        return v
-
-    @field_validator("num_classes")
-    @classmethod
-    def _classes(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"num_classes must be ≥ 2, got {v}")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {v}")
         return v
 
 
