@@ -84,16 +84,22 @@ FLOOR_VARIANTS = ("bare", "deepspeed", "deepspeed_mlflow")
 def _floor_train_loop(config: dict[str, Any]) -> None:
     """One report, after loading what a fresh rank of the given ``variant`` must load and nothing of etbench's.
 
-    ``bare``: nothing. ``deepspeed``: ``import deepspeed`` and a first ``torch.optim`` optimizer (whose construction
-    imports ``torch._dynamo``). ``deepspeed_mlflow``: that, and on rank 0 the MLflow SQLite store a tracked run
-    logs to (``import mlflow`` comes with ``deepspeed`` already).
+    ``bare``: nothing. ``deepspeed``: ``import deepspeed`` and ``deepspeed.initialize`` of a one-layer model with a
+    ``torch.optim.AdamW`` (whose construction imports ``torch._dynamo``) at the trials' ZeRO stage.
+    ``deepspeed_mlflow``: that, and on rank 0 the MLflow SQLite store a tracked run logs to (``import mlflow`` comes
+    with ``deepspeed`` already).
     """
     import ray.train
 
     if config["variant"] != "bare":
-        import deepspeed  # noqa: F401
+        import deepspeed
 
-        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+        world = ray.train.get_context().get_world_size()
+        layer = torch.nn.Linear(4, 4)
+        deepspeed.initialize(model=layer, optimizer=torch.optim.AdamW(layer.parameters()), config={
+            "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": config["zero_stage"]}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9})
         if config["variant"] == "deepspeed_mlflow" and ray.train.get_context().get_world_rank() == 0:
             from mlflow.tracking import MlflowClient
 
@@ -102,7 +108,7 @@ def _floor_train_loop(config: dict[str, Any]) -> None:
 
 
 def torchtrainer_floor(storage: Path, cpus_per_worker: float, name: str, variant: str = "bare",
-                       tracking_uri: str | None = None) -> float:
+                       tracking_uri: str | None = None, zero_stage: int = 0) -> float:
     """Wall seconds of a 2-worker ``TorchTrainer.fit()`` whose loop is :func:`_floor_train_loop` of ``variant``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -110,7 +116,8 @@ def torchtrainer_floor(storage: Path, cpus_per_worker: float, name: str, variant
     if variant not in FLOOR_VARIANTS or (variant == "deepspeed_mlflow" and not tracking_uri):
         raise ValueError(f"variant must be one of {FLOOR_VARIANTS} (deepspeed_mlflow needs tracking_uri), "
                          f"got {variant!r}, tracking_uri={tracking_uri!r}")
-    trainer = TorchTrainer(_floor_train_loop, train_loop_config={"variant": variant, "tracking_uri": tracking_uri},
+    trainer = TorchTrainer(_floor_train_loop, train_loop_config={"variant": variant, "tracking_uri": tracking_uri,
+                                                                 "zero_stage": zero_stage},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
                                                         resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(name=name, storage_path=str(storage)))
@@ -143,7 +150,7 @@ def _run_grid(grid: dict[str, Any], work: Path) -> dict[str, Any]:
                            f"failed: {json.dumps(res.failed)[:2000]}")
     rows = [json.loads(line) for f in sorted(results.glob("ray/*/*/result.json"))
             for line in f.read_text().splitlines() if line.strip()]
-    ends = sorted(float(r["timestamp"]) for r in rows)  # Tune's wall-clock stamp of each trial's (only) result
+    ends = sorted(float(r.get("finished_unix", r["timestamp"])) for r in rows)  # each trial's completion
     return {"wall_s": wall, "in_actor_s": [float(r["time_total_s"]) for r in rows], "path": path,
             "start_unix": t0_unix, "ends_unix": ends}
 

@@ -116,7 +116,7 @@ def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(max(1, int(float(dist.get("cpus_per_worker", 1)))))
-    return run_trial(config["trial"])
+    return {**run_trial(config["trial"]), "finished_unix": time.time()}  # Tune's own stamp has 1 s resolution
 
 
 def init_ray(address: str | None, use_gpu: bool) -> bool:
