@@ -38,7 +38,7 @@ def _bench_sweep(a: argparse.Namespace) -> int:
 
     rep = run_sweep_bench(Path(a.out), trials=a.trials, cpus=a.cpus, batch=a.batch, floor_repeats=a.floor_repeats,
                           two_worker_trials=a.two_worker_trials, two_worker_cpus=a.two_worker_cpus,
-                          speedup_epochs=a.speedup_epochs)
+                          speedup_epochs=a.speedup_epochs, speedup_repeats=a.speedup_repeats)
     print(json.dumps({k: rep[k] for k in ("one_worker", "concurrency", "torchtrainer_floor", "two_worker",
                                           "targets") if k in rep}, indent=2, default=str))
     print(f"wrote {Path(a.out) / 'bench_sweep.json'}")
@@ -129,6 +129,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sw = bench.add_parser("sweep", help="sweep overhead per trial, bare TorchTrainer floor, concurrency speed-up")
     sw.add_argument("--out", default="results/bench")
     sw.add_argument("--trials", type=int, default=8, help="trials per sweep (sequential vs concurrency 2)")
+    sw.add_argument("--speedup-repeats", type=int, default=3,
+                    help="interleaved (sequential, concurrent) pairs; the speed-up is the ratio of their medians")
     sw.add_argument("--speedup-epochs", type=int, default=4,
                     help="epochs (of 1,280 digits) per trial of the speed-up sweeps")
     sw.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray session")

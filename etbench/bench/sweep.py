@@ -214,10 +214,11 @@ def launch_available() -> str | None:
 
 def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 32, floor_repeats: int = 3,
                     two_worker_trials: int = 4, two_worker_cpus: float = 0.45,
-                    speedup_epochs: int = 4, speedup_repeats: int = 2) -> dict[str, Any]:
+                    speedup_epochs: int = 4, speedup_repeats: int = 3) -> dict[str, Any]:
     """Measure per-trial overhead, the TorchTrainer floor and the concurrency speed-up; write bench_sweep.json."""
-    if trials < 2 or cpus < 2:
-        raise ValueError(f"the concurrency comparison needs trials >= 2 and cpus >= 2, got {trials}, {cpus}")
+    if trials < 2 or cpus < 2 or speedup_repeats < 1:
+        raise ValueError(f"the concurrency comparison needs trials >= 2, cpus >= 2 and speedup_repeats >= 1, got "
+                         f"{trials}, {cpus}, {speedup_repeats}")
     if not 0 < two_worker_cpus <= (cpus - 0.1) / 2:
         raise ValueError(f"two_worker_cpus must be in (0, {(cpus - 0.1) / 2:.2f}] so 2 workers + the trial driver "
                          f"fit on {cpus} CPUs, got {two_worker_cpus}")
