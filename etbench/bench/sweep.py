@@ -15,8 +15,10 @@ MLflow sqlite store), on the small digits ET (one epoch of ``steps`` batches, ``
    8 × 0.2 s of work, so it only measures that.
 3. The floor: a bare ``TorchTrainer(num_workers=2).fit()`` of a loop that only reports once, measured before and
    after step 4 (median). Beside it, two references that show what a *fresh* worker process must load before any
-   tracked DeepSpeed rank can train (``torchtrainer_floor.fresh_rank_imports_s``): ``deepspeed`` (with the MLflow
-   it imports) + ``torch._dynamo`` (first optimizer), and additionally rank 0's MLflow SQLite store. Ray Train V2
+   tracked DeepSpeed rank can train (``torchtrainer_floor.fresh_rank_imports_s``): ``import deepspeed`` (with the
+   MLflow it imports) + ``deepspeed.initialize`` of a one-layer model with torch AdamW (which imports
+   ``torch._dynamo``) at the trials' ZeRO stage (0, the run default), and additionally rank 0's MLflow SQLite store.
+   Ray Train V2
    starts new worker processes for every ``fit()``, so every 2-worker trial pays these; the trial's cost over the
    second reference is what etbench itself adds (``two_worker.over_fresh_tracked_rank_floor_s``).
 4. 2-worker trials (Ray Train + DeepSpeed through ``etbench.engine.launch.fit``), one sequential sweep of
