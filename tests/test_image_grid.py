@@ -45,3 +45,16 @@ def test_bad_shapes_are_named() -> None:
         tile(torch.zeros(2, 1, 4, 4), nrow=0)
     with pytest.raises(ValueError, match=r"\(1 or 3, H, W\)"):
         save_png(torch.zeros(2, 4, 4), Path("unused.png"))
+
+
+def test_memory_grid_scales_each_memory_and_tiles_them_square() -> None:
+    from etbench.tasks.image_grid import memory_grid
+
+    patches = torch.stack([torch.arange(16.0) * (k + 1) - 3 * k for k in range(5)])  # 5 memories, 1 × 4 × 4
+    grid = memory_grid(patches, channels=1, patch=4)
+    assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)  # ceil(sqrt(5)) = 3 columns, 2 rows, 4 × 4 tiles, padding 1
+    first = grid[0, 1:5, 1:5]
+    torch.testing.assert_close(first, torch.arange(16.0).reshape(4, 4) / 15)  # each tile scaled to [0, 1] alone
+    torch.testing.assert_close(grid[0, 6:10, 1:5], first)  # memory 3 (row 1, col 0): same shape, same scaling
+    assert grid[:, 0].eq(1.0).all() and grid[:, 6:10, 11:15].eq(1.0).all()  # padding and the empty sixth slot
+    assert memory_grid(patches, channels=1, patch=4, max_items=2).shape == (3, 6, 11)

@@ -237,7 +237,8 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
                                          "speedup_steps_per_trial": speedup_epochs * (1280 // batch),
                                          "floor_repeats": floor_repeats, "two_worker_trials": two_worker_trials,
                                          "two_worker_cpus_per_worker": two_worker_cpus}}
-    if launch_available() is None:
+    why_not = launch_available()  # None: the 2-worker trials (and the DeepSpeed reference floors) can run
+    if why_not is None:
         from etbench.engine.warmup import warm_deepspeed
 
         report["deepspeed_op_load_s"] = warm_deepspeed()
@@ -276,13 +277,12 @@ def run_sweep_bench(out: Path, *, trials: int = 8, cpus: int = 2, batch: int = 3
             "one_step_trials": {"sequential_wall_s": seq["wall_s"], "concurrent_wall_s": conc["wall_s"],
                                 "speedup": seq["wall_s"] / conc["wall_s"]}}
         # the floors are noisy (±3 s here): measured on both sides of the 2-worker sweep, medians taken
-        variants = FLOOR_VARIANTS if launch_available() is None else ("bare",)
+        variants = FLOOR_VARIANTS if why_not is None else ("bare",)
         from etbench.tracking.mlflow_log import default_tracking_uri
 
         uri = default_tracking_uri(work / "results-seq")  # an existing store, as a trial's rank 0 finds it
         floor_runs: dict[str, list[float]] = {v: [] for v in variants}
         _floors(work, two_worker_cpus, range((floor_repeats + 1) // 2), variants, uri, floor_runs)
-        why_not = launch_available()
         over_floor = None
         two: dict[str, Any] | None = None
         if why_not is None and two_worker_trials >= 1:

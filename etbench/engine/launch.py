@@ -102,12 +102,15 @@ def has_started(cfg: RunConfig, out: Path) -> bool:
 
     A retried or resumed trial must then continue that run (``resume=True``) instead of refusing to overwrite it.
     """
-    out = Path(out)
-    return (out / "ray" / run_name(cfg)).exists() or checkpoint_dir(out).exists()
+    return _ray_run_dir(cfg, Path(out)).exists() or checkpoint_dir(Path(out)).exists()
+
+
+def _ray_run_dir(cfg: RunConfig, out: Path) -> Path:
+    return out / "ray" / run_name(cfg)
 
 
 def _check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
-    run_dir = out / "ray" / run_name(cfg)
+    run_dir = _ray_run_dir(cfg, out)
     if run_dir.exists() and not resume:
         raise RunExistsError(f"{out} already holds a run ({run_dir}); pass --resume to continue it or choose "
                              f"another --out")

@@ -8,8 +8,6 @@ Subclasses implement only ``process``; the ET also exposes its energy trace.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -131,23 +129,4 @@ class ImageET(MaskedPatchModel):
         return self.io_flops() + self.et.flops(self.num_tokens)
 
 
-def memory_grid(patches: Tensor, image_shape: tuple[int, int, int], patch: int, max_items: int = 64) -> Tensor:
-    """Arrange up to ``max_items`` decoded memories (M, C·p·p) into a (C, H', W') grid image in [0, 1]."""
-    c = image_shape[0]
-    m = min(max_items, patches.shape[0])
-    tiles = patches[:m].reshape(m, c, patch, patch)
-    lo = tiles.flatten(1).min(1).values.view(m, 1, 1, 1)
-    hi = tiles.flatten(1).max(1).values.view(m, 1, 1, 1)
-    tiles = (tiles - lo) / (hi - lo).clamp_min(1e-8)
-    cols = math.ceil(math.sqrt(m))
-    rows = math.ceil(m / cols)
-    pad = 1
-    grid = torch.ones(c, rows * (patch + pad) + pad, cols * (patch + pad) + pad)
-    for i in range(m):
-        r, q = divmod(i, cols)
-        y0, x0 = pad + r * (patch + pad), pad + q * (patch + pad)
-        grid[:, y0 : y0 + patch, x0 : x0 + patch] = tiles[i]
-    return grid
-
-
-__all__ = ["EnergyLayerNorm", "ImageET", "MaskedPatchModel", "memory_grid", "patchify", "unpatchify"]
+__all__ = ["EnergyLayerNorm", "ImageET", "MaskedPatchModel", "patchify", "unpatchify"]

@@ -39,6 +39,15 @@ def tile(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0
     return grid
 
 
+def memory_grid(patches: Tensor, channels: int, patch: int, max_items: int = 64) -> Tensor:
+    """Up to ``max_items`` decoded memories (M, C·p·p), each scaled to [0, 1] on its own, tiled in a square grid."""
+    m = min(max_items, patches.shape[0])
+    tiles = patches[:m].reshape(m, channels, patch, patch)
+    lo = tiles.amin(dim=(1, 2, 3), keepdim=True)
+    hi = tiles.amax(dim=(1, 2, 3), keepdim=True)
+    return tile((tiles - lo) / (hi - lo).clamp_min(1e-8), nrow=math.ceil(math.sqrt(m)), padding=1, pad_value=1.0)
+
+
 def save_png(image: Tensor, path: Path) -> Path:
     """Write a (C, H, W) image with values in [0, 1] (C = 1 or 3) as an 8-bit RGB PNG; returns ``path``."""
     from PIL import Image

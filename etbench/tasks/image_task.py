@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from etbench.config import ImageTaskConfig, RunConfig
 from etbench.data.images import ImageSplits, unnormalize
 from etbench.models.energy import EnergyTrace
-from etbench.models.image import ImageET, MaskedPatchModel, memory_grid, patchify, unpatchify
+from etbench.models.image import ImageET, MaskedPatchModel, patchify, unpatchify
 from etbench.tasks.image_completion import PatchMask, draw_mask, patch_losses, summarise
-from etbench.tasks.image_grid import save_png, tile
+from etbench.tasks.image_grid import memory_grid, save_png, tile
 
 EVAL_MASK_SEED = 1_000_003  # eval masks are fixed per split, independent of the run seed (paired comparisons)
 
@@ -138,7 +138,7 @@ class ImageTask:
         save_png(_upscale(grid), paths[0])
         if isinstance(core, ImageET):
             with torch.no_grad():
-                mem = memory_grid(core.memories_as_patches().float().cpu(), shape, self.patch)
+                mem = memory_grid(core.memories_as_patches().float().cpu(), shape[0], self.patch)
             paths.append(out / "memories.png")
             save_png(_upscale(mem), paths[1])
         return paths
