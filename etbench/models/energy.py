@@ -97,8 +97,8 @@ class EnergyAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.self_attention = cfg.heads, cfg.head_dim, cfg.self_attention
         self.beta = 1.0 / math.sqrt(cfg.head_dim)
-        self.wk = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_init_std)
-        self.wq = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_init_std)
+        self.wk = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_std)
+        self.wq = nn.Parameter(torch.randn(cfg.heads, cfg.head_dim, cfg.dim) * cfg.attn_std)
 
     def _qk(self, g: Tensor) -> tuple[Tensor, Tensor]:
         """Q, K of shape (…, H, N, Y), from one fused projection."""
@@ -162,7 +162,7 @@ class HopfieldNetwork(nn.Module):
     def __init__(self, cfg: ETConfig) -> None:
         super().__init__()
         self.kind = cfg.hn_kind
-        self.xi = nn.Parameter(torch.randn(cfg.num_memories, cfg.dim) * cfg.mem_init_std)
+        self.xi = nn.Parameter(torch.randn(cfg.num_memories, cfg.dim) * cfg.mem_std)
         self.beta = nn.Parameter(torch.tensor(cfg.hn_beta_init)) if self.kind == "softmax" else None
 
     def _beta(self) -> Tensor:

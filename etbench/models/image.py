@@ -95,7 +95,7 @@ class ImageET(MaskedPatchModel):
     """
 
     def __init__(self, image_shape: tuple[int, int, int], patch: int, et: ETConfig, double_norm: bool = False):
-        super().__init__(image_shape, patch, et.dim, token_init_std=et.attn_init_std)
+        super().__init__(image_shape, patch, et.dim, token_init_std=et.token_init_std)
         self.et = EnergyTransformer(et)
         self.double_norm = double_norm
         self.record_trace = False

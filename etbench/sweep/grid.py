@@ -21,7 +21,7 @@ from etbench.config import ConfigError, RunConfig, deep_merge, resolve_run_confi
 
 # ET hyper-parameters that an image baseline does not have (ViTs reuse dim, heads and steps-as-depth).
 ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "terms", "grad_mode", "eps",
-                "hn_beta_init", "attn_init_std", "mem_init_std")
+                "hn_beta_init", "attn_init_std", "mem_init_std", "init")
 
 
 class GridError(ValueError):
@@ -64,6 +64,9 @@ class Resources(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 0
+    custom: dict[str, float] = Field(default_factory=dict, description=(
+        "extra Ray resources every worker reserves, e.g. {'accelerator_type:A100': 0.001}; placement only, "
+        "not part of a run's config hash"))
 
 
 class Tracking(BaseModel):
@@ -90,6 +93,9 @@ class GridSpec(BaseModel):
     max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
     search_seed: int = 0
     tracking: Tracking = Field(default_factory=Tracking)
+    storage: str | None = Field(None, description=(
+        "where results, Ray storage and checkpoints go: a shared POSIX path or a URI such as s3://bucket/x "
+        "(default: --storage, $ETBENCH_STORAGE, ./results)"))
 
     @field_validator("axes")
     @classmethod

@@ -155,7 +155,7 @@ def vit_arch(spec: ImageModelSpec) -> ViTArch:
 def build_vit(spec: ImageModelSpec) -> MaskedPatchModel:
     """Build ``vit``, ``vit-tied`` or ``vit-pm`` for the spec's image geometry, with the ET's token init."""
     arch = vit_arch(spec)
-    model = MaskedViT(spec.image_shape, spec.patch, arch, token_init_std=spec.et.attn_init_std)
+    model = MaskedViT(spec.image_shape, spec.patch, arch, token_init_std=spec.et.token_init_std)
     expected = vit_param_count(spec.image_shape, spec.patch, arch)
     if model.num_parameters() != expected:  # the width search relies on the closed form
         raise RuntimeError(f"{spec.name}: closed-form parameter count {expected} != module's {model.num_parameters()}")
