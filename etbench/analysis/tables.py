@@ -1,9 +1,10 @@
 """Paper tables from run summaries: Markdown, LaTeX (booktabs via pandas Styler) and CSV.
 
 A results table has one row per grid cell (model × axis values [× split]); each metric shows
-"mean ± 95% CI half-width" (half of the bootstrap interval's width; "(n=1)" without an interval, "missing"
-for a cell with no finished run), the best per column in bold with the metric's direction, and the
-cost columns beside it. The caption names dataset, protocol, what was aggregated and paper-comparability.
+"mean ± 95% CI half-width" (Student t below n = 10, BCa bootstrap from it; "(n=1)" or "n=2: no reliable interval"
+without an interval, "missing" for a cell with no finished run), the best per column in bold with the metric's
+direction, and the cost columns beside it. The caption names dataset, protocol, what was aggregated and
+paper-comparability.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd
 
 from etbench.analysis import references as refs_mod
 from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
-from etbench.analysis.stats import DEFAULT_CI, CIConfig, compare, summarize
+from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, CIConfig, compare, decide, summarize
 from etbench.analysis.style import model_order
 
 MISSING = "missing"
@@ -58,11 +59,17 @@ def fmt_cost(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else fmt_sig(value, 3)
 
 
-def fmt_mean_ci(mean: float, half: float, n: int) -> str:
-    """"mean ± half" rounded to two significant digits of the half-width; "(n=1)" / "missing" otherwise."""
+def fmt_mean_ci(mean: float, half: float, n: int, reliable_min_n: int = DEFAULT_CI.reliable_min_n) -> str:
+    """"mean ± half" rounded to two significant digits of the half-width; "(n=1)" / "missing" otherwise.
+
+    Without an interval at 2 ≤ n < ``reliable_min_n`` the cell says so ("n=2: no reliable interval") instead of
+    a confident-looking ±.
+    """
     if n == 0 or pd.isna(mean):
         return MISSING
     if pd.isna(half):
+        if 2 <= n < reliable_min_n:
+            return f"{fmt_sig(mean)} (n={n}: no reliable interval)"
         return f"{fmt_sig(mean)} (n={n})"
     if half == 0:
         return f"{fmt_sig(mean)} ± 0"
@@ -99,9 +106,15 @@ def _over_text(over: str, block: pd.DataFrame) -> str:
 
 def ci_text(cfg: CIConfig) -> str:
     """How the intervals were computed, for a caption."""
-    if cfg.method == "t":
-        return "Student t interval"
-    return f"bootstrap {cfg.method}, {cfg.n_resamples} resamples, seed {cfg.seed}"
+    boot = f"{cfg.n_resamples} resamples, seed {cfg.seed}"
+    if cfg.method == "auto":
+        text = (f"Student t interval for n < {cfg.bootstrap_min_n}, BCa bootstrap from n = {cfg.bootstrap_min_n} "
+                f"({boot})")
+    elif cfg.method == "t":
+        text = "Student t interval"
+    else:
+        text = f"bootstrap {cfg.method}, {boot}"
+    return f"{text}; no interval for n < {cfg.reliable_min_n}"
 
 
 def _direction_text(metrics: Sequence[str]) -> str:
@@ -157,7 +170,7 @@ def results_tables(
             cost_means = block.groupby(keys, dropna=False)[[column(c) for c in costs]].mean().reset_index()
             merged = merged.merge(cost_means.rename(columns={column(c): c for c in costs}), on=keys, how="left")
         merged = _ordered(merged, keys).reset_index(drop=True)
-        display, latex, bold = _format_block(merged, keys, metrics, costs)
+        display, latex, bold = _format_block(merged, keys, metrics, costs, cfg.reliable_min_n)
         data = merged.assign(dataset=dataset, protocol=protocol, over=over, source="etbench")
         refs = references if references is not None else refs_mod.load_references(None)
         ref_rows = [refs_mod.matching(refs, block, dataset, protocol, m).assign(metric=m) for m in metrics]
@@ -169,7 +182,8 @@ def results_tables(
         caption = (
             f"Dataset {dataset}, protocol {protocol}. Mean ± 95% CI half-width {_over_text(over, block)} ({n_word}; "
             f"{ci_text(cfg)}); '{MISSING}' = grid cell without a finished run "
-            f"(n = 0); '(n=1)' = no interval. Bold: best per column ({_direction_text(metrics)}). "
+            f"(n = 0); '(n=1)', 'n=2: no reliable interval' = too few runs for an interval. "
+            f"Bold: best per column ({_direction_text(metrics)}). "
             f"Costs: mean over the cell's runs. Comparability: {_comparability(block)}." + "".join(notes)
         )
         name = f"results_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
@@ -179,7 +193,8 @@ def results_tables(
 
 
 def _format_block(
-    merged: pd.DataFrame, keys: list[str], metrics: Sequence[str], costs: Sequence[str]
+    merged: pd.DataFrame, keys: list[str], metrics: Sequence[str], costs: Sequence[str],
+    reliable_min_n: int = DEFAULT_CI.reliable_min_n,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Display strings, LaTeX strings and the bold mask of a merged summary."""
     display = _to_text(merged, keys)
@@ -189,7 +204,7 @@ def _format_block(
     for m, n in zip(metrics, ns, strict=True):
         mean, half = merged[f"{m}:mean"], (merged[f"{m}:ci_high"] - merged[f"{m}:ci_low"]) / 2
         col = short_name(m)
-        display[col] = [fmt_mean_ci(a, b, int(c)) for a, b, c in zip(mean, half, n, strict=True)]
+        display[col] = [fmt_mean_ci(a, b, int(c), reliable_min_n) for a, b, c in zip(mean, half, n, strict=True)]
         valid = mean.where(n > 0)
         best = valid.max() if higher_is_better(m) else valid.min()
         bold[col] = (valid == best) & valid.notna()
@@ -238,34 +253,42 @@ def comparison_tables(
     reference: str = "et",
     over: str = "seed",
     cfg: CIConfig = DEFAULT_CI,
+    alpha: float = 0.05,
 ) -> list[Table]:
-    """One table per (dataset, protocol): ``reference`` − each baseline, paired, with CI and p-values."""
+    """One table per (dataset, protocol): ``reference`` − each baseline, paired, with CI, effect size and
+    p-values; the paired-t p are Holm-adjusted over all rows of the table (one family), and "favours" names a
+    model only when the adjusted p < ``alpha``."""
     tables = []
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         present, keys = _key_columns(block, axes, over)
-        parts = [compare(block, m, present, reference=reference, over=over, cfg=cfg) for m in metrics]
+        parts = [compare(block, m, present, reference=reference, over=over, cfg=cfg, alpha=alpha) for m in metrics]
         parts = [p for p in parts if not p.empty]
         if not parts:
             continue
-        data = pd.concat(parts, ignore_index=True)
+        data = decide(pd.concat(parts, ignore_index=True), alpha)  # one Holm family: every row of this table
         row_keys = [k for k in keys if k != "model" and k in data.columns]
         display = _to_text(data, ["metric", *row_keys, "baseline"])
         display["metric"] = data["metric"].map(short_name)
         display["n pairs"] = data["n"].astype(int).astype(str)
         half = (data["ci_high"] - data["ci_low"]) / 2
         display[f"Δ ({reference} − baseline)"] = [
-            fmt_mean_ci(a, b, int(c)) for a, b, c in zip(data["mean_diff"], half, data["n"], strict=True)
+            fmt_mean_ci(a, b, int(c), cfg.reliable_min_n)
+            for a, b, c in zip(data["mean_diff"], half, data["n"], strict=True)
         ]
+        display["d_z (paired)"] = data["d_z"].map(lambda v: NA_AXIS if pd.isna(v) else f"{v:.2f}")
         display["p (paired t)"] = data["p_ttest"].map(fmt_p)
+        display["p (Holm)"] = data["p_holm"].map(fmt_p)
         display["p (Wilcoxon, n≥6)"] = data["p_wilcoxon"].map(fmt_p)
         display["favours"] = data["favours"]
         bold = pd.DataFrame(False, index=display.index, columns=display.columns)
+        family = len(data["p_holm"].dropna())
         caption = (
             f"Dataset {dataset}, protocol {protocol}. Paired differences {reference} − baseline, matched by seed "
             f"and split and equal axis values, {_over_text(over, block)}: mean ± 95% CI half-width "
-            f"({ci_text(cfg)}), paired t-test p, Wilcoxon signed-rank p (only n ≥ 6). "
-            f"'favours' reads the sign with the metric's direction "
-            f"({_direction_text(metrics)}); it implies no significance. Comparability: {_comparability(block)}."
+            f"({ci_text(cfg)}), paired effect size d_z = mean/sd of the differences, paired t-test p, "
+            f"Holm-adjusted paired-t p over the {family} comparisons of this table, Wilcoxon signed-rank p "
+            f"(only n ≥ 6). 'favours' names the better model ({_direction_text(metrics)}) only when the Holm p < "
+            f"{alpha:g}; otherwise '{NO_DIFFERENCE}'. Comparability: {_comparability(block)}."
         )
         name = f"compare_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
         title = f"{dataset} / {protocol} — {reference} vs baselines ({_over_text(over, block)})"
