@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etbench.analysis import descent, figures, tables
+from etbench.analysis import aggregate, descent, figures, tables
 from etbench.analysis.cache import RunCache, energy_frame
 from etbench.analysis.load import client_for, load_runs
 from etbench.analysis.metrics import choose_metrics, column, higher_is_better
@@ -125,6 +125,14 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
         progress(f"[report]   tables over {over}s")
         made = tables.results_tables(block, chosen, axes, over=over, cfg=ci, references=refs)
         made += tables.comparison_tables(block, chosen, axes, reference=reference, over=over, cfg=ci)
+        for t in made:
+            result.tables += tables.write_table(t, folder)
+            sections.append(tables.to_markdown(t))
+    if len(block[["dataset", "protocol"]].drop_duplicates()) >= 2:  # IQM + P(improvement) across datasets
+        progress("[report]   aggregates across datasets")
+        made, notes = aggregate.aggregate_tables(block, chosen, axes, task=str(block["task"].iloc[0]),
+                                                 reference=reference, cfg=aggregate.AggregateConfig(seed=ci.seed))
+        result.skipped += notes
         for t in made:
             result.tables += tables.write_table(t, folder)
             sections.append(tables.to_markdown(t))

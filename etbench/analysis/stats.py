@@ -214,7 +214,7 @@ def _test(ref: np.ndarray, base: np.ndarray, cfg: CIConfig) -> dict[str, float |
         "p_ttest": np.nan,
         "p_wilcoxon": np.nan,
     }
-    if diff.size >= 2 and float(ci["std"]) > 0:
+    if diff.size >= 2 and float(ci["std"]) > 1e-9 * abs(float(ci["mean"])):  # float noise is not a spread
         out["d_z"] = float(ci["mean"]) / float(ci["std"])
     if diff.size >= 2 and np.any(diff != 0):
         out["p_ttest"] = float(stats.ttest_rel(ref, base).pvalue)
