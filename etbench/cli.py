@@ -12,14 +12,16 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _bench_core(a: argparse.Namespace) -> int:
-    from etbench.bench.core import run_core_bench
+    from etbench.bench.core import run_core
 
-    rep = run_core_bench(
-        Path(a.out), dim=a.dim, heads=a.heads, head_dim=a.head_dim, memories=a.memories, tokens=a.tokens,
-        batch=a.batch, steps=a.steps, repeats=a.repeats, device=a.device, peak_gflops=a.peak_gflops,
+    rep = run_core(
+        Path(a.out), device=a.device, peer=a.peer, dim=a.dim, heads=a.heads, head_dim=a.head_dim,
+        memories=a.memories, tokens=a.tokens, batch=a.batch, steps=a.steps, repeats=a.repeats,
+        peak_gflops=a.peak_gflops, profile=not a.no_profile,
     )
     print(json.dumps({"results": {m: {k: v for k, v in r.items() if k != "times_s"} for m, r in rep["results"].items()},
-                      "ratios": rep["ratios"], "targets": rep["targets"]}, indent=2))
+                      "ratios": rep["ratios"], "targets": rep["targets"], "load_average": rep["load_average"]},
+                     indent=2))
     print(f"wrote {Path(a.out) / 'bench_core.json'}")
     return 0
 
@@ -94,7 +96,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (JSON output)").add_subparsers(dest="bench", required=True)
-    core = bench.add_parser("core", help="ET training step: analytic vs autograd gradients")
+    core = bench.add_parser("core", help="ET training step: analytic vs autograd gradients (and --peer xla)")
     core.add_argument("--out", default="results/bench")
     core.add_argument("--dim", type=int, default=256)
     core.add_argument("--heads", type=int, default=4)
@@ -105,7 +107,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--steps", type=int, default=12)
     core.add_argument("--repeats", type=int, default=5)
     core.add_argument("--device", default="cpu")
-    core.add_argument("--peak-gflops", type=float, default=125.0, help="device fp32 peak, for the utilisation figure")
+    core.add_argument("--peak-gflops", type=float, default=None,
+                      help="device fp32 peak (GFLOP/s) for the MFU figures; default: known GPUs' datasheet fp32 peak")
+    core.add_argument("--peer", choices=["xla"], default=None,
+                      help="also time the same step in JAX/XLA (needs the peers extra), interleaved")
+    core.add_argument("--no-profile", action="store_true", help="skip the per-op profile and GEMM-rate probes")
     core.set_defaults(func=_bench_core)
     img = bench.add_parser("image", help="ET vs ViT baselines: train/inference throughput, peak memory")
     img.add_argument("--out", default="results/bench")
