@@ -225,7 +225,8 @@ def test_tables_markdown_latex_csv(store: dict, tmp_path: Path) -> None:
     lines = [ln for ln in md.splitlines() if ln.startswith("| vit |") and "| 4 |" in ln]
     assert len(lines) == 1 and "missing" in lines[0] and "| 0 |" in lines[0]
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{" in tex and r"$\pm$" in tex
-    assert "GFLOPs/sample" in md and "params (M)" in md
+    assert "inference GFLOPs/sample (fwd)" in md and "params (M)" in md and "train throughput (samples/s)" in md
+    assert "train-step peak mem (MiB)" in md
     csv = pd.read_csv(paths[2])
     et4 = csv[(csv["model"] == "et") & (csv[STEPS] == 4)].iloc[0]
     assert et4[f"{MSE}:mean"] == pytest.approx(best) and et4[f"{MSE}:n"] == 3

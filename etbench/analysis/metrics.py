@@ -41,15 +41,18 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "wall_s": False,
     "throughput": True,
     "peak_mem_mb": False,
+    "process_peak_rss_mb": False,
     "rise_fraction": False,
 }
 
-#: Cost metric → (column label, scale factor applied to the logged value).
+#: Cost metric → (column label, scale factor applied to the logged value). Labels say train vs inference and
+#: per sample vs per step; the process's RSS is its own column, never the model's memory.
 COST_COLUMNS: dict[str, tuple[str, float]] = {
     "cost/params": ("params (M)", 1e-6),
-    "cost/flops_per_sample": ("GFLOPs/sample", 1e-9),
-    "cost/throughput": ("throughput (samples/s)", 1.0),
-    "cost/peak_mem_mb": ("peak mem (MB)", 1.0),
+    "cost/flops_per_sample": ("inference GFLOPs/sample (fwd)", 1e-9),
+    "cost/throughput": ("train throughput (samples/s)", 1.0),
+    "cost/peak_mem_mb": ("train-step peak mem (MiB)", 1.0),
+    "cost/process_peak_rss_mb": ("process peak RSS (MiB)", 1.0),
 }
 assert set(COST_COLUMNS) <= set(COST_METRICS)
 

@@ -184,7 +184,9 @@ def results_tables(
             f"{ci_text(cfg)}); '{MISSING}' = grid cell without a finished run "
             f"(n = 0); '(n=1)', 'n=2: no reliable interval' = too few runs for an interval. "
             f"Bold: best per column ({_direction_text(metrics)}). "
-            f"Costs: mean over the cell's runs. Comparability: {_comparability(block)}." + "".join(notes)
+            f"Costs: mean over the cell's runs; train-step peak mem = GPU allocator peak, or on CPU the peak live "
+            f"tensor bytes of the first training step (model state included), not the process RSS. "
+            f"Comparability: {_comparability(block)}." + "".join(notes)
         )
         name = f"results_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
         title = f"{dataset} / {protocol} — {', '.join(short_name(m) for m in metrics)} ({_over_text(over, block)})"

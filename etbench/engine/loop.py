@@ -7,6 +7,7 @@ one process and inside every Ray Train worker; only rank 0 reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -78,10 +79,13 @@ def train_loop(
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    step_probe: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> LoopState:
     """Train from ``state.epoch`` to ``epochs``; evaluate and (optionally) checkpoint after every epoch.
 
-    ``max_steps`` stops after that many micro-batches in total (benchmarks). A non-finite loss raises
+    ``step_probe`` wraps this call's first training step (forward, backward, optimizer step), e.g. to measure its
+    peak memory (:class:`etbench.engine.memory.StepMemory`). ``max_steps`` stops after that many micro-batches
+    in total (benchmarks). A non-finite loss raises
     :class:`DivergedError` naming the epoch and batch.
     """
     state = state or LoopState()
@@ -97,12 +101,13 @@ def train_loop(
                    desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # log files get a line every 30 s, not 10/s
         for i, batch in enumerate(bar):
-            with backend.autocast():
-                loss = task.train_loss(model, batch)
-            if not torch.isfinite(loss.detach()).all():
-                raise DivergedError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, "
-                                    f"batch {i + 1}; lower train.lr or train.alpha, or enable train.grad_clip")
-            backend.train_step(loss)
+            with step_probe() if step_probe is not None and steps_done == 0 else contextlib.nullcontext():
+                with backend.autocast():
+                    loss = task.train_loss(model, batch)
+                if not torch.isfinite(loss.detach()).all():
+                    raise DivergedError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, "
+                                        f"batch {i + 1}; lower train.lr or train.alpha, or enable train.grad_clip")
+                backend.train_step(loss)
             loss_sum += loss.detach().double().cpu()
             batches += 1
             steps_done += 1

@@ -21,6 +21,7 @@ from etbench.config import RunConfig
 from etbench.engine.backend import PlainBackend
 from etbench.engine.build import build_model, build_task, model_cost, resolve_device, seed_everything
 from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
+from etbench.engine.memory import StepMemory, state_tensors
 from etbench.models.energy import EnergyTrace
 from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS
 
@@ -68,17 +69,14 @@ def trace_means(trace: EnergyTrace) -> dict[str, list[float]]:
     return {k: v.mean(0).tolist() for k, v in flat.items()}
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    from etbench.bench.common import process_peak_rss_mb
-
-    return process_peak_rss_mb()
-
-
 def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopState, out: Path,
-               device: torch.device, wall_s: float) -> tuple[dict[str, Any], EnergyTrace | None]:
-    """Rank-0 epilogue: energy trace, images, summary.json."""
+               device: torch.device, wall_s: float, memory: StepMemory | None = None,
+               ) -> tuple[dict[str, Any], EnergyTrace | None]:
+    """Rank-0 epilogue: energy trace, images, summary.json.
+
+    ``memory``: the trial's :class:`StepMemory` (peak training-step memory); without one the memory costs are NaN.
+    """
+    mem = memory.costs() if memory is not None else {"peak_mem_mb": float("nan"), "process_peak_rss_mb": float("nan")}
     trace = task.energy_trace(model, cfg.train.eval_trace_samples)
     if trace is not None:
         write_trace(trace, out / ENERGY_TRACE_ARTIFACT)
@@ -95,7 +93,7 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
         "final": state.history[-1] if state.history else {},
         "cost": {**cost, "wall_s": wall_s,
                  "throughput": state.samples_seen / state.train_seconds if state.train_seconds else float("nan"),
-                 "peak_mem_mb": _peak_memory_mb(device)},
+                 **mem},
         "data": task.describe(),
         "artifacts": artifacts,
     }
@@ -130,6 +128,7 @@ def run_single(
     task = build_task(cfg, device)
     model = build_model(cfg, task.describe())
     backend = PlainBackend(model, cfg.train, task.num_train_batches(), device, cfg.dist.grad_accum)
+    memory = StepMemory(device, lambda: state_tensors(backend.model, backend.opt))  # per trial, also in a reused actor
     write_config(cfg, out)
     state = LoopState()
     if resume and ckpt.exists():
@@ -151,9 +150,9 @@ def run_single(
 
     epochs = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, stop_after_epochs)
     state = train_loop(task, backend, epochs, state, checkpoint=save, checkpoint_every=cfg.train.checkpoint_every,
-                       on_epoch=epoch_done, progress=progress)
+                       on_epoch=epoch_done, progress=progress, step_probe=memory.measure)
     write_metrics(state.history, out)
     if state.epoch < cfg.train.epochs:
         return RunResult(out, cfg.hash(), state, {}, None)
-    summary, trace = finish_run(cfg, task, backend.model, state, out, device, time.perf_counter() - t_start)
+    summary, trace = finish_run(cfg, task, backend.model, state, out, device, time.perf_counter() - t_start, memory)
     return RunResult(out, cfg.hash(), state, summary, trace)

@@ -26,6 +26,7 @@ import torch
 from etbench.config import RunConfig
 from etbench.engine.build import build_model, build_task, seed_everything
 from etbench.engine.loop import LoopState, train_loop
+from etbench.engine.memory import StepMemory, state_tensors
 from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
 
@@ -145,15 +146,17 @@ def train_worker(config: dict[str, Any]) -> None:
             report(s, {})
 
     run_task = _FaultyTask(task, fault, rank) if fault is not None else task
+    memory = StepMemory(device, lambda: state_tensors(backend.net, backend.inner_optimizer())) if rank == 0 else None
     state = train_loop(run_task, backend, cfg.train.epochs, state, checkpoint=save,
-                       checkpoint_every=cfg.train.checkpoint_every, on_epoch=on_epoch, progress=progress)
+                       checkpoint_every=cfg.train.checkpoint_every, on_epoch=on_epoch, progress=progress,
+                       step_probe=memory.measure if memory is not None else None)
     phases["train_s"] = time.perf_counter() - t_start - phases["data_s"] - phases["deepspeed_init_s"]
     full = backend.full_model()  # a collective under ZeRO-3: every rank
     summary: dict[str, Any] = {}
     if rank == 0:
         write_metrics(state.history, out)
         t_finish = time.perf_counter()
-        summary, _ = finish_run(cfg, task, full, state, out, device, t_finish - t_start)
+        summary, _ = finish_run(cfg, task, full, state, out, device, t_finish - t_start, memory)
         phases["finish_s"] = time.perf_counter() - t_finish  # evaluation, energy trace, artifacts, summary
         summary["distributed"] = {"workers": world, "zero_stage": cfg.dist.zero_stage,
                                   "optimizer": backend.optimizer_name, "resumed_from_epoch": resumed_from,

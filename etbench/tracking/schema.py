@@ -30,7 +30,10 @@ Metrics (step = epoch unless noted):
     energy/E, energy/E_att, energy/E_hn, energy/dx_norm
                               ET only; step = descent step t, mean over evaluated samples at the end
     energy/rise_fraction      fraction of (sample, step) pairs where E rose
-    cost/params, cost/flops_per_sample, cost/wall_s, cost/throughput, cost/peak_mem_mb
+    cost/params, cost/wall_s, cost/flops_per_sample (inference: forward FLOPs per sample), cost/throughput
+                              (training samples per second), cost/peak_mem_mb (peak memory of the training
+                              step: GPU allocator peak / CPU live tensor bytes), cost/process_peak_rss_mb
+                              (the process's peak RSS during the trial: interpreter, libraries, data)
 
 Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose),
     reconstruction.png, memories.png (images), checkpoint/ (optional).
@@ -56,7 +59,8 @@ TAG_ERROR = "etbench.error"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
 ENERGY_RISE = "energy/rise_fraction"
-COST_METRICS = ("cost/params", "cost/flops_per_sample", "cost/wall_s", "cost/throughput", "cost/peak_mem_mb")
+COST_METRICS = ("cost/params", "cost/flops_per_sample", "cost/wall_s", "cost/throughput", "cost/peak_mem_mb",
+                "cost/process_peak_rss_mb")
 ENERGY_TRACE_ARTIFACT = "energy_trace.csv"
 ENERGY_TRACE_COLUMNS = ("step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose")
 DEFAULT_EXPERIMENT = "etbench-single"
