@@ -202,7 +202,16 @@ def _train(a: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(a.out) if a.out else Path("results") / "runs" / f"{a.task}-{cfg.model.name}-{cfg.hash()}"
+    from etbench.storage import StorageError, is_uri, resolve_storage
+
+    st = resolve_storage(a.storage)
+    name = f"{a.task}-{cfg.model.name}-{cfg.hash()}"
+    storage_path = st.join("runs", name, "ray") if st.is_uri else None  # a URI holds the Ray Train checkpoints
+    out = Path(a.out) if a.out else (Path("results") / "runs" / name if st.is_uri or st.source == "default" else
+                                     st.local / "runs" / name)
+    if a.out and is_uri(a.out):
+        print(f"error: --out {a.out}: give a directory; a URI goes to --storage", file=sys.stderr)
+        return 2
     spec = None
     if a.tracking_uri or a.experiment:
         from etbench.engine.tracked import TrackingSpec
@@ -216,7 +225,11 @@ def _train(a: argparse.Namespace) -> int:
     if cfg.dist.workers > 1 or cfg.dist.deepspeed:
         from etbench.engine.launch import fit
 
-        summary = fit(cfg, out, tracking=spec, resume=a.resume, address=a.address)
+        try:
+            summary = fit(cfg, out, tracking=spec, resume=a.resume, address=a.address, storage_path=storage_path)
+        except (StorageError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         from etbench.engine.tracked import run_tracked
 
@@ -250,7 +263,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16")
         p.add_argument("--address", help="Ray address: auto | ray://HOST:10001 (default: start a local Ray)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.et.terms=attn")
-        p.add_argument("--out", help="output directory (default results/runs/<task>-<model>-<hash>)")
+        p.add_argument("--out", help="output directory (default <storage>/runs/<task>-<model>-<hash>)")
+        p.add_argument("--storage", help="shared path or s3://, gs:// URI for runs and Ray checkpoints (default "
+                       "$ETBENCH_STORAGE, ./results)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
         p.add_argument("--experiment", help="MLflow experiment name (enables tracking)")
@@ -296,13 +311,15 @@ def _sweep_plan(a: argparse.Namespace) -> int:
 
 
 def _sweep_run(a: argparse.Namespace) -> int:
+    from etbench.config import ConfigError
+    from etbench.storage import StorageError
     from etbench.sweep.grid import GridError
     from etbench.sweep.runner import SweepError, run_sweep
 
     try:
-        res = run_sweep(a.file, results_dir=a.results, address=a.address, tracking_uri=a.tracking_uri,
-                        resume=a.resume, force=a.force)
-    except (GridError, SweepError) as e:
+        res = run_sweep(a.file, results_dir=a.results, storage=a.storage, address=a.address,
+                        tracking_uri=a.tracking_uri, resume=a.resume, force=a.force)
+    except (GridError, SweepError, StorageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if res.failed and not res.finished else 0
@@ -360,7 +377,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     r.add_argument("file")
     r.add_argument("--address", help="Ray address: auto | ray://HOST:10001 (default: a local loopback Ray)")
     r.add_argument("--tracking-uri", help="MLflow URI (default: sqlite under --results)")
-    r.add_argument("--results", default="results", help="results directory (default ./results)")
+    r.add_argument("--storage", help="where runs, Ray storage and checkpoints go: a shared path or s3://, gs:// "
+                   "URI (default: the grid's storage:, $ETBENCH_STORAGE, ./results)")
+    r.add_argument("--results", help="older name of --storage (a directory)")
     r.add_argument("--resume", action="store_true", help="continue interrupted trials from their checkpoints")
     r.add_argument("--force", action="store_true", help="re-run trials even if FINISHED")
     r.set_defaults(func=_sweep_run)

@@ -47,34 +47,26 @@ def check_local_resources(cfg: RunConfig) -> None:
                               f"this machine has {have}")
 
 
-def _check_cluster_resources(cfg: RunConfig) -> None:
-    import ray
-
-    res = ray.cluster_resources()
-    need_cpu = cfg.dist.workers * cfg.dist.cpus_per_worker
-    if res.get("CPU", 0.0) + 1e-9 < need_cpu:
-        raise ConfigError(f"dist.workers × dist.cpus_per_worker = {need_cpu:g} CPUs, but the Ray cluster has "
-                          f"{res.get('CPU', 0.0):g}; lower dist.cpus_per_worker or dist.workers")
-    if cfg.dist.use_gpu and res.get("GPU", 0.0) < cfg.dist.workers:
-        raise ConfigError(f"dist.use_gpu with dist.workers {cfg.dist.workers} needs {cfg.dist.workers} GPUs, but the "
-                          f"Ray cluster has {res.get('GPU', 0.0):g}")
-
-
 def _worker_env(cfg: RunConfig) -> dict[str, str]:
-    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    if not cfg.dist.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo); left unset on GPU nodes
-    return env
+    """The Train workers' env: DeepSpeed's accelerator named explicitly both ways, so that a cluster-wide
+    ``DS_ACCELERATOR=cpu`` left over from CPU work cannot silently turn a GPU run into a CPU run."""
+    return {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "DS_ACCELERATOR": "cuda" if cfg.dist.use_gpu else "cpu"}
 
 
 def ensure_ray(cfg: RunConfig, address: str | None, progress: bool = True) -> bool:
     """Use the running Ray, attach to ``address``, or start a local one; True when this call started it."""
     import ray
 
+    from etbench.storage import check_address, job_env_extra, worker_env_vars
+
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, **({} if progress else {"log_to_driver": False}))
+    check_address(address)
+    if address:  # the workers see this driver's ETBENCH_DATA, storage and git provenance (job mode: what it lacks)
+        env = worker_env_vars(cfg.dist.use_gpu)
+        env = job_env_extra(env) if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else env
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                 **({} if progress else {"log_to_driver": False}))
         return True
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.dist.workers * cfg.dist.cpus_per_worker))
     ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
@@ -97,21 +89,26 @@ def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path, resume: bool
     return replace(spec, run_id=run_id)
 
 
-def has_started(cfg: RunConfig, out: Path) -> bool:
+def has_started(cfg: RunConfig, out: Path, storage_path: str | None = None) -> bool:
     """True when ``out`` already holds (part of) this config's run: a Ray Train run folder or a local checkpoint.
 
     A retried or resumed trial must then continue that run (``resume=True``) instead of refusing to overwrite it.
+    ``storage_path`` is the run's Ray storage when it is not ``out/ray`` (a URI storage).
     """
-    return _ray_run_dir(cfg, Path(out)).exists() or checkpoint_dir(Path(out)).exists()
+    from etbench.storage import exists
+
+    return exists(_ray_run_dir(cfg, Path(out), storage_path)) or checkpoint_dir(Path(out)).exists()
 
 
-def _ray_run_dir(cfg: RunConfig, out: Path) -> Path:
-    return out / "ray" / run_name(cfg)
+def _ray_run_dir(cfg: RunConfig, out: Path, storage_path: str | None = None) -> str:
+    return f"{(storage_path or str(out / 'ray')).rstrip('/')}/{run_name(cfg)}"
 
 
-def _check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
-    run_dir = _ray_run_dir(cfg, out)
-    if run_dir.exists() and not resume:
+def _check_out(cfg: RunConfig, out: Path, resume: bool, storage_path: str | None = None) -> None:
+    from etbench.storage import exists
+
+    run_dir = _ray_run_dir(cfg, out, storage_path)
+    if exists(run_dir) and not resume:
         raise RunExistsError(f"{out} already holds a run ({run_dir}); pass --resume to continue it or choose "
                              f"another --out")
     if resume and (out / "config.json").exists():
@@ -120,12 +117,31 @@ def _check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
             raise RunExistsError(f"cannot resume {out}: it holds config {prev}, this config is {cfg.hash()}")
 
 
+def _check_cluster(cfg: RunConfig, out: Path, tracking: TrackingSpec | None, storage_path: str | None) -> str | None:
+    """On a multi-node cluster: ``out``/``storage_path`` must be shared and seen by every node, data must load."""
+    from etbench import storage as stg
+
+    nodes = stg.cluster_size()
+    if nodes <= 1:
+        return None
+    st = stg.Storage(storage_path, storage_path, "--storage") if storage_path and stg.is_uri(storage_path) else \
+        stg.Storage(str(out), str(out), "--out")
+    stg.check_cluster_storage(st, tracking.uri if tracking else "http://untracked", nodes,
+                              storage_flag=st.source)
+    marker, _ = stg.preflight(st, [cfg])
+    return marker
+
+
 def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resume: bool = False,
-        address: str | None = None, progress: bool = True, fault: FaultInjection | None = None) -> dict[str, Any]:
+        address: str | None = None, progress: bool = True, fault: FaultInjection | None = None,
+        storage_path: str | None = None, extra_resources: dict[str, float] | None = None) -> dict[str, Any]:
     """Train ``cfg`` with results under ``out``; returns the rank-0 summary (also ``out/summary.json``).
 
     One worker without ``dist.deepspeed`` runs in this process (:func:`etbench.engine.tracked.run_tracked`);
-    anything else runs as a TorchTrainer of ``dist.workers`` DeepSpeed ranks. ``fault`` is a test hook.
+    anything else runs as a TorchTrainer of ``dist.workers`` DeepSpeed ranks whose Ray storage (checkpoints) is
+    ``storage_path`` (default ``out/ray``; a URI such as ``s3://…`` works). With ``address`` on a cluster of more
+    than one node, ``out`` and the tracking store are checked to be shared and a pre-flight task runs on every
+    node (``etbench.storage``). ``extra_resources`` are custom Ray resources per worker. ``fault`` is a test hook.
     """
     import ray
 
@@ -140,13 +156,18 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
         from etbench.engine.tracked import run_tracked
 
         return run_tracked(cfg, out, tracking, resume=resume, progress=progress)
-    _check_out(cfg, out, resume)
+    _check_out(cfg, out, resume, storage_path)
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from etbench.admission import admit
+
     started = ensure_ray(cfg, address, progress)
+    marker = None
     try:
-        _check_cluster_resources(cfg)
+        if address is not None:  # a cluster this call attached to (a sweep's trials were checked by the sweep)
+            marker = _check_cluster(cfg, out, tracking, storage_path)
+        admit([cfg], custom=extra_resources)
         write_config(cfg, out)
         spec = _tracking(tracking, cfg, out, resume)
         gpu = cfg.dist.use_gpu
@@ -156,9 +177,10 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
                                "fault": fault, "progress": progress},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.dist.workers, use_gpu=gpu,
-                resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+                resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {}),
+                                      **(extra_resources or {})}),
             run_config=ray.train.RunConfig(
-                name=run_name(cfg), storage_path=str(out / "ray"),
+                name=run_name(cfg), storage_path=storage_path or str(out / "ray"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": _worker_env(cfg)}),
@@ -172,6 +194,10 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
                 tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error_reason(exc))
             raise
     finally:
+        if marker is not None:
+            from etbench.storage import remove
+
+            remove(marker)
         if started:
             ray.shutdown()
     if not result.metrics or SUMMARY_KEY not in result.metrics:

@@ -4,7 +4,12 @@ Each Tune trial is a *function trainable* that runs one etbench run: in-process 
 process group), or as a Ray Train ``TorchTrainer`` with DeepSpeed workers (``etbench.engine.launch.fit``) — the
 Tune × Train composition Ray 2.60 supports (a TorchTrainer is not passed to the Tuner).
 
-Resume: every trial writes its run under ``<results>/<grid>/trials/<hash>/`` with per-epoch checkpoints and logs to
+Storage (``etbench.storage``): ``--storage`` / grid ``storage:`` / ``$ETBENCH_STORAGE`` (default ``./results``) is
+where runs, Ray storage and checkpoints go; on a cluster of more than one node it must be shared (checked before
+anything starts, then a pre-flight task on every node). Each trial reserves what its own resolved config needs
+(:func:`trial_resources`); trials no node type can ever hold are refused up front (``etbench.admission``).
+
+Resume: every trial writes its run under ``<storage>/<grid>/trials/<hash>/`` with per-epoch checkpoints and logs to
 MLflow. ``--resume`` re-plans the grid, skips hashes that already have a FINISHED run, and lets each unfinished
 trial continue from its checkpoint, attached to its earlier MLflow run — so a killed sweep resumes without ever
 producing two FINISHED runs for one config hash.
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etbench.storage import Storage, StorageError
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
 from etbench.tracking import schema as S
 
@@ -34,16 +41,41 @@ class SweepResult:
     grid: str
     experiment: str
     tracking_uri: str
-    results_dir: Path
+    results_dir: Path  # the POSIX storage; for a URI storage, this node's scratch copy of the trial folders
     planned: int
     skipped: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    storage: str = ""
+    todo: list[tuple[Trial, str | None]] = field(default_factory=list)  # (trial, MLflow run id to attach to)
 
 
 def trial_dir(results_dir: Path, grid: str, config_hash: str) -> Path:
     return Path(results_dir).resolve() / grid / "trials" / config_hash
+
+
+def local_root(st: Storage) -> Path:
+    """Where trial folders live on a node: the POSIX storage itself, or node-local scratch for a URI storage."""
+    return Path(tempfile.gettempdir()) / "etbench-trials" if st.is_uri else st.local
+
+
+def trial_resources(config: dict[str, Any]) -> Any:
+    """The Tune trial's placement group, from the trial's own resolved ``dist`` section.
+
+    A one-worker plain run trains inside the trial actor: it reserves the worker's CPUs (and its GPU). Any other
+    run only drives a TorchTrainer whose workers reserve their CPUs/GPUs themselves, so the driver asks for a
+    sliver of CPU and no GPU — a 1-worker DeepSpeed trial on a 1-GPU node must not hold the GPU it then asks for.
+    """
+    from ray.tune import PlacementGroupFactory
+
+    dist = config["trial"]["config"].get("dist", {})
+    if int(dist.get("workers", 1)) == 1 and not dist.get("deepspeed", False):
+        bundle = {"CPU": float(dist.get("cpus_per_worker", 1.0)), **({"GPU": 1.0} if dist.get("use_gpu") else {}),
+                  **config["trial"].get("custom", {})}
+    else:
+        bundle = {"CPU": 0.1}
+    return PlacementGroupFactory([bundle])
 
 
 def _runs_by_hash(uri: str, experiment: str) -> dict[str, list[Any]]:
@@ -66,14 +98,23 @@ def _runs_by_hash(uri: str, experiment: str) -> dict[str, list[Any]]:
             return out
 
 
-def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, results_dir: Path, resume: bool,
-                   run_id: str | None) -> dict[str, Any]:
+def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Storage | Path, resume: bool,
+                   run_id: str | None, marker: tuple[str, str] | None = None) -> dict[str, Any]:
+    if not isinstance(st, Storage):
+        from etbench.storage import resolve_storage
+
+        st = resolve_storage(st)
+    results_dir = local_root(st)
     return {
         "config": t.config.model_dump(mode="json"), "config_hash": t.config_hash, "run_name": t.run_name,
         "axes": t.axes, "out": str(trial_dir(results_dir, spec.name, t.config_hash)), "uri": uri,
         "experiment": experiment, "grid": spec.name, "resume": resume, "run_id": run_id,
+        # Ray Train's storage of a multi-worker trial: beside the trial folder, or under the URI storage
+        "ray_storage": st.join(spec.name, "trials", t.config_hash, "ray") if st.is_uri else None,
+        "marker": list(marker) if marker else None,
+        "custom": dict(spec.resources.custom),  # extra Ray resources per worker (accelerator types, test stand-ins)
         # a tracking server stores (proxies) artifacts itself; a local store keeps them beside the results
-        "artifact_root": None if uri.startswith("http") else str(Path(results_dir).resolve() / "artifacts"),
+        "artifact_root": None if uri.startswith("http") or st.is_uri else str(results_dir / "artifacts"),
     }
 
 
@@ -85,13 +126,18 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     from etbench.engine.tracked import TrackingSpec
     from etbench.tracking.mlflow_log import find_finished
 
+    if payload.get("marker"):  # the node this trial landed on (maybe added by the autoscaler) sees the storage
+        from etbench.storage import check_marker
+
+        check_marker(*payload["marker"])
     cfg = RunConfig.model_validate(payload["config"])
     if cfg.hash() != payload["config_hash"]:
         raise RuntimeError(f"config hash mismatch in trial payload: {cfg.hash()} != {payload['config_hash']}")
     if find_finished(payload["uri"], payload["experiment"], cfg.hash()):
         return {"status": "skipped", "config_hash": cfg.hash()}
     out = Path(payload["out"])
-    resume = has_started(cfg, out)  # a retry (or --resume) continues the trial's own run and checkpoint
+    ray_storage = payload.get("ray_storage")
+    resume = has_started(cfg, out, ray_storage)  # a retry (or --resume) continues the trial's own run/checkpoint
     spec = TrackingSpec(uri=payload["uri"], experiment=payload["experiment"], grid=payload["grid"],
                         run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
                         run_id=payload.get("run_id") if resume else None)
@@ -103,7 +149,8 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         else:
             from etbench.engine.launch import fit
 
-            summary = fit(cfg, out, tracking=spec, resume=resume, progress=False)
+            summary = fit(cfg, out, tracking=spec, resume=resume, progress=False, storage_path=ray_storage,
+                          extra_resources=payload.get("custom") or None)
     except DivergedError as e:
         return {"status": "diverged", "config_hash": cfg.hash(), "error": str(e)}
     best = {k.replace("/", "_"): v for k, v in summary.get("best", {}).items() if isinstance(v, int | float)}
@@ -123,17 +170,16 @@ def init_ray(address: str | None, use_gpu: bool) -> bool:
     """Attach to ``address`` or start a loopback-only local Ray; returns True when this call started Ray."""
     import ray
 
+    from etbench.storage import check_address, job_env_extra, worker_env_vars
+
     if ray.is_initialized():
         return False
-    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TQDM_DISABLE": "1"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for k in ("ETBENCH_DATA", "ETBENCH_SHARED_DATA", "ETBENCH_FAULT_MARKER"):
-        if k in os.environ:
-            env[k] = os.environ[k]
+    check_address(address)
+    env = worker_env_vars(use_gpu)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside `ray job submit`: the job's runtime env applies
-        ray.init(address=address or "auto", log_to_driver=False)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside `ray job submit`: the job's runtime env applies …
+        extra = job_env_extra(env)  # … plus what it lacks (ETBENCH_DATA, provenance, … of this driver)
+        ray.init(address=address or "auto", log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
     elif address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
@@ -148,20 +194,78 @@ def plan(grid_path: str | Path) -> tuple[GridSpec, list[Trial]]:
     return spec, expand(spec, source=str(grid_path))
 
 
-def run_sweep(grid_path: str | Path, *, results_dir: str | Path = "results", address: str | None = None,
-              tracking_uri: str | None = None, resume: bool = False, force: bool = False,
-              progress: bool = True, only: int | None = None) -> SweepResult:
-    """Run every not-yet-FINISHED trial of the grid; ``only`` caps the number of trials run (tests, demos)."""
-    from etbench.tracking.mlflow_log import default_tracking_uri
+def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, storage: str | None = None,
+              address: str | None = None, tracking_uri: str | None = None, resume: bool = False,
+              force: bool = False, progress: bool = True, only: int | None = None) -> SweepResult:
+    """Run every not-yet-FINISHED trial of the grid; ``only`` caps the number of trials run (tests, demos).
+
+    ``storage`` (or its older name ``results_dir``) overrides the grid's ``storage:`` and ``$ETBENCH_STORAGE``.
+    On a Ray cluster (``address``, inside ``ray job submit``, or Ray already initialised) the storage and tracking
+    settings are checked against the number of alive nodes, every trial is admitted against what the cluster can
+    hold once scaled, and a pre-flight task on every node checks the storage and the data — all before any trial.
+    """
+    import ray
+
+    from etbench import storage as stg
+    from etbench.admission import admit
 
     t0 = time.perf_counter()
     spec, trials = plan(grid_path)
-    results_dir = Path(results_dir).resolve()
-    uri = tracking_uri or spec.tracking.uri or default_tracking_uri(results_dir)
+    flag = "--results" if storage is None and results_dir is not None else "--storage"
+    st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
+    uri = tracking_uri or spec.tracking.uri
+    on_cluster = bool(address) or stg.job_working_dir() is not None or ray.is_initialized()
+    if not on_cluster:
+        stg.check_address(address)
+    started = init_ray(address, any(t.config.dist.use_gpu for t in trials)) if on_cluster else False
+    marker: tuple[str, str] | None = None
+    try:
+        if on_cluster:
+            stg.check_cluster_storage(st, uri, stg.cluster_size(), storage_flag=flag)
+        uri = uri or _default_uri(st, flag)
+        res = _plan_trials(spec, trials, st, uri, resume, force, only, progress)
+        if res.todo:
+            if on_cluster:  # (a local Ray is admitted against once _run_with_tune has started it)
+                admit([t.config for t, _ in res.todo], custom=spec.resources.custom)
+                marker = stg.preflight(st, [t.config for t, _ in res.todo])
+                if progress:
+                    print(f"pre-flight: {stg.cluster_size()} node(s) see storage {st.root} and the data")
+            payloads = [_trial_payload(t, spec, uri, res.experiment, st, resume, rid, marker) for t, rid in res.todo]
+            _run_with_tune(spec, payloads, st, address, res, progress)
+    finally:
+        if marker is not None:
+            stg.remove(marker[0])
+        if started:
+            ray.shutdown()
+    res.wall_s = time.perf_counter() - t0
+    if progress:
+        print(f"grid {spec.name}: {len(res.finished)} finished, {len(res.failed)} failed, {len(res.skipped)} skipped "
+              f"in {res.wall_s:.0f} s; MLflow store {uri}, experiment {res.experiment!r}, runs under "
+              f"{st.join(spec.name, 'trials') if st.is_uri else res.results_dir / spec.name / 'trials'}")
+        for h, why in res.failed.items():
+            print(f"  FAILED {h}: {why.splitlines()[0] if why else ''}")
+    return res
+
+
+def _default_uri(st: Storage, flag: str) -> str:
+    from etbench.tracking.mlflow_log import default_tracking_uri
+
+    if st.is_uri:
+        raise StorageError(f"{flag} {st.root} is a URI: give --tracking-uri (an MLflow server, e.g. "
+                           f"http://HEAD:5000 started with cluster/mlflow_server.sh); the default SQLite store needs "
+                           f"a local directory")
+    return default_tracking_uri(st.local)
+
+
+def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, resume: bool, force: bool,
+                 only: int | None, progress: bool) -> SweepResult:
+    """Which trials still need to run (dedup by config hash against MLflow); refuses partial results w/o --resume."""
+    from etbench.storage import exists
+
     experiment = spec.tracking.experiment or spec.name
-    res = SweepResult(spec.name, experiment, uri, results_dir, planned=len(trials))
+    results_dir = local_root(st)
+    res = SweepResult(spec.name, experiment, uri, results_dir, planned=len(trials), storage=st.root)
     existing = _runs_by_hash(uri, experiment)
-    todo: list[tuple[Trial, str | None]] = []
     partial = []
     for t in trials:
         runs = existing.get(t.config_hash, [])
@@ -169,34 +273,36 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path = "results", add
             res.skipped.append(t.config_hash)
             continue
         d = trial_dir(results_dir, spec.name, t.config_hash)
-        if d.exists():
+        started = d.exists() or (st.is_uri and exists(st.join(spec.name, "trials", t.config_hash)))
+        if started:
             partial.append(t.config_hash)
             if force:
-                shutil.rmtree(d)
+                _remove_trial(st, d, spec.name, t.config_hash)
         live = [r for r in runs if r.info.status in ("RUNNING", "KILLED", "SCHEDULED")]
-        run_id = live[-1].info.run_id if (resume and live and d.exists()) else None
-        todo.append((t, run_id))
+        run_id = live[-1].info.run_id if (resume and live and started) else None
+        res.todo.append((t, run_id))
     if partial and not (resume or force):
         raise SweepError(f"{len(partial)} trial(s) of {spec.name} have partial results under "
-                         f"{results_dir / spec.name / 'trials'} ({', '.join(partial[:5])}…); pass --resume to continue "
+                         f"{st.join(spec.name, 'trials')} ({', '.join(partial[:5])}…); pass --resume to continue "
                          f"them or --force to restart them")
     if only is not None:
-        todo = todo[:only]
+        res.todo = res.todo[:only]
     if progress:
         print(f"grid {spec.name}: {len(trials)} trials planned, {len(res.skipped)} already FINISHED in "
-              f"{experiment!r}, {len(todo)} to run (max {spec.max_concurrent_trials} concurrent); tracking {uri}")
-    _close_stale_runs(uri, existing, {t.config_hash for t, rid in todo if rid is None})
-    if todo:
-        payloads = [_trial_payload(t, spec, uri, experiment, results_dir, resume, rid) for t, rid in todo]
-        _run_with_tune(spec, payloads, results_dir, address, res, progress)
-    res.wall_s = time.perf_counter() - t0
-    if progress:
-        print(f"grid {spec.name}: {len(res.finished)} finished, {len(res.failed)} failed, {len(res.skipped)} skipped "
-              f"in {res.wall_s:.0f} s; MLflow store {uri}, experiment {experiment!r}, runs under "
-              f"{results_dir / spec.name / 'trials'}")
-        for h, why in res.failed.items():
-            print(f"  FAILED {h}: {why.splitlines()[0] if why else ''}")
+              f"{experiment!r}, {len(res.todo)} to run (max {spec.max_concurrent_trials} concurrent); tracking {uri}; "
+              f"storage {st.describe()}")
+    _close_stale_runs(uri, existing, {t.config_hash for t, rid in res.todo if rid is None})
     return res
+
+
+def _remove_trial(st: Storage, d: Path, grid: str, config_hash: str) -> None:
+    if d.exists():
+        shutil.rmtree(d)
+    if st.is_uri:
+        from etbench.storage import _fs
+
+        fs, path = _fs(st.join(grid, "trials", config_hash))
+        fs.delete_dir(path)
 
 
 def _close_stale_runs(uri: str, existing: dict[str, list[Any]], hashes: set[str]) -> None:
@@ -211,27 +317,28 @@ def _close_stale_runs(uri: str, existing: dict[str, list[Any]], hashes: set[str]
                 client.set_terminated(r.info.run_id, status="KILLED")
 
 
-def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], results_dir: Path, address: str | None,
+def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, address: str | None,
                    res: SweepResult, progress: bool) -> None:
     import ray
     from ray import tune
 
     from etbench.sweep.progress import TrialProgress
 
-    started = init_ray(address, spec.resources.use_gpu)
+    use_gpu = any(p["config"].get("dist", {}).get("use_gpu") for p in payloads)
+    started = init_ray(address, use_gpu)
     try:
-        r = spec.resources
-        if r.workers == 1:
-            resources: dict[str, float] = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
-        else:  # the trial only drives a TorchTrainer whose workers reserve their own resources
-            resources = {"CPU": 0.1}
+        if started:
+            from etbench.admission import admit
+            from etbench.config import RunConfig
+
+            admit([RunConfig.model_validate(p["config"]) for p in payloads], custom=spec.resources.custom)
         tuner = tune.Tuner(
-            tune.with_resources(_tune_trainable, resources),
+            tune.with_resources(_tune_trainable, trial_resources),
             param_space={"trial": tune.grid_search(payloads)},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(results_dir / "ray"),
+                storage_path=st.ray_path(),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 callbacks=[TrialProgress(len(payloads), enabled=progress)],
                 verbose=0,

@@ -26,12 +26,33 @@ def default_tracking_uri(results_dir: Path) -> str:
 
 
 def git_commit() -> str:
+    """The submitter's commit when it was passed on (``$ETBENCH_GIT_COMMIT``, set by etbench.storage for every Ray
+    worker: a cluster's working-dir copy has no .git), else this checkout's HEAD, else "unknown"."""
+    import os
+
+    if os.environ.get("ETBENCH_GIT_COMMIT"):
+        return os.environ["ETBENCH_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def git_dirty() -> str:
+    """"true"/"false": uncommitted changes to tracked files where the run was submitted ("unknown" if not known)."""
+    import os
+
+    if os.environ.get("ETBENCH_GIT_COMMIT"):
+        return os.environ.get("ETBENCH_GIT_DIRTY", "unknown")
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "true" if out.strip() else "false"
 
 
 def package_versions() -> dict[str, str]:
@@ -96,6 +117,7 @@ class RunTracker:
             S.TAG_SPLIT: str(getattr(task, "split", -1)) if task.kind == "graph" else "-1",
             S.TAG_PAPER_COMPARABLE: "true" if cfg.paper_comparable else "false",
             S.TAG_GIT_COMMIT: git_commit(),
+            S.TAG_GIT_DIRTY: git_dirty(),
             S.TAG_VERSIONS: json.dumps(package_versions()),
             "mlflow.runName": self.run_name,
         }

@@ -16,6 +16,7 @@ Tags (all strings):
     etbench.axis.<name>       value of each swept grid axis (e.g. etbench.axis.model.steps = "4")
     etbench.paper_comparable  "true" | "false" (small presets are not paper-comparable)
     etbench.git_commit        commit of the code that ran
+    etbench.git_dirty         true/false: uncommitted changes to tracked files where the run was submitted
     etbench.dataset_checksum  checksum / file-list hash of the data
     etbench.versions          JSON of package versions
     etbench.error             reason, when the run FAILED
@@ -53,6 +54,7 @@ TAG_SPLIT = "etbench.split"
 TAG_AXIS_PREFIX = "etbench.axis."
 TAG_PAPER_COMPARABLE = "etbench.paper_comparable"
 TAG_GIT_COMMIT = "etbench.git_commit"
+TAG_GIT_DIRTY = "etbench.git_dirty"
 TAG_DATASET_CHECKSUM = "etbench.dataset_checksum"
 TAG_VERSIONS = "etbench.versions"
 TAG_ERROR = "etbench.error"
