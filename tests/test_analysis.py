@@ -279,18 +279,27 @@ def test_report_and_cache(store: dict, tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in again.figures) == sorted(names)
     monkeypatch.undo()
 
-    # A run that changed in MLflow (new end_time) is fetched again; the others stay cached.
+    # Artifacts outside a local folder are downloaded once per run version (here: the run frame without
+    # artifact_uri, so the cache asks MLflow for it and goes through the artifact repository).
     changed = store["ids"][("et", 1, 0)]
+    traced = load_runs(EXPERIMENT, store["uri"]).runs
+    traced = traced[(traced["model"] == "et") & (traced[STEPS] == 1)].drop(columns="artifact_uri")
+    remote = RunCache(MlflowClient(tracking_uri=store["uri"]), tmp_path / "remote")
+    first = [remote.artifact(row, schema.ENERGY_TRACE_ARTIFACT) for _, row in traced.iterrows()]
+    assert remote.downloads == 3 and all(p is not None and p.is_relative_to(tmp_path / "remote") for p in first)
+    [remote.artifact(row, schema.ENERGY_TRACE_ARTIFACT) for _, row in traced.iterrows()]
+    assert remote.downloads == 3
+
+    # A run that changed in MLflow (new end_time) is read again; the others come from the caches.
     store["client"].set_terminated(changed, "FINISHED", end_time=1_800_000_000_000)
     runs = load_runs(EXPERIMENT, store["uri"]).runs
     cache = RunCache(MlflowClient(tracking_uri=store["uri"]), cache_dir)
-    fetched: list[str] = []
-    original = MlflowClient.download_artifacts
-    monkeypatch.setattr(MlflowClient, "download_artifacts",
-                        lambda self, run_id, *a, **k: fetched.append(run_id) or original(self, run_id, *a, **k))
     energy_frame(runs[runs["model"] == "et"], cache, keep=["seed", STEPS])
-    assert fetched == [changed]
-    meta = json.loads((cache_dir / "runs" / changed / "meta.json").read_text())
+    assert cache.trace_reads == [changed]
+    row = runs[runs["run_id"] == changed].drop(columns="artifact_uri").iloc[0]
+    remote.artifact(row, schema.ENERGY_TRACE_ARTIFACT)
+    assert remote.downloads == 4
+    meta = json.loads((tmp_path / "remote" / "runs" / changed / "meta.json").read_text())
     assert meta["end_time"] == 1_800_000_000_000
 
 

@@ -3,6 +3,11 @@
 Layout: ``<cache_dir>/runs/<run_id>/meta.json`` (status, end_time, the run's root artifact names) beside the
 downloaded files and ``history__<metric>.csv`` files. A run's entry is dropped and refetched when its status
 or end_time in MLflow differs from the cached one (the run was resumed, re-finished or failed since).
+
+Artifacts of a run whose ``artifact_uri`` is a local folder (``file://``: the default local store) are read in
+place — nothing is copied. Others are fetched through the artifact repository of that URI, which (unlike
+``MlflowClient.download_artifacts``) needs no run lookup per file. ``energy_frame`` keeps the parsed traces of
+all runs in one ``energy.npz`` beside ``runs/``, so a warm report reads one file instead of one per run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -43,14 +52,41 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ[key] = old
 
 
+def local_artifact_dir(artifact_uri: object) -> Path | None:
+    """The folder of a ``file://`` (or plain path) artifact URI, None for a remote one or a missing value."""
+    if not isinstance(artifact_uri, str) or not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(unquote(parsed.path)))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(artifact_uri)
+    return None
+
+
 class RunCache:
     """Fetch a run's artifacts and metric histories once; serve them from ``cache_dir`` afterwards."""
 
     def __init__(self, client: MlflowClient, cache_dir: Path) -> None:
         self.client = client
-        self.root = Path(cache_dir) / "runs"
+        self.cache_dir = Path(cache_dir)
+        self.root = self.cache_dir / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.downloads = 0
+        self.trace_reads: list[str] = []
+
+    def _local(self, run: Mapping[str, object]) -> Path | None:
+        folder = local_artifact_dir(run.get("artifact_uri"))
+        return folder if folder is not None and folder.is_dir() else None
+
+    def _repo(self, run: Mapping[str, object]) -> Any:
+        """The artifact repository of the run's artifact URI (no run lookup)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        uri = run.get("artifact_uri")
+        if not isinstance(uri, str) or not uri:  # a frame without the column: ask MLflow once
+            uri = self.client.get_run(str(run["run_id"])).info.artifact_uri
+        return get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
 
     def _dir(self, run: Mapping[str, object]) -> tuple[Path, dict[str, object]]:
         """The run's cache folder and its meta, emptied first when the run changed in MLflow."""
@@ -72,14 +108,21 @@ class RunCache:
 
     def artifact_names(self, run: Mapping[str, object]) -> list[str]:
         """Names of the files and folders at the root of the run's artifacts (listed once, then cached)."""
+        local = self._local(run)
+        if local is not None:
+            return sorted(os.listdir(local))
         folder, meta = self._dir(run)
         if "artifacts" not in meta:
-            meta["artifacts"] = sorted(Path(f.path).name for f in self.client.list_artifacts(str(run["run_id"])))
+            meta["artifacts"] = sorted(Path(f.path).name for f in self._repo(run).list_artifacts())
             self._save_meta(folder, meta)
         return list(meta["artifacts"])  # type: ignore[call-overload]
 
     def artifact(self, run: Mapping[str, object], name: str) -> Path | None:
         """Local copy of the root artifact ``name`` of ``run``, or None when the run has no such artifact."""
+        local = self._local(run)
+        if local is not None:
+            path = local / name
+            return path if path.exists() else None
         if name not in self.artifact_names(run):
             return None
         folder, _ = self._dir(run)
@@ -87,9 +130,9 @@ class RunCache:
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp, _no_progress_bar():
-                local = Path(self.client.download_artifacts(str(run["run_id"]), name, tmp))
+                fetched = Path(self._repo(run).download_artifacts(name, tmp))
                 self.downloads += 1
-                shutil.move(local, target)
+                shutil.move(fetched, target)
         return target
 
     def history(self, run: Mapping[str, object], key: str) -> pd.DataFrame:
@@ -116,36 +159,88 @@ def read_trace(path: Path) -> pd.DataFrame:
     return trace
 
 
+ENERGY_CACHE = "energy.npz"
+_TRACE_COLUMNS = ["step", "sample", *ENERGY_TERMS]
+
+
+def _stamp(run: Mapping[str, object]) -> str:
+    return f"{run['status']}|{_end_time(run['end_time'])}"
+
+
+def _load_energy_cache(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
+    """(run_id → stamp, rows) of the consolidated trace cache; empty when absent or unreadable."""
+    if not path.exists():
+        return {}, pd.DataFrame()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stamps = json.loads(str(z["stamps"]))
+            rows = pd.DataFrame({c: z[c] for c in ["run_id", *_TRACE_COLUMNS, "source"]})
+    except (OSError, ValueError, KeyError):
+        return {}, pd.DataFrame()
+    return stamps, rows
+
+
+def _save_energy_cache(path: Path, stamps: dict[str, str], rows: pd.DataFrame) -> None:
+    """Write the trace cache atomically (a report killed while writing leaves the old one)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {c: rows[c].to_numpy(dtype=str if c in ("run_id", "source") else float) for c in
+              ["run_id", *_TRACE_COLUMNS, "source"]}
+    np.savez(tmp, stamps=np.array(json.dumps(stamps)), **arrays)
+    os.replace(tmp, path)
+
+
+def _run_trace(run: Mapping[str, object], cache: RunCache, energy_cols: list[str]) -> pd.DataFrame | None:
+    """One run's descent rows from its trace artifact, else from its energy/* histories; None without either."""
+    has_metrics = any(pd.notna(run[c]) for c in energy_cols)
+    path = cache.artifact(run, schema.ENERGY_TRACE_ARTIFACT) if has_metrics or run["model"] == "et" else None
+    if path is not None:
+        return read_trace(path)[_TRACE_COLUMNS].assign(source="trace")
+    if not has_metrics:
+        return None
+    parts = []
+    for key in schema.ENERGY_METRICS:
+        if f"metrics.{key}" in run and pd.notna(run[f"metrics.{key}"]):
+            parts.append(cache.history(run, key).set_index("step")["value"].rename(key.split("/", 1)[1]))
+    trace = pd.concat(parts, axis=1).reset_index().assign(sample=-1, source="metrics")
+    for term in ENERGY_TERMS:
+        if term not in trace.columns:
+            trace[term] = float("nan")
+    return trace[[*_TRACE_COLUMNS, "source"]]
+
+
 def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) -> pd.DataFrame:
     """Energy descent of every run that has one: columns run_id, step, sample, E, E_att, E_hn, dx_norm, source.
 
     Per-sample values come from the energy_trace.csv artifact; a run without one falls back to its
     ``energy/*`` metric histories (one mean value per descent step, sample = -1, source = "metrics").
-    ``keep`` names run columns (e.g. axes, seed) copied onto every row.
+    ``keep`` names run columns (e.g. axes, seed) copied onto every row. Parsed traces are kept in
+    ``<cache_dir>/energy.npz`` per (run, status, end_time); ``cache.trace_reads`` lists the runs read afresh.
     """
     energy_cols = [c for c in (f"metrics.{m}" for m in schema.ENERGY_METRICS) if c in runs.columns]
+    path = cache.cache_dir / ENERGY_CACHE
+    stamps, cached = _load_energy_cache(path)
+    by_run = dict(iter(cached.groupby("run_id", sort=False))) if len(cached) else {}
+    cols = [c for c in ["run_id", "status", "end_time", "artifact_uri", "model", *energy_cols] if c in runs.columns]
     frames: list[pd.DataFrame] = []
-    for _, run in runs.iterrows():
-        has_metrics = bool(energy_cols) and bool(run[energy_cols].notna().any())
-        path = cache.artifact(run, schema.ENERGY_TRACE_ARTIFACT) if has_metrics or run["model"] == "et" else None
-        if path is not None:
-            trace = read_trace(path)[["step", "sample", *ENERGY_TERMS]].assign(source="trace")
-        elif has_metrics:
-            parts = []
-            for key in schema.ENERGY_METRICS:
-                if f"metrics.{key}" in runs.columns and pd.notna(run[f"metrics.{key}"]):
-                    hist = cache.history(run, key).set_index("step")["value"].rename(key.split("/", 1)[1])
-                    parts.append(hist)
-            trace = pd.concat(parts, axis=1).reset_index().assign(sample=-1, source="metrics")
-            for term in ENERGY_TERMS:
-                if term not in trace.columns:
-                    trace[term] = float("nan")
+    fresh: dict[str, str] = {}
+    cache.trace_reads = []
+    for run in runs[cols].to_dict("records"):
+        run_id, stamp = str(run["run_id"]), _stamp(run)
+        if stamps.get(run_id) == stamp:
+            part = by_run.get(run_id)
         else:
-            continue
-        trace.insert(0, "run_id", run["run_id"])
-        for col in keep:
-            trace[col] = run[col]
-        frames.append(trace)
-    if not frames:
-        return pd.DataFrame(columns=["run_id", "step", "sample", *ENERGY_TERMS, "source", *keep])
-    return pd.concat(frames, ignore_index=True)
+            trace = _run_trace(run, cache, energy_cols)
+            cache.trace_reads.append(run_id)
+            part = None if trace is None else trace.assign(run_id=run_id)
+        fresh[run_id] = stamp
+        if part is not None:
+            frames.append(part)
+    out_cols = ["run_id", *_TRACE_COLUMNS, "source"]
+    rows = pd.concat(frames, ignore_index=True)[out_cols] if frames else pd.DataFrame(columns=out_cols)
+    if cache.trace_reads or set(stamps) != set(fresh):
+        _save_energy_cache(path, fresh, rows)
+    if keep:
+        rows = rows.merge(runs[["run_id", *keep]].drop_duplicates("run_id"), on="run_id", how="left")
+    for c in ("step", "sample"):
+        rows[c] = rows[c].astype(int)
+    return rows

@@ -2,7 +2,8 @@
 
 Input is ``cache.energy_frame``: one row per (run, step, sample) from energy_trace.csv artifacts, or per
 (run, step) from the ``energy/*`` metric histories. Bands are 95% CIs of the mean over all samples and
-seeds at that step (percentile bootstrap, 999 resamples — cheap for thousands of samples).
+seeds at that step: Student t intervals — a band holds samples × seeds values (tens to thousands), where the t
+interval and a bootstrap agree, and thousands of bands would cost a bootstrap each.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from etbench.analysis.stats import CIConfig, mean_ci
 
 TERMS = ("E", "E_att", "E_hn")
 TERM_LABEL = {"E": "E (total)", "E_att": "E_att (attention)", "E_hn": "E_hn (Hopfield)"}
-BAND_CI = CIConfig(method="percentile", n_resamples=999)
+BAND_CI = CIConfig(method="t")
 
 
 def descent_curves(energy: pd.DataFrame, keys: Sequence[str], cfg: CIConfig = BAND_CI) -> pd.DataFrame:

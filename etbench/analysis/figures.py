@@ -54,9 +54,35 @@ def varying(block: pd.DataFrame, axes: Sequence[str]) -> list[str]:
     return [a for a in axes if block[a].dropna().nunique() > 1]
 
 
+def axis_label(axis: str, among: Sequence[str] = ()) -> str:
+    """Short name of an axis column (``axis.model.steps`` → ``steps``); the longer dotted name when another axis
+    in ``among`` has the same last part (``train.steps`` beside ``model.steps``)."""
+    leaf = axis.rsplit(".", 1)[-1]
+    if sum(a.rsplit(".", 1)[-1] == leaf for a in among) > 1:
+        return axis.removeprefix("axis.")
+    return leaf
+
+
+def value_text(value: object) -> str:
+    """An axis value as titles and file names print it: floats in their shortest exact form (0.0005, 1e-05)."""
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
 def rest_label(values: dict[str, object]) -> str:
-    """"name=value" of the other varying axes, for a title or file name."""
-    return ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in values.items())
+    """"name=value" of the other varying axes, for a title."""
+    return ", ".join(f"{axis_label(a, list(values))}={value_text(v)}" for a, v in values.items())
+
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.+=-")
+
+
+def file_part(text: str) -> str:
+    """``text`` safe for a file name and still distinct: every other character is percent-encoded (%2F for /)."""
+    return "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode()) for ch in text)
 
 
 def _summary(block: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig) -> tuple[pd.DataFrame, str]:
@@ -69,17 +95,37 @@ def _tag(dataset: str, protocol: str, metric: str) -> str:
     return f"{dataset}_{protocol}_{metric.rsplit('/', 1)[-1]}"
 
 
+def slice_combos(table: pd.DataFrame, rest: Sequence[str]) -> pd.DataFrame:
+    """The distinct combinations of the ``rest`` axes that define slices.
+
+    A missing value (a baseline without an ET-only axis) is a wildcard: such a row joins every slice it matches
+    on its other axes, so it defines a slice of its own only when it matches none.
+    """
+    combos = table[list(rest)].dropna(how="all").drop_duplicates()
+    width = combos.notna().sum(axis=1).to_numpy()
+    keep = []
+    for i, (_, combo) in enumerate(combos.iterrows()):
+        covered = width > width[i]
+        for a in rest:
+            if pd.notna(combo[a]):
+                covered &= (combos[a].notna() & (combos[a] == combo[a])).fillna(False).to_numpy(bool)
+        if not covered.any():
+            keep.append(i)
+    combos = combos.iloc[keep]
+    return combos.sort_values(list(rest), na_position="last").reset_index(drop=True)
+
+
 def _slices(table: pd.DataFrame, rest: Sequence[str]) -> list[tuple[dict[str, object], pd.DataFrame]]:
-    """One slice per combination of the ``rest`` axes; a row without a value for an axis (a baseline without
-    that ET-only axis) belongs to every slice."""
+    """One slice per combination of the ``rest`` axes (:func:`slice_combos`): the rows with exactly those values,
+    plus the rows that have no value for an axis fixed here (a baseline without that ET-only axis)."""
     if not rest:
         return [({}, table)]
-    combos = table[list(rest)].dropna(how="all").drop_duplicates().sort_values(list(rest))
     out = []
-    for _, combo in combos.iterrows():
+    for _, combo in slice_combos(table, rest).iterrows():
         mask = np.ones(len(table), dtype=bool)
         for a in rest:
-            mask &= (table[a].isna() | (table[a] == combo[a])).to_numpy(bool) if pd.notna(combo[a]) else True
+            has = table[a].isna() | (table[a] == combo[a]) if pd.notna(combo[a]) else table[a].isna()
+            mask &= has.to_numpy(bool)
         out.append(({a: combo[a] for a in rest if pd.notna(combo[a])}, table[mask]))
     return out
 
@@ -90,7 +136,8 @@ def _title(fig: Figure, dataset: str, protocol: str, fixed: dict[str, object], o
 
 
 def _suffix(fixed: dict[str, object]) -> str:
-    return "".join(f"_{a.rsplit('.', 1)[-1]}-{v}" for a, v in fixed.items())
+    """File-name part naming every fixed axis value exactly (the title shows the same values)."""
+    return "".join(f"_{file_part(axis_label(a, list(fixed)))}-{file_part(value_text(v))}" for a, v in fixed.items())
 
 
 def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:

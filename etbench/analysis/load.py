@@ -4,7 +4,10 @@ Columns: ``run_id``, ``status``, ``start_time``, ``end_time`` (ms), the etbench 
 ``model``, ``dataset``, ``protocol``, ``seed``, ``split``, ``paper_comparable``, ``config_hash``, ``grid``,
 ``error``), one ``axis.<name>`` column per swept grid axis (numbers parsed when every value is a number),
 ``params.<key>`` and ``metrics.<name>`` (latest value), the names MLflow's ``search_runs`` uses.
-The search pages through ``MlflowClient.search_runs`` page tokens, so any store size works.
+The search pages through ``MlflowClient.search_runs`` page tokens, so any store size works. A SQL store
+(sqlite, postgresql, mysql, mssql URIs) is read with four queries on MLflow's tables instead (runs, tags, params,
+latest_metrics: what ``search_runs`` itself reads), which skips building an MLflow ``Run`` object per run — the
+same frame (tested) in a fraction of the time at thousands of runs.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ def search_all(client: MlflowClient, exp_id: str, progress: Callable[[str], None
             return runs
 
 
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "artifact_uri"]
+
+
+def is_sql_store(tracking_uri: str | None) -> bool:
+    """Whether ``tracking_uri`` names a database MLflow reads through SQLAlchemy (not a server or a folder)."""
+    return bool(tracking_uri) and str(tracking_uri).split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES
+
+
 def _row(run: Run) -> dict[str, object]:
     """Flatten one MLflow run into a row."""
     info, data = run.info, run.data
@@ -87,6 +99,7 @@ def _row(run: Run) -> dict[str, object]:
         "status": info.status,
         "start_time": info.start_time,
         "end_time": info.end_time,
+        "artifact_uri": info.artifact_uri,
     }
     for col, tag in TAG_COLUMNS.items():
         row[col] = data.tags.get(tag)
@@ -96,6 +109,51 @@ def _row(run: Run) -> dict[str, object]:
     row.update({f"params.{k}": v for k, v in data.params.items()})
     row.update({f"metrics.{k}": v for k, v in data.metrics.items()})
     return row
+
+
+def sql_frame(tracking_uri: str, exp_id: str) -> pd.DataFrame:
+    """The wide run frame (as ``_row`` builds it) of the experiment's active runs, straight from MLflow's tables.
+
+    Rows come in ``search_runs``' default order (start_time descending, then run id); metrics are the
+    latest_metrics values (NaN where MLflow stored is_nan), exactly what a ``Run`` object's ``data.metrics`` holds.
+    """
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(tracking_uri)
+    where = "r.experiment_id = :exp AND r.lifecycle_stage = 'active'"
+    args = {"exp": int(exp_id)}
+    try:
+        with engine.connect() as conn:
+            info = pd.read_sql(text(
+                "SELECT r.run_uuid AS run_id, r.name AS run_name, r.status, r.start_time, r.end_time, r.artifact_uri "
+                f"FROM runs r WHERE {where} ORDER BY r.start_time DESC, r.run_uuid"), conn, params=args)
+            parts = {kind: pd.read_sql(text(
+                f"SELECT t.run_uuid AS run_id, t.key, t.value{', t.is_nan' if kind == 'latest_metrics' else ''} "
+                f"FROM {kind} t JOIN runs r ON r.run_uuid = t.run_uuid WHERE {where}"), conn, params=args)
+                for kind in ("tags", "params", "latest_metrics")}
+    finally:
+        engine.dispose()
+    metrics = parts["latest_metrics"]
+    metrics["value"] = metrics["value"].astype(float).where(~metrics.pop("is_nan").astype(bool), float("nan"))
+    tags = parts["tags"]
+    wide = [_pivot(tags[tags["key"].isin(list(TAG_COLUMNS.values()))], "", {v: k for k, v in TAG_COLUMNS.items()}),
+            _pivot(tags[tags["key"].str.startswith(schema.TAG_AXIS_PREFIX)], AXIS_PREFIX, strip=schema.TAG_AXIS_PREFIX),
+            _pivot(parts["params"], "params."), _pivot(metrics, "metrics.")]
+    frame = info.set_index("run_id")
+    for part in wide:
+        frame = frame.join(part, how="left")
+    for col in TAG_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    return frame.reset_index()
+
+
+def _pivot(long: pd.DataFrame, prefix: str, rename: dict[str, str] | None = None, strip: str = "") -> pd.DataFrame:
+    """(run_id, key, value) rows → one column per key, named ``prefix + key`` (or ``rename[key]``)."""
+    wide = long.pivot(index="run_id", columns="key", values="value")
+    names = {k: (rename or {}).get(k, prefix + k.removeprefix(strip)) for k in wide.columns}
+    wide.columns.name = None
+    return wide.rename(columns=names)
 
 
 def parse_values(values: pd.Series) -> pd.Series:
@@ -127,10 +185,25 @@ def _exclusion_reason(row: pd.Series, include_failed: bool) -> str | None:
 
 def runs_frame(runs: list[Run], *, include_failed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Analysed runs, excluded runs (run_id, status, reason) and the axis columns, from MLflow run objects."""
-    frame = pd.DataFrame([_row(r) for r in runs])
+    return frame_from_wide(pd.DataFrame([_row(r) for r in runs]), include_failed=include_failed)
+
+
+def _exclusion_reasons(frame: pd.DataFrame, include_failed: bool) -> pd.Series:
+    """``_exclusion_reason`` of every row; computed row by row only for the (few) rows not analysed."""
+    allowed = INCLUDED_STATUSES + (FAILED_STATUSES if include_failed else ())
+    fine = frame["status"].isin(allowed) & frame[list(REQUIRED_TAGS)].notna().all(axis=1)
+    reasons = pd.Series(None, index=frame.index, dtype=object)
+    if (~fine).any():
+        reasons[~fine] = frame[~fine].apply(_exclusion_reason, axis=1, args=(include_failed,))
+    return reasons
+
+
+def frame_from_wide(frame: pd.DataFrame, *, include_failed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                   list[str]]:
+    """:func:`runs_frame` from the wide frame (one row per run, ``_row``'s columns) of either reader."""
     if frame.empty:
-        frame = pd.DataFrame(columns=["run_id", "run_name", "status", "start_time", "end_time", *TAG_COLUMNS])
-    reasons = frame.apply(_exclusion_reason, axis=1, args=(include_failed,)) if len(frame) else pd.Series(dtype=object)
+        frame = pd.DataFrame(columns=[*INFO_COLUMNS, *TAG_COLUMNS])
+    reasons = _exclusion_reasons(frame, include_failed) if len(frame) else pd.Series(dtype=object)
     keep = reasons.isna() if len(frame) else pd.Series(dtype=bool)
     excluded = frame.loc[~keep, ["run_id", "status"]].assign(reason=reasons[~keep]).reset_index(drop=True)
     frame = frame.loc[keep].reset_index(drop=True)
@@ -170,5 +243,9 @@ def load_runs(
     """All runs of ``experiment``; only FINISHED ones are analysed unless ``include_failed`` (FAILED, KILLED)."""
     client = client or client_for(tracking_uri)
     exp_id = experiment_id(client, experiment)
-    runs, excluded, axes = runs_frame(search_all(client, exp_id, progress), include_failed=include_failed)
+    uri = tracking_uri or client.tracking_uri
+    if is_sql_store(uri):
+        runs, excluded, axes = frame_from_wide(sql_frame(uri, exp_id), include_failed=include_failed)
+    else:
+        runs, excluded, axes = runs_frame(search_all(client, exp_id, progress), include_failed=include_failed)
     return RunTable(experiment=experiment, experiment_id=exp_id, runs=runs, excluded=excluded, axes=axes)

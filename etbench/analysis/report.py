@@ -50,6 +50,7 @@ class ReportResult:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     excluded: pd.DataFrame = field(default_factory=pd.DataFrame)
+    titles: dict[str, str] = field(default_factory=dict)  # figure file stem → its title (one line)
 
 
 def _splits_vary(block: pd.DataFrame) -> bool:
@@ -140,7 +141,12 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
 
 
 def _save_figures(made: figures.FigureSet, folder: Path, result: ReportResult) -> None:
+    """Save (and close) each figure; a second figure under a name already written is an error, never an overwrite."""
     for name, fig in made.made:
+        if name in result.titles:
+            raise RuntimeError(f"two report figures are both named {name!r}; figure names must keep every axis value")
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        result.titles[name] = " · ".join(line for line in title.splitlines() if line)
         result.warnings += [f"figure {name}: {problem}" for problem in label_problems(fig)]
         result.figures += save(fig, folder / name)
     result.skipped += made.skipped
@@ -187,7 +193,10 @@ def _index(experiment: str, tracking_uri: str | None, result: ReportResult, sect
         lines += [f"- {reason}: {count}" for reason, count in result.excluded["reason"].value_counts().items()]
         lines.append("")
     lines += ["## Tables", "", *sections, "## Figures", ""]
-    lines += [f"- figures/{p.name}" for p in result.figures if p.suffix == ".pdf"]
+    files: dict[str, list[str]] = {}
+    for p in result.figures:
+        files.setdefault(p.name.rsplit(".", 1)[0], []).append(f"figures/{p.name}")
+    lines += [f"- {', '.join(paths)}: {result.titles.get(stem, '')}" for stem, paths in files.items()]
     lines += ["", "## Images from the runs", ""] + [f"- images/{p.name}" for p in result.images]
     lines += ["", "## Skipped", ""] + [f"- {s}" for s in result.skipped]
     if result.warnings:

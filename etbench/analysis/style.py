@@ -102,7 +102,8 @@ def cost_x(ax: Axes) -> None:
 def save(fig: Figure, stem: Path) -> list[Path]:
     """Save ``fig`` as ``stem.pdf`` and ``stem.png``, close it, return both paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    # not ``with_suffix``: a stem such as "..._lr-0.0005" has a dot that is part of a value, not a suffix
+    paths = [stem.parent / f"{stem.name}.pdf", stem.parent / f"{stem.name}.png"]
     for path in paths:
         fig.savefig(path)
     plt.close(fig)

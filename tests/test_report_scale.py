@@ -1,0 +1,102 @@
+"""Reports at scale: figure names that keep every axis value, slices that hold exactly their cell's runs, the
+fast readers (SQL run table, trace cache, dedup lookup) against MLflow's own API, and the generated stores
+against a real tracked run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from etbench.analysis import figures
+from etbench.analysis.report import make_report
+from etbench.bench.report_store import StoreShape, generate_store
+
+MSE = "best/test/mse_masked"
+STEPS = "axis.model.steps"
+MEM = "axis.model.memories"
+LRS = (0.0005, 0.001, 0.002)
+
+
+@pytest.fixture(scope="module")
+def lr_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """et + vit × steps {1, 4} × lr {0.0005, 0.001, 0.002} × 2 seeds (24 runs), generated."""
+    dest = tmp_path_factory.mktemp("lr_store") / "store"
+    return generate_store(dest, StoreShape((1, 4), (), LRS, (0, 1), epochs=3, trace_samples=4), name="lr-grid",
+                          progress=lambda s: None)
+
+
+def test_lr_grid_writes_one_figure_per_lr_named_like_its_title(lr_store: dict, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = make_report(lr_store["experiment"], lr_store["tracking_uri"], out, progress=lambda s: None)
+    steps = sorted(p.name for p in (out / "figures").glob("steps_*.pdf"))
+    assert steps == [f"steps_digits_masked-completion_mse_masked_lr-{lr!r}.pdf" for lr in LRS]
+    on_disk = sorted(p.name for p in (out / "figures").iterdir())
+    readme = result.index.read_text()
+    listed = sorted(name for line in readme.splitlines() if line.startswith("- figures/")
+                    for name in re.findall(r"figures/(\S+?\.(?:pdf|png))", line))
+    assert listed == on_disk and len(on_disk) == len(result.figures) == len(set(result.figures))
+    for line in readme.splitlines():
+        if line.startswith("- figures/steps_"):
+            named = re.search(r"_lr-([0-9.e-]+)\.pdf", line).group(1)
+            titled = re.search(r"lr=([0-9.e-]+)", line.split(": ", 1)[1]).group(1)
+            assert named == titled, line
+
+
+def _zigzag_frame() -> pd.DataFrame:
+    """et over steps × memories {64, 256} and vit over steps (no memories axis), 3 seeds, one dataset."""
+    rows = []
+    for model, mems in (("et", (64, 256)), ("vit", (None,))):
+        for mem in mems:
+            for steps in (1, 2, 4):
+                for seed in range(3):
+                    mse = 0.1 / steps + (0.05 if mem == 64 else 0.0) + (0.2 if model == "vit" else 0) + 0.001 * seed
+                    rows.append({"model": model, STEPS: steps, MEM: mem, "seed": seed, "metrics." + MSE: mse})
+    frame = pd.DataFrame(rows).assign(dataset="d", protocol="p", task="image", split=-1, paper_comparable=False)
+    frame[["split", "seed", STEPS, MEM]] = frame[["split", "seed", STEPS, MEM]].astype("Int64")
+    return frame
+
+
+def test_each_steps_figure_holds_exactly_its_cells_runs() -> None:
+    made = figures.steps_figures(_zigzag_frame(), MSE, [MEM, STEPS])
+    names = [n for n, _ in made.made]
+    assert names == [f"steps_d_p_mse_masked_memories-{m}" for m in (64, 256)]  # no slice "without memories"
+    for (name, fig), mem in zip(made.made, (64, 256), strict=True):
+        ax = fig.axes[0]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"et", "vit"}
+        for label, line in lines.items():
+            x = list(line.get_xdata())
+            assert x == [1.0, 2.0, 4.0], (name, label, x)  # one point per T: no zigzag through other cells
+        want = 0.1 / np.array([1, 2, 4]) + (0.05 if mem == 64 else 0.0) + 0.001
+        np.testing.assert_allclose(lines["et"].get_ydata(), want)
+    table = _zigzag_frame()
+    for fixed, part in figures._slices(table, [MEM]):
+        assert set(part[MEM].dropna()) == {fixed[MEM]} and set(part.loc[part[MEM].isna(), "model"]) == {"vit"}
+
+
+def test_file_names_are_exact_and_distinct() -> None:
+    assert figures.value_text(0.0005) == "0.0005" and figures.value_text(np.float64(1e-05)) == "1e-05"
+    assert figures.file_part("attn+hn") == "attn+hn" and figures.file_part("a/b c") == "a%2Fb%20c"
+    assert figures.file_part("a b") != figures.file_part("a_b")
+    assert figures.rest_label({"axis.model.steps": 4, "axis.train.steps": 2}) == "model.steps=4, train.steps=2"
+
+
+def test_sql_reader_gives_the_frame_of_mlflow_search(lr_store: dict) -> None:
+    from etbench.analysis import load
+
+    uri = lr_store["tracking_uri"]
+    client = load.client_for(uri)
+    exp_id = load.experiment_id(client, lr_store["experiment"])
+    client.set_terminated(client.search_runs([exp_id], max_results=1)[0].info.run_id, "FAILED")
+    via_api = load.runs_frame(load.search_all(client, exp_id), include_failed=False)
+    via_sql = load.frame_from_wide(load.sql_frame(uri, exp_id), include_failed=False)
+    assert load.is_sql_store(uri) and not load.is_sql_store("http://127.0.0.1:5000")
+    assert sorted(via_api[0].columns) == sorted(via_sql[0].columns) and len(via_api[0]) == 23
+    pd.testing.assert_frame_equal(via_api[0], via_sql[0][via_api[0].columns])
+    pd.testing.assert_frame_equal(via_api[1], via_sql[1])
+    assert via_api[2] == via_sql[2] == [STEPS, "axis.train.lr"]
+    client.set_terminated(via_api[1]["run_id"].iloc[0], "FINISHED")
