@@ -100,3 +100,36 @@ def test_sql_reader_gives_the_frame_of_mlflow_search(lr_store: dict) -> None:
     pd.testing.assert_frame_equal(via_api[1], via_sql[1])
     assert via_api[2] == via_sql[2] == [STEPS, "axis.train.lr"]
     client.set_terminated(via_api[1]["run_id"].iloc[0], "FINISHED")
+
+
+def test_dedup_lookup_reads_hash_and_status_like_search_runs(lr_store: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from etbench.sweep.runner import _runs_by_hash
+    from etbench.tracking import lookup
+    from etbench.tracking.mlflow_log import find_finished
+
+    uri, experiment = lr_store["tracking_uri"], lr_store["experiment"]
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    everything = client.search_runs([exp_id], max_results=1000)
+    one = everything[5]
+    client.set_terminated(one.info.run_id, "KILLED")
+    try:
+        fast = lookup.run_refs(uri, experiment)
+        slow = lookup._api_refs(uri, exp_id, None, None)
+        assert fast == slow and len(fast) == 24
+        want = {r.info.run_id: (r.data.tags["etbench.config_hash"], r.info.status) for r in everything}
+        want[one.info.run_id] = (want[one.info.run_id][0], "KILLED")
+        assert {r.run_id: (r.config_hash, r.status) for r in fast} == want
+        by_hash = _runs_by_hash(uri, experiment)
+        h = one.data.tags["etbench.config_hash"]
+        assert [r.info.status for r in by_hash[h]] == ["KILLED"] and len(by_hash) == 24
+        assert find_finished(uri, experiment, h) == []
+        other = everything[0].data.tags["etbench.config_hash"]
+        assert find_finished(uri, experiment, other) == [everything[0].info.run_id]
+        assert lookup._api_refs(uri, exp_id, other, "FINISHED") == lookup.run_refs(uri, experiment, config_hash=other,
+                                                                                   status="FINISHED")
+        assert lookup.runs_by_hash(uri, "no-such-experiment") == {}
+    finally:
+        client.set_terminated(one.info.run_id, "FINISHED")

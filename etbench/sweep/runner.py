@@ -79,23 +79,10 @@ def trial_resources(config: dict[str, Any]) -> Any:
 
 
 def _runs_by_hash(uri: str, experiment: str) -> dict[str, list[Any]]:
-    from mlflow.tracking import MlflowClient
+    """Config hash → its runs (``r.info.run_id`` / ``r.info.status``); reads hash and status only."""
+    from etbench.tracking.lookup import runs_by_hash
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    out: dict[str, list[Any]] = {}
-    if exp is None:
-        return out
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
-        for r in page:
-            h = r.data.tags.get(S.TAG_CONFIG_HASH)
-            if h:
-                out.setdefault(h, []).append(r)
-        token = page.token
-        if not token:
-            return out
+    return dict(runs_by_hash(uri, experiment))
 
 
 def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Storage | Path, resume: bool,

@@ -190,17 +190,10 @@ class RunTracker:
 
 
 def find_finished(tracking_uri: str, experiment: str, config_hash: str) -> list[str]:
-    """Run ids of FINISHED runs with this config hash in ``experiment`` (the dedup query)."""
-    from mlflow.tracking import MlflowClient
+    """Run ids of FINISHED runs with this config hash in ``experiment`` (the dedup query; hash and status only)."""
+    from etbench.tracking.lookup import finished_run_ids
 
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`{S.TAG_CONFIG_HASH}` = '{config_hash}' and "
-                                            f"attributes.status = 'FINISHED'", max_results=1000)
-    return [r.info.run_id for r in runs]
+    return finished_run_ids(tracking_uri, experiment, config_hash)
 
 
 RUN_ARTIFACTS = ["config.json", "metrics.csv", "summary.json", S.ENERGY_TRACE_ARTIFACT, "reconstruction.png",

@@ -1,0 +1,111 @@
+"""The dedup lookup before a sweep: config hash → (run id, status) of an experiment's runs, without loading runs.
+
+A sweep needs only the ``etbench.config_hash`` tag and the status of each run. ``MlflowClient.search_runs``
+builds every run with all its params, metrics and tags (seconds per thousand runs), so on a SQL store (sqlite,
+postgresql, mysql, mssql) this reads MLflow's ``runs`` and ``tags`` tables with one indexed query instead; on a
+tracking server it pages through ``search_runs`` (narrowed by a filter where one applies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from etbench.tracking import schema as S
+
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What the dedup needs of one run. ``info`` returns the ref itself, so code written against MLflow ``Run``
+    objects (``r.info.status``, ``r.info.run_id``) reads it unchanged."""
+
+    run_id: str
+    status: str
+    start_time: int | None
+    config_hash: str
+
+    @property
+    def info(self) -> RunRef:
+        return self
+
+
+def is_sql_store(uri: str | None) -> bool:
+    """Whether MLflow reads ``uri`` through SQLAlchemy (a database, not a server or a folder)."""
+    return bool(uri) and str(uri).split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES
+
+
+def _experiment_id(uri: str, experiment: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    return None if exp is None else exp.experiment_id
+
+
+def _sql_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None) -> list[RunRef]:
+    from sqlalchemy import create_engine, text
+
+    where = ["r.experiment_id = :exp", "r.lifecycle_stage = 'active'"]
+    args: dict[str, object] = {"exp": int(exp_id), "key": S.TAG_CONFIG_HASH}
+    if config_hash is not None:
+        where.append("t.value = :hash")
+        args["hash"] = config_hash
+    if status is not None:
+        where.append("r.status = :status")
+        args["status"] = status
+    query = text("SELECT r.run_uuid, r.status, r.start_time, t.value FROM runs r JOIN tags t "
+                 "ON t.run_uuid = r.run_uuid AND t.key = :key WHERE " + " AND ".join(where) +
+                 " ORDER BY r.start_time DESC, r.run_uuid")  # search_runs' default order
+    engine = create_engine(uri)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(query, args).all()
+    finally:
+        engine.dispose()
+    return [RunRef(run_id=r[0], status=r[1], start_time=r[2], config_hash=r[3]) for r in rows]
+
+
+def _api_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None) -> list[RunRef]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    filters = [f"tags.`{S.TAG_CONFIG_HASH}` = '{config_hash}'"] if config_hash is not None else []
+    filters += [f"attributes.status = '{status}'"] if status is not None else []
+    out: list[RunRef] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([exp_id], filter_string=" and ".join(filters), max_results=PAGE_SIZE,
+                                  page_token=token)
+        for r in page:
+            h = r.data.tags.get(S.TAG_CONFIG_HASH)
+            if h:
+                out.append(RunRef(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time,
+                                  config_hash=h))
+        token = page.token
+        if not token:
+            return out
+
+
+def run_refs(uri: str, experiment: str, *, config_hash: str | None = None, status: str | None = None
+             ) -> list[RunRef]:
+    """Active runs of ``experiment`` that carry a config hash (optionally only ``config_hash`` / ``status``),
+    newest first; empty when the experiment does not exist."""
+    exp_id = _experiment_id(uri, experiment)
+    if exp_id is None:
+        return []
+    read = _sql_refs if is_sql_store(uri) else _api_refs
+    return read(uri, exp_id, config_hash, status)
+
+
+def runs_by_hash(uri: str, experiment: str) -> dict[str, list[RunRef]]:
+    """Config hash → its runs (newest first), for the sweep's dedup and resume."""
+    out: dict[str, list[RunRef]] = {}
+    for ref in run_refs(uri, experiment):
+        out.setdefault(ref.config_hash, []).append(ref)
+    return out
+
+
+def finished_run_ids(uri: str, experiment: str, config_hash: str) -> list[str]:
+    """Run ids of FINISHED runs with this config hash (the per-trial dedup check)."""
+    return [r.run_id for r in run_refs(uri, experiment, config_hash=config_hash, status="FINISHED")]
