@@ -26,6 +26,12 @@ def test_live_tensor_bytes_by_hand() -> None:
         current = t.current
     assert t.peak == 5 * MiB and current == 2 * MiB
     t.close()
+    data = torch.randn(4096, 256)  # 4 MiB that existed before the step but is not model state (a dataset)
+    with LiveTensorBytes() as t:
+        rows = data[:2048]  # a view of it allocates nothing
+        picked = rows * 1  # a copy of half of it: 2 MiB
+    assert t.peak == 2 * MiB and picked.shape == (2048, 256)
+    t.close()
 
 
 def _step(memory: StepMemory, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 MiB = 2**20
 
@@ -42,6 +43,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
         self._live: dict[int, int] = {}
         self._finalizers: list[weakref.finalize] = []
+        self._before: set[int] = set()
         for storage in _storages(baseline):
             self._add(storage)
 
@@ -63,11 +65,24 @@ class LiveTensorBytes(TorchDispatchMode):
             f.detach()
         self._finalizers.clear()
         self._live.clear()
+        self._before.clear()
+
+    def _known(self, storage: torch.UntypedStorage) -> None:
+        """A storage that existed before the step without being state (a data tensor, a comm buffer): an op that
+        returns a view of it allocates nothing."""
+        key = storage.data_ptr()
+        if key and key not in self._live and key not in self._before:
+            self._before.add(key)
+            self._finalizers.append(weakref.finalize(storage, self._before.discard, key))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        for storage in _storages(tree_leaves((args, kwargs))):
+            self._known(storage)
+        out = func(*args, **kwargs)
         for storage in _storages(out if isinstance(out, tuple | list) else (out,)):
-            self._add(storage)
+            if storage.data_ptr() not in self._before:
+                self._add(storage)
         return out
 
 
