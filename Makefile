@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.etbench-installed
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart test lint bench gpu-bundle clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/etbench bench core --out results/bench
+
+# Wheels the GPU check needs beyond a bare CUDA image (pydantic, DeepSpeed built pure with DS_BUILD_OPS=0, ...) into
+# .whl/, at this venv's versions; cluster/gpu_check.sh installs them there. See README "GPU check".
+gpu-bundle: $(STAMP)
+	$(BIN)/python -m etbench.bench.gpu_bundle build --dest .whl
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache
