@@ -74,6 +74,58 @@ def test_manifests_name_the_pieces_the_readme_relies_on() -> None:
     assert 'MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"' in script
 
 
+def test_cluster_files_carry_the_multi_node_fixes() -> None:
+    """Issue 12 point 9: pinned images and AMIs, no torch install per node, EFS writable by the container user and
+    reachable (2049), fsGroup on the KubeRay pods, MLflow on persistent storage, a GPU grid in the RayJob, prebuilt
+    DeepSpeed ops, token auth in the README's commands, and the Ray floor that is tested here."""
+    from importlib.metadata import version
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311-gpu" in dockerfile
+    for needle in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", 'TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"',
+                   "ARG GIT_COMMIT", "ETBENCH_GIT_COMMIT=${GIT_COMMIT}"):
+        assert needle in dockerfile, needle
+    image = dockerfile.split("-t ", 1)[1].split()[0]  # the tag the build comment pushes
+    aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    assert aws["docker"]["image"] == image and "--gpus all" in aws["docker"]["run_options"]
+    assert all(t["node_config"].get("ImageId") for t in aws["available_node_types"].values())
+    assert all("--no-deps" in c for c in aws["setup_commands"] if "pip install" in c)
+    rules = aws["provider"]["security_group"]["IpPermissions"]
+    assert any(r["FromPort"] == 2049 == r["ToPort"] and r["IpProtocol"] == "tcp" for r in rules)
+    init = " ".join(aws["initialization_commands"])
+    assert "chown 1000:100 /mnt/shared/etbench-results" in init and "/mnt/shared/mlflow" in init
+    docs = [d for f in ("ray-cluster.k8s.yaml", "ray-job.k8s.yaml") for d in
+            yaml.safe_load_all((CLUSTER / f).read_text()) if d]
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"],
+            *(g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"])]
+    for pod in pods:
+        assert pod["securityContext"]["fsGroup"] == 100 and pod["securityContext"]["runAsUser"] == 1000
+        assert {c["image"] for c in pod["containers"]} == {image}
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image
+    head = pods[0]
+    mlflow = next(c for c in head["containers"] if c["name"] == "mlflow")
+    store = mlflow["args"][mlflow["args"].index("--store") + 1]
+    mount = next(m for m in mlflow["volumeMounts"] if m["mountPath"] == store)
+    volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                 and d["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]  # a persistent block volume, not the container
+    gpu_workers = [c for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert all(c["resources"]["limits"]["nvidia.com/gpu"] for c in gpu_workers)
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[entry.index("--storage") + 1].startswith("/mnt/shared/")
+    grid = yaml.safe_load((REPO / "experiments" / Path(entry[3]).name).read_text())
+    assert grid["resources"]["use_gpu"] is True  # Ray hides a pod's GPUs from trials that ask for none
+    readme = (CLUSTER / "README.md").read_text()
+    for line in readme.splitlines():
+        if "ray exec" in line and "ray status" in line:
+            assert "RAY_AUTH_MODE=token ray status" in line, line
+    floor = next(d for d in (REPO / "pyproject.toml").read_text().splitlines() if '"ray[' in d)
+    assert ">=2.60," in floor and version("ray").startswith("2.60")
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--expose"], "--expose needs --allowed-hosts"),
     (["--port", "fivethousand"], "--port must be a number"),

@@ -59,26 +59,37 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm, cfg.min_lr / cfg.lr))
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, numpy and torch RNG states, in a form ``torch.load(weights_only=True)`` accepts.
+
+    The CUDA generator saved is only that of ``device``, the rank's own GPU: touching every visible GPU
+    (``get_rng_state_all``) would create a CUDA context on GPUs that belong to other ranks.
+    """
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`; the CUDA state goes to ``device`` only (an older all-GPU list: its entry)."""
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):  # checkpoints written before: one state per visible GPU
+            index = device.index if device.index is not None else 0
+            if index >= len(cuda):
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class Backend(Protocol):
@@ -139,7 +150,8 @@ class PlainBackend:
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         atomic_save(directory, {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "micro": self._micro, "client": client_state, "rng": rng_state(),
+            "scheduler": self.sched.state_dict(), "micro": self._micro, "client": client_state,
+            "rng": rng_state(self.device),
         })
 
     def load(self, directory: Path) -> dict[str, Any]:
@@ -148,7 +160,7 @@ class PlainBackend:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self._micro = int(state["micro"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         return state["client"]
 
 

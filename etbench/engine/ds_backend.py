@@ -15,6 +15,8 @@ a ZeRO-3 *leaf* whose forward gathers every parameter, runs the model on differe
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +45,31 @@ def check_dist_config(cfg: RunConfig) -> None:
     if d.activation_checkpointing and cfg.model.name != "et":
         raise ConfigError(f"dist.activation_checkpointing checkpoints the ET's descent steps; model.name "
                           f"{cfg.model.name!r} has none (use model.name: et)")
+
+
+def check_accelerator(cfg: RunConfig) -> str:
+    """DeepSpeed's accelerator in this process must match ``dist.use_gpu``: a ``DS_ACCELERATOR=cpu`` left over
+    from CPU work would otherwise turn a GPU run into a CPU run without a word. Returns the accelerator's name."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = str(get_accelerator().device_name())
+    if cfg.dist.use_gpu and name != "cuda":
+        raise ConfigError(f"dist.use_gpu is set but DeepSpeed's accelerator in this worker is {name!r} "
+                          f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', '<unset>')}); unset DS_ACCELERATOR "
+                          f"in the cluster's / job's runtime env (etbench sets it per run), or set dist.use_gpu: false")
+    return name
+
+
+def fp32_copy(module: nn.Module, masters: dict[str, Tensor | None] | None = None) -> nn.Module:
+    """A copy of ``module`` with fp32 parameters: the optimizer's fp32 master values where ``masters`` has them
+    (bf16 training keeps the exact weights there), else the module's own values upcast."""
+    plain = copy.deepcopy(module).float()
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            m = (masters or {}).get(name)
+            if m is not None:
+                p.copy_(m.reshape(p.shape).to(p.device, torch.float32))
+    return plain
 
 
 def ds_config(cfg: RunConfig, world_size: int, micro_batch: int) -> dict[str, Any]:
@@ -163,10 +190,12 @@ class DeepSpeedBackend:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedBackend needs an initialised torch.distributed process group (Ray Train "
                                "worker, torchrun, or MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE for one process)")
+        check_accelerator(cfg)
         self.cfg, self.device = cfg, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.stage = cfg.dist.zero_stage
         self.config = ds_config(cfg, self.world_size, micro_batch)
+        self.bf16 = bool(self.config["bf16"]["enabled"])
         if cfg.dist.activation_checkpointing:
             checkpoint_descent_steps(model)
         lift_scalar_parameters(model)
@@ -185,7 +214,8 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=root, optimizer=opt, config=self.config, lr_scheduler=lambda o: make_scheduler(o, cfg.train, updates))
         self._factory = model_factory
-        self.model: nn.Module = _Zero3View(self) if self.stage == 3 else self.engine
+        # evaluation runs on full fp32 weights (ZeRO-3: gathered; bf16: the optimizer's fp32 masters)
+        self.model: nn.Module = _EvalView(self) if self.stage == 3 or self.bf16 else self.engine
 
     # --- Backend protocol ------------------------------------------------------------------------------------
     def module(self) -> nn.Module:
@@ -193,6 +223,11 @@ class DeepSpeedBackend:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()  # DeepSpeed holds the module in bf16 itself; inputs arrive in bf16
+
+    def eval_autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Around evaluation of :meth:`full_model` under bf16: fp32 weights with bf16 autocast, as a one-worker GPU
+        run evaluates (``PlainBackend.autocast``), instead of the bf16-cast weights DeepSpeed trains with."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def train_step(self, loss: Tensor) -> bool:
         """Backward one micro-batch (DeepSpeed scales by 1/accumulation); step at boundaries."""
@@ -213,7 +248,7 @@ class DeepSpeedBackend:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state={"etbench": client_state})
-        torch.save(rng_state(), directory / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(self.device), directory / f"rng_rank{self.rank}.pt")
 
     def load(self, directory: Path) -> dict[str, Any]:
         directory = Path(directory)
@@ -223,14 +258,18 @@ class DeepSpeedBackend:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {CKPT_TAG!r} under {directory}")
         rng = directory / f"rng_rank{self.rank}.pt"
         if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=True))
+            set_rng_state(torch.load(rng, weights_only=True), self.device)
         return client["etbench"]
 
     # --- extras ----------------------------------------------------------------------------------------------
     def full_model(self) -> nn.Module:
-        """A plain module with the full current weights on every rank (collective under ZeRO-3)."""
+        """A plain module with the full current weights on every rank (a collective under ZeRO-3 and bf16).
+
+        Under bf16 it is an fp32 copy holding the optimizer's fp32 master weights, so evaluation, energy traces
+        and artifacts see the weights a one-worker fp32/autocast run would have (evaluate it under
+        :meth:`eval_autocast`)."""
         if self.stage != 3:
-            return self.engine.module
+            return fp32_copy(self.engine.module, self._fp32_masters()) if self.bf16 else self.engine.module
         import deepspeed
 
         assert self._factory is not None
@@ -239,7 +278,21 @@ class DeepSpeedBackend:
         plain = self._factory()
         shapes = {k: v.shape for k, v in plain.state_dict().items()}
         plain.load_state_dict({k: v.reshape(shapes[k]) if k in shapes else v for k, v in state.items()})
+        if self.bf16:
+            return fp32_copy(plain.to(self.device), self._fp32_masters())
         return plain.to(self.device, dtype=next(iter(state.values())).dtype)
+
+    def _fp32_masters(self) -> dict[str, Tensor | None]:
+        """Full fp32 master value of every parameter (a collective: every rank calls it); None where unknown."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, Tensor | None] = {}
+        for name, p in self.net.named_parameters():
+            try:
+                out[name] = safe_get_full_fp32_param(p)
+            except Exception:  # an optimizer DeepSpeed keeps no fp32 mapping for: upcast the bf16 value instead
+                out[name] = None
+        return out
 
     def partitioned_elements(self) -> tuple[int, int]:
         """(elements this rank holds, elements of the whole model); equal unless ZeRO-3 partitions them."""
@@ -278,8 +331,9 @@ class _GatheredRoot(nn.Module):
         return torch.func.functional_call(self.inner, params, args, kwargs)
 
 
-class _Zero3View(nn.Module):
-    """What the loop sees under ZeRO-3: the engine while training, a gathered plain copy in eval mode."""
+class _EvalView(nn.Module):
+    """What the loop sees under ZeRO-3 or bf16: the engine while training; in eval mode the full fp32 plain copy
+    (:meth:`DeepSpeedBackend.full_model`), run under :meth:`DeepSpeedBackend.eval_autocast`."""
 
     def __init__(self, backend: DeepSpeedBackend) -> None:
         super().__init__()
@@ -287,7 +341,7 @@ class _Zero3View(nn.Module):
         self.engine = backend.engine
         self._plain: nn.Module | None = None
 
-    def train(self, mode: bool = True) -> _Zero3View:
+    def train(self, mode: bool = True) -> _EvalView:
         super().train(mode)
         if mode:
             self._plain = None
@@ -297,7 +351,8 @@ class _Zero3View(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.training and self._plain is not None:
-            return self._plain(*args, **kwargs)
+            with self._backend[0].eval_autocast():
+                return self._plain(*args, **kwargs)
         if isinstance(self.engine.module, _GatheredRoot):
             anchor = torch.zeros((), device=self._backend[0].device, requires_grad=True)
             return self.engine(anchor, *args, **kwargs)

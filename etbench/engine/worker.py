@@ -156,7 +156,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         write_metrics(state.history, out)
         t_finish = time.perf_counter()
-        summary, _ = finish_run(cfg, task, full, state, out, device, t_finish - t_start, memory)
+        with backend.eval_autocast():  # bf16: the fp32 master weights under autocast, as a 1-worker GPU run
+            summary, _ = finish_run(cfg, task, full, state, out, device, t_finish - t_start, memory)
         phases["finish_s"] = time.perf_counter() - t_finish  # evaluation, energy trace, artifacts, summary
         summary["distributed"] = {"workers": world, "zero_stage": cfg.dist.zero_stage,
                                   "optimizer": backend.optimizer_name, "resumed_from_epoch": resumed_from,
