@@ -290,6 +290,11 @@ def _sweep_plan(a: argparse.Namespace) -> int:
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if spec.tuning is not None:  # two stages: the search per model, then the final seeds (etbench.sweep.tuning)
+        from etbench.sweep.tuning import plan_lines
+
+        print("\n".join(plan_lines(spec, source=a.file)))
+        return 0
     print(f"grid {spec.name}: {len(trials)} trials; resources per trial {spec.resources.model_dump()}; "
           f"max {spec.max_concurrent_trials} concurrent")
     total, cpu_h, gpu_min = 0.0, 0.0, 0.0

@@ -39,6 +39,16 @@ class Task(Protocol):
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
+class StopRequested(SystemExit):
+    """Raised by an epoch callback when a scheduler (Ray Tune's ASHA) stops the run early: the epochs done so far
+    stand and the caller that scheduled it closes the run. A ``SystemExit(0)``, which ends a Tune function
+    trainable's thread gracefully; tracking leaves such a run open instead of marking it FAILED."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(0)
+        self.epoch = epoch  # epochs completed when the stop came
+
+
 @dataclass
 class LoopState:
     """Everything the loop carries across epochs (and checkpoints): history and the best epoch so far."""

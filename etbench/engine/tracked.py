@@ -1,7 +1,8 @@
 """A run with MLflow tracking around it: start the tracked run, log every epoch, then summary and artifacts.
 
 A run that raises (including a diverged, NaN run) is marked FAILED with its reason and the error re-raised; what
-was already logged stays in the store.
+was already logged stays in the store. A run stopped early by a scheduler (:class:`StopRequested`) is left open for
+the tuning stage to close (``etbench.sweep.tune_stage``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.config import RunConfig
+from etbench.engine.loop import StopRequested
 from etbench.tracking.mlflow_log import RUN_ARTIFACTS, RunTracker
 
 
@@ -27,6 +29,7 @@ class TrackingSpec:
     axes: dict[str, Any] = field(default_factory=dict)
     artifact_root: str | None = None
     run_id: str | None = None  # attach to an existing run instead of creating one (resumed trials)
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags at creation (tuning stage, selected-from run)
 
     def tracker(self) -> RunTracker:
         return RunTracker(self.uri, self.experiment, self.run_name,
@@ -42,7 +45,7 @@ def start_tracking(spec: TrackingSpec, cfg: RunConfig, data: dict[str, Any] | No
     if spec.run_id:
         tracker.attach(spec.run_id)
     else:
-        tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data)
+        tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data, extra_tags=spec.tags)
     return tracker
 
 
@@ -64,7 +67,7 @@ def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume:
     if spec.run_id:
         tracker.attach(spec.run_id)
     else:
-        tracker.start(cfg, grid=spec.grid, axes=spec.axes)
+        tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
 
     def epoch(e: int, row: dict[str, float]) -> None:
         tracker.log_epoch(e, row)
@@ -73,6 +76,8 @@ def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume:
 
     try:
         result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=epoch)
+    except StopRequested:  # stopped early by the scheduler: the stage driver closes the run from its epochs
+        raise
     except BaseException as exc:
         tracker.finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED", error_reason(exc))
         raise

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from etbench.config import ConfigError, RunConfig, deep_merge, resolve_run_config, set_dotted
+from etbench.sweep.tuning import TuningSpec
 
 # ET hyper-parameters that an image baseline does not have (ViTs reuse dim, heads and steps-as-depth).
 ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "terms", "grad_mode", "eps",
@@ -93,6 +94,8 @@ class GridSpec(BaseModel):
     max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
     search_seed: int = 0
     tracking: Tracking = Field(default_factory=Tracking)
+    tuning: TuningSpec | None = Field(None, description="a search stage per model, then a final stage over the seeds "
+                                                        "(etbench.sweep.tuning)")
     storage: str | None = Field(None, description=(
         "where results, Ray storage and checkpoints go: a shared POSIX path or a URI such as s3://bucket/x "
         "(default: --storage, $ETBENCH_STORAGE, ./results)"))
@@ -155,6 +158,10 @@ def load_grid(path: str | Path) -> GridSpec:
             lines.append(f"  {loc}: {e['msg']}{extra}")
         raise GridError("\n".join(lines)) from None
     expand(spec, source=str(path))  # validates every axis path, model and value now, before anything starts
+    if spec.tuning is not None:
+        from etbench.sweep.tuning import validate
+
+        validate(spec, source=str(path))
     return spec
 
 
@@ -175,39 +182,60 @@ def _is_et_only(key: str, graph: bool) -> bool:
     return graph or parts[2] in ET_ONLY_KEYS
 
 
-def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
-    """All trials of the grid (models × axis values × seeds × splits), deduplicated by config hash."""
-    axes = _axis_values(spec)
-    names = list(axes)
-    trials: dict[str, Trial] = {}
-    base = deep_merge(spec.base, {"dist": {"workers": spec.resources.workers,
+def _base(spec: GridSpec) -> dict[str, Any]:
+    return deep_merge(spec.base, {"dist": {"workers": spec.resources.workers,
                                            "cpus_per_worker": spec.resources.cpus_per_worker,
                                            "use_gpu": spec.resources.use_gpu,
                                            "zero_stage": spec.resources.zero_stage}})
-    splits: list[int | None] = list(spec.splits) if spec.splits is not None else [None]
+
+
+def model_combos(spec: GridSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(model, the axis values that apply to it) for every model × axis combination, in grid order; a baseline
+    ignores ET-only axes, so its duplicate combinations are dropped."""
+    axes = _axis_values(spec)
+    names = list(axes)
+    out: list[tuple[str, dict[str, Any]]] = []
+    base_kind = (spec.base.get("task") or {}).get("kind")
     for model in spec.models:
         for combo in itertools.product(*(axes[n] for n in names)):
-            for seed in spec.seeds:
-                for split in splits:
-                    over = set_dotted(base, "model.name", model)
-                    over = set_dotted(over, "train.seed", seed)
-                    if split is not None:
-                        over = set_dotted(over, "task.split", split)
-                    applied: dict[str, Any] = {}
-                    kind = dict(zip(names, combo, strict=True)).get("task.kind", (over.get("task") or {}).get("kind"))
-                    graph = kind == "graph"
-                    for n, v in zip(names, combo, strict=True):
-                        if model != "et" and _is_et_only(n, graph):
-                            continue
-                        over = set_dotted(over, n, v)
-                        applied[n] = v
-                    try:
-                        cfg = resolve_run_config(over, source=f"{source} (model={model}, {applied}, seed={seed})")
-                    except ConfigError as e:
-                        raise GridError(str(e)) from None
-                    h = cfg.hash()
-                    trials.setdefault(h, Trial(config=cfg, config_hash=h, model=model, seed=seed, split=split,
-                                               axes=applied))
+            values = dict(zip(names, combo, strict=True))
+            graph = values.get("task.kind", base_kind) == "graph"
+            applied = {n: v for n, v in values.items() if model == "et" or not _is_et_only(n, graph)}
+            if (model, applied) not in out:
+                out.append((model, applied))
+    return out
+
+
+def trial_overrides(spec: GridSpec, model: str, applied: dict[str, Any], seed: int,
+                    split: int | None) -> dict[str, Any]:
+    """The override dict of one trial: grid base + resources, model, seed, split, then its axis values."""
+    over = set_dotted(_base(spec), "model.name", model)
+    over = set_dotted(over, "train.seed", seed)
+    if split is not None:
+        over = set_dotted(over, "task.split", split)
+    for n, v in applied.items():
+        over = set_dotted(over, n, v)
+    return over
+
+
+def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
+    """All trials of the grid (models × axis values × seeds × splits), deduplicated by config hash.
+
+    For a grid with a ``tuning:`` section these are the final stage's slots at the base hyper-parameters (the
+    stages themselves are planned by :mod:`etbench.sweep.tuning`)."""
+    trials: dict[str, Trial] = {}
+    splits: list[int | None] = list(spec.splits) if spec.splits is not None else [None]
+    for model, applied in model_combos(spec):
+        for seed in spec.seeds:
+            for split in splits:
+                over = trial_overrides(spec, model, applied, seed, split)
+                try:
+                    cfg = resolve_run_config(over, source=f"{source} (model={model}, {applied}, seed={seed})")
+                except ConfigError as e:
+                    raise GridError(str(e)) from None
+                h = cfg.hash()
+                trials.setdefault(h, Trial(config=cfg, config_hash=h, model=model, seed=seed, split=split,
+                                           axes=applied))
     return list(trials.values())
 
 

@@ -105,8 +105,10 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
     }
 
 
-def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
-    """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried."""
+def run_trial(payload: dict[str, Any], on_epoch: Any = None) -> dict[str, Any]:
+    """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried.
+
+    ``on_epoch(epoch, row)`` is called after every epoch of a one-worker run (the tuning stage's reports to Tune)."""
     from etbench.config import RunConfig
     from etbench.engine.backend import DivergedError
     from etbench.engine.launch import has_started
@@ -127,12 +129,12 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     resume = has_started(cfg, out, ray_storage)  # a retry (or --resume) continues the trial's own run/checkpoint
     spec = TrackingSpec(uri=payload["uri"], experiment=payload["experiment"], grid=payload["grid"],
                         run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
-                        run_id=payload.get("run_id") if resume else None)
+                        run_id=payload.get("run_id") if resume else None, tags=payload.get("tags") or {})
     try:
         if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
             from etbench.engine.tracked import run_tracked
 
-            summary = run_tracked(cfg, out, spec, resume=resume, progress=False)
+            summary = run_tracked(cfg, out, spec, resume=resume, progress=False, on_epoch=on_epoch)
         else:
             from etbench.engine.launch import fit
 
@@ -198,6 +200,11 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
 
     t0 = time.perf_counter()
     spec, trials = plan(grid_path)
+    if spec.tuning is not None:  # a search stage per model, then the final stage (etbench.sweep.tune_stage)
+        from etbench.sweep.tune_stage import run_tuned
+
+        return run_tuned(spec, storage=results_dir, address=address,
+                         tracking_uri=tracking_uri, resume=resume, force=force, progress=progress)
     flag = "--results" if storage is None and results_dir is not None else "--storage"
     st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
     uri = tracking_uri or spec.tracking.uri

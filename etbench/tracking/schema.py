@@ -20,6 +20,11 @@ Tags (all strings):
     etbench.dataset_checksum  checksum / file-list hash of the data
     etbench.versions          JSON of package versions
     etbench.error             reason, when the run FAILED
+    etbench.stage             "tune" | "final" (grids with a tuning section; absent otherwise)
+    etbench.tune.group        the search a tuning/final run belongs to (model + hash of its axis values)
+    etbench.tune.params       JSON of the searched hyper-parameters of a tuning/final run
+    etbench.tuned_from        run id of the tuning run whose configuration a final run re-runs
+    etbench.stopped_early     "<scheduler> at epoch <k>" when a tuning run was stopped early (e.g. by ASHA)
 
 Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
 
@@ -58,6 +63,12 @@ TAG_GIT_DIRTY = "etbench.git_dirty"
 TAG_DATASET_CHECKSUM = "etbench.dataset_checksum"
 TAG_VERSIONS = "etbench.versions"
 TAG_ERROR = "etbench.error"
+TAG_STAGE = "etbench.stage"
+TAG_TUNE_GROUP = "etbench.tune.group"
+TAG_TUNE_PARAMS = "etbench.tune.params"
+TAG_TUNED_FROM = "etbench.tuned_from"
+TAG_STOPPED_EARLY = "etbench.stopped_early"
+STAGE_TUNE, STAGE_FINAL = "tune", "final"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
 ENERGY_RISE = "energy/rise_fraction"

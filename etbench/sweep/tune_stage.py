@@ -1,0 +1,433 @@
+"""Run a tuned grid (:mod:`etbench.sweep.tuning`) on Ray Tune: one search per group, then the final runs.
+
+Stage 1, per group (a model at one axis combination): a ``tune.Tuner`` whose searcher (Tune's random
+``BasicVariantGenerator`` or ``OptunaSearch``, both seeded) draws the group's budget of configurations. Each trial
+is one tracked etbench run (tag ``etbench.stage = tune``) that reports its validation metric to Tune after every
+epoch; ASHA stops poor ones early. A stopped run is closed here from the epochs it finished (status FINISHED, tag
+``etbench.stopped_early``); a diverged one is FAILED with its reason and still counts as one configuration.
+
+Stage 2: each group's FINISHED tuning run with the best validation metric (read back from MLflow) is re-run over
+the grid's seeds (× splits) with tags ``etbench.stage = final`` and ``etbench.tuned_from = <tuning run id>``.
+
+Resume: every search keeps Tune's experiment state (trials + searcher state, saved every second) under
+``<storage>/<grid>/tune/<group>/``; ``--resume`` restores it with ``Tuner.restore``, so the search continues where
+it stopped; a configuration whose config hash already has a FINISHED run is reported from MLflow, never trained
+again, and an interrupted one continues from its checkpoint in its own MLflow run. Then the final stage runs,
+deduplicated by config hash like any grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etbench.sweep import tuning as T
+from etbench.sweep.grid import GridSpec
+from etbench.sweep.runner import SweepError, SweepResult, init_ray, run_trial
+from etbench.tracking import schema as S
+
+SEARCH_DONE = "search_done.json"
+
+
+@dataclass
+class TunedResult(SweepResult):
+    """A sweep result plus, per group, the selected tuning run and how many configurations were evaluated."""
+
+    selected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluated: dict[str, int] = field(default_factory=dict)
+
+
+def storage_root(storage: str | Path | None, spec: GridSpec) -> Path:
+    """``storage`` (CLI) > the grid's ``storage:`` > ``$ETBENCH_STORAGE`` > ./results; a local directory."""
+    root = str(storage or getattr(spec, "storage", None) or os.environ.get("ETBENCH_STORAGE") or "results")
+    if "://" in root:
+        raise SweepError(f"storage {root}: a tuned grid needs a local or shared POSIX directory (Tune's search "
+                         f"state and the early-stopped runs' metrics are read back from it)")
+    return Path(root).resolve()
+
+
+# --- inside the Tune trial actor --------------------------------------------------------------------------------
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _runs_with_hash(ctx: dict[str, Any], config_hash: str, status: str | None = None) -> list[Any]:
+    client = _client(ctx["uri"])
+    exp = client.get_experiment_by_name(ctx["experiment"])
+    if exp is None:
+        return []
+    flt = f"tags.`{S.TAG_CONFIG_HASH}` = '{config_hash}'" + (f" and attributes.status = '{status}'" if status else "")
+    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=100))
+
+
+def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any], tags: dict[str, str],
+             run_id: str | None) -> dict[str, Any]:
+    return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
+            "out": str(Path(ctx["trials"]) / cfg.hash()), "uri": ctx["uri"], "experiment": ctx["experiment"],
+            "grid": ctx["grid"], "resume": True, "run_id": run_id, "artifact_root": ctx["artifact_root"],
+            "ray_storage": None, "marker": None, "custom": {}, "tags": tags}
+
+
+def _attach_or_close(ctx: dict[str, Any], config_hash: str) -> str | None:
+    """The MLflow run an interrupted trial continues (its folder exists), else stale RUNNING runs are closed."""
+    live = [r for r in _runs_with_hash(ctx, config_hash) if r.info.status in ("RUNNING", "KILLED")]
+    if (Path(ctx["trials"]) / config_hash).exists() and live:
+        return sorted(live, key=lambda r: r.info.start_time)[-1].info.run_id
+    client = _client(ctx["uri"])
+    for r in live:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, S.TAG_ERROR, "interrupted before its first checkpoint; superseded")
+            client.set_terminated(r.info.run_id, status="KILLED")
+    return None
+
+
+def _threads(ctx: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(float(ctx.get("threads", 1)))))
+
+
+def search_trial(config: dict[str, Any]) -> None:
+    """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune."""
+    from ray import tune
+
+    from etbench.engine.loop import StopRequested
+
+    ctx, params = config["ctx"], dict(config["params"])
+    _threads(ctx)
+    cfg = T.config_from(ctx["over"], params)
+    h, key, last = cfg.hash(), T.metric_key(ctx["metric"]), cfg.train.epochs
+    done = _runs_with_hash(ctx, h, "FINISHED")
+    if done:  # evaluated before (an earlier, interrupted driver): report its result, never train it again
+        value = done[0].data.metrics.get(f"best/{ctx['metric']}")
+        with _stopped_ok():
+            tune.report({"status": "skipped", "epoch": last, "config_hash": h,
+                         **({key: value} if value is not None else {})})
+        return
+
+    def report(epoch: int, row: dict[str, float]) -> None:
+        value = row.get(ctx["metric"])
+        if epoch + 1 >= last or value is None or not math.isfinite(value):
+            return  # the last epoch is reported with the outcome below (ASHA stops any trial at max_t)
+        try:
+            tune.report({"epoch": epoch + 1, key: float(value), "config_hash": h})
+        except SystemExit:  # the scheduler stopped this trial while it waited in report
+            raise StopRequested(epoch + 1) from None
+
+    tags = {S.TAG_STAGE: S.STAGE_TUNE, S.TAG_TUNE_GROUP: ctx["gid"], S.TAG_TUNE_PARAMS: T.params_json(params)}
+    short = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
+    payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", {**ctx["axes"], **params}, tags,
+                       _attach_or_close(ctx, h))
+    outcome = run_trial(payload, on_epoch=report)
+    final: dict[str, Any] = {"status": outcome["status"], "epoch": last, "config_hash": h}
+    if outcome["status"] == "finished" and isinstance(outcome.get(key), int | float):
+        final[key] = float(outcome[key])
+    if outcome["status"] == "diverged":
+        final["error"] = str(outcome.get("error", ""))[:500]
+    with _stopped_ok():
+        tune.report(final)
+
+
+class _stopped_ok:
+    """A trial whose outcome Tune no longer wants (ASHA stops every trial at max_t) just ends."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
+        return et is not None and issubclass(et, SystemExit)
+
+
+def final_trial(config: dict[str, Any]) -> None:
+    """One final-stage run (no per-epoch reports: nothing is stopped early)."""
+    from ray import tune
+
+    p = config["trial"]
+    _threads(p)
+    tune.report({**run_trial(p), "finished_unix": time.time()})
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# --- on the driver ----------------------------------------------------------------------------------------------
+def _resources(spec: GridSpec) -> dict[str, float]:
+    r = spec.resources
+    if r.workers == 1:
+        return {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
+    return {"CPU": 0.1}  # the trial only drives a TorchTrainer whose workers reserve their own resources
+
+
+def _searcher(spec: GridSpec, g: T.Group, conc: int) -> Any:
+    seed = T.group_seed(spec.tuning.search_seed, g.gid)  # type: ignore[union-attr]
+    if spec.tuning.algorithm == "optuna":  # type: ignore[union-attr]
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=conc)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=conc)
+
+
+def _scheduler(spec: GridSpec, g: T.Group) -> Any:
+    sch = spec.tuning.scheduler  # type: ignore[union-attr]
+    if sch.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=g.budget.epochs, grace_period=sch.grace_period,
+                         reduction_factor=sch.reduction_factor)
+
+
+class _SearchProgress:
+    """Prints one line per ended tuning trial (built lazily: ``ray.tune.Callback`` is imported on use)."""
+
+    @staticmethod
+    def make(gid: str, total: int, enabled: bool) -> Any:
+        from ray.tune import Callback
+
+        class Lines(Callback):
+            done = 0
+
+            def _line(self, trial: Any, why: str) -> None:
+                Lines.done += 1
+                if enabled:
+                    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.get("params", {}).items())
+                    print(f"  [{gid} {Lines.done}/{total}] {why} {params}", flush=True)
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                r = trial.last_result or {}
+                shown = {k: round(v, 4) for k, v in r.items() if k.startswith("val_") and isinstance(v, float)}
+                status = r.get("status") or f"stopped early at epoch {r.get('epoch')}"
+                self._line(trial, f"{status} {' '.join(f'{k}={v}' for k, v in shown.items())}")
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._line(trial, "FAILED (crashed)")
+
+        return Lines()
+
+
+def _close_stopped_run(ctx: dict[str, Any], config_hash: str, epoch: int | None) -> None:
+    """Close the run of an early-stopped trial from the epochs it finished (its metrics.json): best/* at the best
+    validation epoch, tag etbench.stopped_early, status FINISHED. Idempotent: only a RUNNING run is touched."""
+    from mlflow.entities import Metric
+
+    running = _runs_with_hash(ctx, config_hash, "RUNNING")
+    path = Path(ctx["trials"]) / config_hash / "metrics.json"
+    if not running or not path.exists():
+        return
+    rows = json.loads(path.read_text())
+    metric, sign = ctx["metric"], 1.0 if ctx["mode"] == "min" else -1.0
+    scored = [(i, r) for i, r in enumerate(rows) if isinstance(r.get(metric), int | float)
+              and math.isfinite(r[metric])]
+    client = _client(ctx["uri"])
+    for run in running:
+        if scored:
+            i, best = min(scored, key=lambda ir: (sign * ir[1][metric], ir[0]))
+            ts = int(time.time() * 1000)
+            pts = [Metric(f"best/{k}", float(v), ts, 0) for k, v in best.items()
+                   if "/" in k and isinstance(v, int | float) and math.isfinite(v)]
+            client.log_batch(run.info.run_id, metrics=[*pts, Metric("best/epoch", float(i + 1), ts, 0)])
+        client.set_tag(run.info.run_id, S.TAG_STOPPED_EARLY, f"asha at epoch {epoch or len(rows)}")
+        client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _close_orphans(ctx: dict[str, Any], seen: set[str]) -> None:
+    """Tuning runs of this group left RUNNING by a killed driver whose configuration Tune never resumed."""
+    client = _client(ctx["uri"])
+    exp = client.get_experiment_by_name(ctx["experiment"])
+    if exp is None:
+        return
+    flt = (f"tags.`{S.TAG_TUNE_GROUP}` = '{ctx['gid']}' and tags.`{S.TAG_STAGE}` = '{S.STAGE_TUNE}' and "
+           f"attributes.status = 'RUNNING'")
+    for r in client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000):
+        if r.data.tags.get(S.TAG_CONFIG_HASH) not in seen:
+            client.set_tag(r.info.run_id, S.TAG_ERROR, "interrupted search trial that the restored search dropped")
+            client.set_terminated(r.info.run_id, status="KILLED")
+
+
+def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res: TunedResult,
+               progress: bool) -> None:
+    """Stage 1 for one group: a new or restored Tune search of ``g.budget.configurations`` configurations."""
+    from ray import tune
+
+    t = spec.tuning
+    assert t is not None
+    base = root / spec.name / "tune"
+    path = base / g.gid
+    if (path / SEARCH_DONE).exists():
+        res.evaluated[g.gid] = json.loads((path / SEARCH_DONE).read_text())["evaluated"]
+        return
+    conc = t.max_concurrent_trials or spec.max_concurrent_trials
+    trainable = tune.with_resources(search_trial, _resources(spec))
+    if tune.Tuner.can_restore(str(path)):
+        if progress:
+            print(f"search {g.gid}: restoring Tune's search state from {path}")
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:  # a fresh actor per trial (a stopped trial's thread must not hold a reused one); the searcher caps
+        # the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"ctx": ctx, "params": {k: d.to_tune() for k, d in g.dims.items()}},
+            tune_config=tune.TuneConfig(metric=T.metric_key(g.metric), mode=g.mode, search_alg=_searcher(spec, g, conc),
+                                        scheduler=_scheduler(spec, g), num_samples=g.budget.configurations,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name=g.gid, storage_path=str(base), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
+        )
+    grid = tuner.fit()
+    seen: set[str] = set()
+    for result in grid:
+        m = result.metrics or {}
+        cfg = result.config or {}
+        h = m.get("config_hash") or T.config_from(ctx["over"], dict(cfg.get("params", {}))).hash()
+        seen.add(h)
+        if result.error is not None:
+            res.failed[h] = f"tuning trial crashed: {result.error}"
+        elif m.get("status") == "diverged":
+            res.failed[h] = m.get("error", "diverged")
+        elif m.get("status") is None:  # stopped by the scheduler between epochs
+            _close_stopped_run(ctx, h, m.get("epoch"))
+            res.finished.append(h)
+        elif m.get("status") == "skipped":
+            res.skipped.append(h)
+        else:
+            res.finished.append(h)
+    _close_orphans(ctx, seen)
+    res.evaluated[g.gid] = len(grid)
+    (path / SEARCH_DONE).write_text(json.dumps({"evaluated": len(grid), "finished_unix": time.time()}))
+
+
+def tuning_runs(uri: str, experiment: str, gid: str) -> list[Any]:
+    """All MLflow runs of group ``gid``'s search."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = f"tags.`{S.TAG_TUNE_GROUP}` = '{gid}' and tags.`{S.TAG_STAGE}` = '{S.STAGE_TUNE}'"
+    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=10_000))
+
+
+def select(uri: str, experiment: str, g: T.Group) -> dict[str, Any] | None:
+    """The FINISHED tuning run of ``g`` with the best validation metric (from MLflow, never test metrics)."""
+    rows = [{"run_id": r.info.run_id, "value": r.data.metrics.get(f"best/{g.metric}"), "start": r.info.start_time,
+             "params": json.loads(r.data.tags.get(S.TAG_TUNE_PARAMS, "{}"))}
+            for r in tuning_runs(uri, experiment, g.gid) if r.info.status == "FINISHED"]
+    return T.select_best(rows, g.mode)
+
+
+def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str | None = None,
+              tracking_uri: str | None = None, resume: bool = False, force: bool = False,
+              progress: bool = True) -> TunedResult:
+    """Both stages of a tuned grid; see the module docstring."""
+    import ray
+    from ray import tune
+
+    from etbench.tracking.mlflow_log import default_tracking_uri
+
+    t0 = time.perf_counter()
+    if force:
+        raise SweepError(f"{spec.name}: --force is not supported for a tuned grid (it would discard the search); "
+                         f"use another tracking.experiment or storage to start over")
+    root = storage_root(storage, spec)
+    uri = tracking_uri or spec.tracking.uri or default_tracking_uri(root)
+    experiment = spec.tracking.experiment or spec.name
+    gs = T.groups(spec)
+    finals_per_group = len(spec.seeds) * len(spec.splits or [None])
+    res = TunedResult(grid=spec.name, experiment=experiment, tracking_uri=uri, results_dir=root,
+                      planned=sum(g.budget.configurations for g in gs) + finals_per_group * len(gs))
+    started_dir = root / spec.name / "tune"
+    if started_dir.exists() and not resume:
+        raise SweepError(f"{spec.name} has a search in progress or done under {started_dir}; pass --resume to "
+                         f"continue it (and run the final stage)")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # searcher + trial state saved every second
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # diverged/stopped trials report no metric
+    trials_root = root / spec.name / "trials"
+    started = init_ray(address, spec.resources.use_gpu)
+    try:
+        for g in gs:
+            ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "axes": g.axes, "metric": g.metric,
+                   "mode": g.mode, "uri": uri, "experiment": experiment, "grid": spec.name,
+                   "trials": str(trials_root), "threads": spec.resources.cpus_per_worker,
+                   "artifact_root": None if uri.startswith("http") else str(root / "artifacts")}
+            if progress:
+                print(f"stage tune: {g.gid} ({g.model} {g.axes}) — {g.budget.configurations} configurations × "
+                      f"{g.budget.epochs} epochs, {spec.tuning.algorithm} search, metric {g.metric} "  # type: ignore[union-attr]
+                      f"({g.mode})", flush=True)
+            run_search(spec, g, ctx, root, res, progress)
+            best = select(uri, experiment, g)
+            if best is None:
+                res.failed[g.gid] = "no tuning configuration finished; nothing to re-run"
+                continue
+            res.selected[g.gid] = best
+            if progress:
+                print(f"  selected {g.gid}: {best['params']} ({g.metric} = {best['value']:.5g}, run "
+                      f"{best['run_id']})", flush=True)
+        payloads = _final_payloads(spec, gs, res, uri, experiment, trials_root, root, resume)
+        if payloads:
+            if progress:
+                print(f"stage final: {len(payloads)} runs ({finals_per_group} per model and axis combination)")
+            conc = spec.tuning.max_concurrent_trials or spec.max_concurrent_trials  # type: ignore[union-attr]
+            tuner = tune.Tuner(
+                tune.with_resources(final_trial, _resources(spec)),
+                param_space={"trial": tune.grid_search(payloads)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=conc, reuse_actors=True),
+                run_config=tune.RunConfig(name=f"final-{time.strftime('%Y%m%d-%H%M%S')}",
+                                          storage_path=str(root / spec.name / "final"), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+            )
+            for result in tuner.fit():
+                h = ((result.config or {}).get("trial") or {}).get("config_hash", "?")
+                m = result.metrics or {}
+                if result.error is not None:
+                    res.failed[h] = str(result.error)
+                elif m.get("status") == "diverged":
+                    res.failed[h] = m.get("error", "diverged")
+                elif m.get("status") == "skipped":
+                    res.skipped.append(h)
+                else:
+                    res.finished.append(h)
+    finally:
+        if started:
+            ray.shutdown()
+    res.wall_s = time.perf_counter() - t0
+    if progress:
+        print(f"grid {spec.name}: tuned {sum(res.evaluated.values())} configurations in {len(gs)} searches, "
+              f"{len(res.finished)} runs finished, {len(res.failed)} failed, {len(res.skipped)} skipped in "
+              f"{res.wall_s:.0f} s; MLflow {uri}, experiment {experiment!r}")
+    return res
+
+
+def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: str, experiment: str,
+                    trials_root: Path, root: Path, resume: bool) -> list[dict[str, Any]]:
+    """Final runs still to do (a config hash with a FINISHED run is skipped; an interrupted one is continued)."""
+    out = []
+    for g in gs:
+        best = res.selected.get(g.gid)
+        if best is None:
+            continue
+        ctx = {"uri": uri, "experiment": experiment, "grid": spec.name, "trials": str(trials_root),
+               "artifact_root": None if uri.startswith("http") else str(root / "artifacts"),
+               "threads": spec.resources.cpus_per_worker}
+        tags = {S.TAG_STAGE: S.STAGE_FINAL, S.TAG_TUNE_GROUP: g.gid, S.TAG_TUNE_PARAMS: T.params_json(best["params"]),
+                S.TAG_TUNED_FROM: best["run_id"]}
+        for seed, split, cfg in T.final_configs(spec, g, best["params"]):
+            if _runs_with_hash(ctx, cfg.hash(), "FINISHED"):
+                res.skipped.append(cfg.hash())
+                continue
+            name = f"{g.model} final seed={seed}" + (f" split={split}" if split is not None else "")
+            p = _payload(ctx, cfg, name, {**g.axes, **best["params"]}, tags,
+                         _attach_or_close(ctx, cfg.hash()) if resume else None)
+            out.append({**p, "threads": spec.resources.cpus_per_worker})
+    return out
