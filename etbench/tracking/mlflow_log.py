@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.tracking import schema as S
+from etbench.tracking.ui import EXPERIMENT_TAGS, mark_model_training, publish_runs_view
 
 PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "torch_geometric", "numpy", "etbench")
 
@@ -68,12 +69,13 @@ def package_versions() -> dict[str, str]:
 def ensure_experiment(client: Any, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_model_training(client, exp)
         return exp.experiment_id
     loc = None
     if artifact_root is not None:
         loc = (Path(artifact_root).resolve() / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=loc)
+        return client.create_experiment(name, artifact_location=loc, tags=EXPERIMENT_TAGS)
     except Exception:  # another trial created it concurrently
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -169,6 +171,7 @@ class RunTracker:
             for name in ("E", "E_att", "E_hn", "dx_norm"):
                 points += [(f"energy/{name}", v, t) for t, v in enumerate(energy.get(name, []))]
         self._log_points(points)
+        publish_runs_view(self.client, self.experiment_id, [k for k, v, _ in points if _finite(v)])
 
     def log_artifacts(self, out: Path, names: list[str]) -> None:
         for n in names:
