@@ -370,6 +370,9 @@ def _quickstart(a: argparse.Namespace) -> int:
         print(f"  report       : {rep.index}")
         print(f"  tables       : {out / 'tables'}")
         print(f"  figures      : {out / 'figures'}")
+    print("note: the quickstart's learning rate and init are fixed, not tuned per model; for comparisons with an "
+          "equal tuning budget per model run experiments/image_tuned_vs_transformers.yaml or "
+          "experiments/graph_tuned_vs_gnns.yaml")
     return 0 if not failed else 1
 
 

@@ -82,6 +82,11 @@ def make_report(
     client = client_for(tracking_uri)
     table = load_runs(experiment, tracking_uri, include_failed=include_failed, client=client, progress=progress)
     runs, axes = table.runs, table.axes
+    from etbench.analysis import tuning_report
+
+    finals = tuning_report.final_run_ids(client, experiment)  # a tuned grid: comparisons use its final runs only
+    if finals is not None:
+        runs = runs[runs["run_id"].isin(finals)].reset_index(drop=True)
     progress(f"[report] {len(runs)} runs analysed, {len(table.excluded)} left out; axes: {axes or 'none'}")
     if runs.empty:
         reasons = table.excluded["reason"].value_counts().head(5).to_dict()
@@ -110,6 +115,13 @@ def make_report(
     energy = energy_frame(energy_runs, cache, keep=keep) if not energy_runs.empty else pd.DataFrame()
     made = descent.energy_figures(energy, axes)
     _save_figures(made, out / "figures", result)
+    tuned = tuning_report.write_tuning_report(client, experiment, out) if finals is not None else None
+    if tuned is not None:
+        result.tables += tuned.tables
+        result.figures += tuned.figures
+        sections.insert(0, tuned.section)
+    else:
+        sections.insert(0, tuning_report.UNTUNED_NOTE)
     result.index.write_text(_index(experiment, tracking_uri, result, sections))
     for warning in result.warnings:
         progress(f"[report] warning: {warning}")

@@ -121,9 +121,10 @@ def search_trial(config: dict[str, Any]) -> None:
         except SystemExit:  # the scheduler stopped this trial while it waited in report
             raise StopRequested(epoch + 1) from None
 
-    tags = {S.TAG_STAGE: S.STAGE_TUNE, S.TAG_TUNE_GROUP: ctx["gid"], S.TAG_TUNE_PARAMS: T.params_json(params)}
+    tags = {S.TAG_STAGE: S.STAGE_TUNE, S.TAG_TUNE_GROUP: ctx["gid"], S.TAG_TUNE_PARAMS: T.params_json(params),
+            S.TAG_TUNE_METRIC: f"{ctx['metric']}:{ctx['mode']}"}
     short = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
-    payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", {**ctx["axes"], **params}, tags,
+    payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", ctx["axes"], tags,
                        _attach_or_close(ctx, h))
     outcome = run_trial(payload, on_epoch=report)
     final: dict[str, Any] = {"status": outcome["status"], "epoch": last, "config_hash": h}
@@ -421,13 +422,13 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
                "artifact_root": None if uri.startswith("http") else str(root / "artifacts"),
                "threads": spec.resources.cpus_per_worker}
         tags = {S.TAG_STAGE: S.STAGE_FINAL, S.TAG_TUNE_GROUP: g.gid, S.TAG_TUNE_PARAMS: T.params_json(best["params"]),
-                S.TAG_TUNED_FROM: best["run_id"]}
+                S.TAG_TUNED_FROM: best["run_id"], S.TAG_TUNE_METRIC: f"{g.metric}:{g.mode}"}
         for seed, split, cfg in T.final_configs(spec, g, best["params"]):
             if _runs_with_hash(ctx, cfg.hash(), "FINISHED"):
                 res.skipped.append(cfg.hash())
                 continue
             name = f"{g.model} final seed={seed}" + (f" split={split}" if split is not None else "")
-            p = _payload(ctx, cfg, name, {**g.axes, **best["params"]}, tags,
+            p = _payload(ctx, cfg, name, g.axes, tags,  # searched values: tag etbench.tune.params, not axes
                          _attach_or_close(ctx, cfg.hash()) if resume else None)
             out.append({**p, "threads": spec.resources.cpus_per_worker})
     return out

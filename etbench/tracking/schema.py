@@ -23,6 +23,7 @@ Tags (all strings):
     etbench.stage             "tune" | "final" (grids with a tuning section; absent otherwise)
     etbench.tune.group        the search a tuning/final run belongs to (model + hash of its axis values)
     etbench.tune.params       JSON of the searched hyper-parameters of a tuning/final run
+    etbench.tune.metric       "<validation metric>:<min|max>" the search selected on
     etbench.tuned_from        run id of the tuning run whose configuration a final run re-runs
     etbench.stopped_early     "<scheduler> at epoch <k>" when a tuning run was stopped early (e.g. by ASHA)
 
@@ -66,6 +67,7 @@ TAG_ERROR = "etbench.error"
 TAG_STAGE = "etbench.stage"
 TAG_TUNE_GROUP = "etbench.tune.group"
 TAG_TUNE_PARAMS = "etbench.tune.params"
+TAG_TUNE_METRIC = "etbench.tune.metric"
 TAG_TUNED_FROM = "etbench.tuned_from"
 TAG_STOPPED_EARLY = "etbench.stopped_early"
 STAGE_TUNE, STAGE_FINAL = "tune", "final"

@@ -1,0 +1,188 @@
+"""Report of a tuned grid (``etbench.stage`` tags): the comparison of final runs, budget curves, sensitivity.
+
+- ``tables/tuned_comparison.{csv,md}``: per model (and axis combination), the final runs' test and validation
+  metric (mean ± std over seeds/splits, n) with the chosen hyper-parameters and the tuning run they came from.
+  Only final-stage runs enter it: test metrics of tuning runs are never compared.
+- ``figures/tuning_budget.{png,csv}``: best validation metric found vs configurations tried, per model (over
+  search seeds when several searches share a model and axis combination) — was the budget enough?
+- ``figures/tuning_sensitivity.{png,csv}``: validation metric of every tuning run vs its learning rate, coloured
+  by model (log x-axis).
+
+Reads MLflow only; imports nothing from the engine or the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from etbench.tracking import schema as S
+
+UNTUNED_NOTE = ("Hyper-parameters (learning rate, init) were fixed by this grid, not tuned per model: a comparison "
+                "here may reflect those defaults more than the models. Grids with an equal tuning budget per model: "
+                "experiments/image_tuned_vs_transformers.yaml, experiments/graph_tuned_vs_gnns.yaml.\n")
+
+
+@dataclass
+class TuningReport:
+    tables: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    section: str = ""
+
+
+def tuned_runs(client: Any, experiment: str) -> pd.DataFrame:
+    """One row per run with a stage tag: ids, stage, group, model, seed, split, status, start, params, metrics."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=f"tags.`{S.TAG_STAGE}` != ''",
+                                  max_results=1000, page_token=token)
+        for r in page:
+            t = r.data.tags
+            metric, _, mode = t.get(S.TAG_TUNE_METRIC, ":").partition(":")
+            rows.append({"run_id": r.info.run_id, "stage": t.get(S.TAG_STAGE), "group": t.get(S.TAG_TUNE_GROUP),
+                         "model": t.get(S.TAG_MODEL), "dataset": t.get(S.TAG_DATASET), "seed": t.get(S.TAG_SEED),
+                         "split": t.get(S.TAG_SPLIT), "status": r.info.status, "start": r.info.start_time,
+                         "params": json.loads(t.get(S.TAG_TUNE_PARAMS, "{}")), "tuned_from": t.get(S.TAG_TUNED_FROM),
+                         "stopped_early": t.get(S.TAG_STOPPED_EARLY), "metric": metric, "mode": mode or "min",
+                         "lr": _float(r.data.params.get("train.lr")),
+                         **{k: v for k, v in r.data.metrics.items() if k.startswith("best/")}})
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def final_run_ids(client: Any, experiment: str) -> set[str] | None:
+    """The final-stage run ids of a tuned experiment (``None`` when the experiment was not tuned)."""
+    df = tuned_runs(client, experiment)
+    if df.empty:
+        return None
+    return set(df.loc[df["stage"] == S.STAGE_FINAL, "run_id"])
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in sorted(params.items()))
+
+
+def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Final runs only (FINISHED), per group: test and validation metric mean/std/n, the chosen hyper-parameters."""
+    fin = df[(df["stage"] == S.STAGE_FINAL) & (df["status"] == "FINISHED")]
+    rows = []
+    for gid, block in fin.groupby("group", sort=True):
+        metric = str(block["metric"].iloc[0])
+        test = f"best/{metric.replace('val/', 'test/', 1)}"
+        val = f"best/{metric}"
+        row: dict[str, Any] = {"group": gid, "model": block["model"].iloc[0], "dataset": block["dataset"].iloc[0],
+                               "n": len(block), "metric": metric.replace("val/", "", 1)}
+        for name, col in (("test", test), ("val", val)):
+            vals = pd.to_numeric(block[col], errors="coerce") if col in block else pd.Series(dtype=float)
+            row[f"{name}_mean"], row[f"{name}_std"] = float(vals.mean()), float(vals.std(ddof=1))
+        row["chosen"] = _fmt_params(block["params"].iloc[0])
+        row["tuned_from"] = block["tuned_from"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def budget_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Per group: after k configurations (in start order), the best validation metric found so far."""
+    tune = df[df["stage"] == S.STAGE_TUNE].sort_values("start")
+    rows = []
+    for gid, block in tune.groupby("group", sort=True):
+        metric, mode = str(block["metric"].iloc[0]), str(block["mode"].iloc[0])
+        best = math.nan
+        for k, (_, r) in enumerate(block.iterrows(), start=1):
+            v = _float(r.get(f"best/{metric}")) if r["status"] == "FINISHED" else math.nan
+            if math.isfinite(v) and (math.isnan(best) or (v < best if mode == "min" else v > best)):
+                best = v
+            rows.append({"group": gid, "model": r["model"], "configurations": k, "best_so_far": best,
+                         "metric": metric})
+    return pd.DataFrame(rows)
+
+
+def sensitivity(df: pd.DataFrame) -> pd.DataFrame:
+    """Every FINISHED tuning run's learning rate and validation metric."""
+    tune = df[(df["stage"] == S.STAGE_TUNE) & (df["status"] == "FINISHED")]
+    rows = [{"group": r["group"], "model": r["model"], "lr": r["lr"], "value": _float(r.get(f"best/{r['metric']}")),
+             "metric": r["metric"], "stopped_early": bool(r["stopped_early"])} for _, r in tune.iterrows()]
+    return pd.DataFrame(rows)
+
+
+def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport | None:
+    """Write the tuned comparison, budget curves and sensitivity into ``out`` (``None``: not a tuned grid)."""
+    df = tuned_runs(client, experiment)
+    if df.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = TuningReport()
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    table = comparison_table(df)
+    csv, md = out / "tables" / "tuned_comparison.csv", out / "tables" / "tuned_comparison.md"
+    table.to_csv(csv, index=False)
+    lines = ["| model | dataset | group | n | test (mean ± std) | val (mean ± std) | chosen hyper-parameters |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['group']} | {r['n']} | {r['test_mean']:.4g} ± "
+                     f"{r['test_std']:.2g} | {r['val_mean']:.4g} ± {r['val_std']:.2g} | {r['chosen']} |")
+    metric = table["metric"].iloc[0] if len(table) else "?"
+    md.write_text("\n".join(lines) + "\n")
+    rep.tables += [csv, md]
+    curves, sens = budget_curves(df), sensitivity(df)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, block in curves.groupby("model", sort=True):
+        spread = block.groupby("configurations")["best_so_far"]
+        mean = spread.mean()
+        ax.plot(mean.index, mean.values, marker="o", label=str(model))
+        if block["group"].nunique() > 1:
+            ax.fill_between(mean.index, spread.min().values, spread.max().values, alpha=0.2)
+    ax.set(xlabel="configurations tried", ylabel=f"best validation {metric} so far",
+           title="Tuning budget: best validation metric vs configurations")
+    ax.legend(title="model")
+    fig.tight_layout()
+    for path in (out / "figures" / "tuning_budget.png",):
+        fig.savefig(path, dpi=120)
+        rep.figures.append(path)
+    plt.close(fig)
+    curves.to_csv(out / "figures" / "tuning_budget.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, block in sens.groupby("model", sort=True):
+        ax.scatter(block["lr"], block["value"], label=str(model), alpha=0.8)
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric} (tuning runs)",
+           title="Sensitivity to the learning rate")
+    ax.legend(title="model")
+    fig.tight_layout()
+    path = out / "figures" / "tuning_sensitivity.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    sens.to_csv(out / "figures" / "tuning_sensitivity.csv", index=False)
+    rep.figures.append(path)
+    n_tune = int((df["stage"] == S.STAGE_TUNE).sum())
+    stopped = int(df["stopped_early"].notna().sum())
+    rep.section = "\n".join([
+        "### Tuned comparison (final runs only)", "",
+        f"Each model's hyper-parameters were chosen on the validation metric from {n_tune} tuning runs "
+        f"({stopped} stopped early by ASHA); the table shows only the final re-runs of the chosen configuration "
+        f"over fresh seeds. Tuning runs' test metrics are not shown anywhere.", "", *lines, "",
+        "Figures: figures/tuning_budget.png (best validation metric vs configurations tried), "
+        "figures/tuning_sensitivity.png (validation metric vs learning rate, by model).", ""])
+    return rep

@@ -1,0 +1,259 @@
+"""Tuned grids: schema validation, the plan, selection; a tiny tuned grid end to end; kill + resume of the search."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from etbench.cli import main
+from etbench.sweep.grid import GridError, load_grid
+from etbench.sweep.tuning import select_best
+
+TINY = {
+    "name": "tiny_tuned",
+    "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 32, "limit_eval": 16},
+             "train": {"batch_size": 16, "eval_trace_samples": 1, "warmup_epochs": 0},
+             "model": {"et": {"steps": 1}}},
+    "models": ["et", "vit"],
+    "seeds": [0, 1],
+    "max_concurrent_trials": 1,
+    "tuning": {
+        "algorithm": "random", "search_seed": 7,
+        "budget": {"configurations": 4, "epochs": 2},
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        "models": {
+            "et": {"space": {"train.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1},
+                             "model.et.init": ["spec", "width"]}},
+            "vit": {"space": {"train.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.1}}},
+        },
+    },
+}
+
+
+def write(tmp: Path, spec: dict[str, Any], name: str = "g.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _with(**tuning: Any) -> dict[str, Any]:
+    return {**TINY, "tuning": {**TINY["tuning"], **tuning}}
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (_with(models={**TINY["tuning"]["models"], "vit": {"space": {"train.lr": [0.01]},
+                                                           "budget": {"configurations": 8, "epochs": 2}}}),
+         "tuning.models.vit.budget"),
+        (_with(models={**TINY["tuning"]["models"], "vit": {"space": {"model.et.alpha": [0.1, 0.2]}}}),
+         "tuning.models.vit.space.model.et.alpha"),
+        (_with(models={**TINY["tuning"]["models"], "vit": {"space": {"train.lrr": [0.1]}}}),
+         "tuning.models.vit.space.train.lrr"),
+        (_with(models={"et": TINY["tuning"]["models"]["et"]}), "model 'vit' has no search space"),
+        (_with(models={**TINY["tuning"]["models"], "gcn": {"space": {"train.lr": [0.1]}}}), "tuning.models.gcn"),
+        (_with(seed=0), "tuning.seed"),
+        (_with(metric="test/mse_masked"), "tuning.metric"),
+        (_with(models={**TINY["tuning"]["models"], "vit": {"space": {"train.seed": [1, 2]}}}),
+         "tuning.models.vit.space.train.seed"),
+        (_with(models={**TINY["tuning"]["models"], "vit": {"space": {
+            "train.lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}}}), "low < high"),
+        ({**_with(), "resources": {"workers": 2, "cpus_per_worker": 0.5}}, "tuning.scheduler.kind"),
+        (_with(algorithm="grid"), "tuning.algorithm"),
+    ],
+)
+def test_bad_tuning_sections_name_file_and_key(tmp_path: Path, spec: dict[str, Any], needle: str) -> None:
+    path = write(tmp_path, spec)
+    with pytest.raises(GridError) as err:
+        load_grid(path)
+    assert needle in str(err.value) and str(path) in str(err.value), str(err.value)
+
+
+def test_unequal_budget_is_allowed_only_when_asked(tmp_path: Path) -> None:
+    models = {**TINY["tuning"]["models"], "vit": {"space": {"train.lr": [0.01, 0.02]},
+                                                  "budget": {"configurations": 2, "epochs": 2}}}
+    spec = load_grid(write(tmp_path, _with(models=models, allow_unequal_budget=True)))
+    assert spec.tuning is not None and spec.tuning.budget_of("vit").configurations == 2
+
+
+def test_plan_shows_both_stages_budgets_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "plan", str(write(tmp_path, TINY))]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 tune (random search, seed 7, scheduler asha" in out and "stage 2 final (2 seeds)" in out
+    assert out.count("budget 4 configurations × 2 epochs on val/mse_masked (min)") == 2
+    assert "CPU-trial-hours" in out and "nothing was created" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_select_best_uses_finite_values_and_breaks_ties_by_order() -> None:
+    runs = [{"run_id": "a", "value": 0.5, "start": 2}, {"run_id": "b", "value": math.nan, "start": 1},
+            {"run_id": "c", "value": 0.5, "start": 1}, {"run_id": "d", "value": 0.7, "start": 0},
+            {"run_id": "e", "value": None, "start": 0}]
+    assert select_best(runs, "min")["run_id"] == "c"
+    assert select_best(runs, "max")["run_id"] == "d"
+    assert select_best([{"run_id": "x", "value": math.inf}], "min") is None
+
+
+def test_shipped_tuned_grids_validate() -> None:
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    tuned = sorted(root.glob("*tuned*.yaml"))
+    assert {p.name for p in tuned} >= {"image_tuned_vs_transformers.yaml", "graph_tuned_vs_gnns.yaml"}
+    for p in tuned:
+        spec = load_grid(p)
+        assert spec.tuning is not None and len(spec.seeds) * len(spec.splits or [0]) >= 5, p.name  # final runs
+        assert "Trials:" in p.read_text() and "Cost:" in p.read_text()
+
+
+# --- real tuned sweeps (local loopback Ray) ------------------------------------------------------------------
+def _runs(uri: str, experiment: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+def _stage(runs: list[Any], stage: str, model: str | None = None) -> list[Any]:
+    return [r for r in runs if r.data.tags.get("etbench.stage") == stage
+            and (model is None or r.data.tags.get("etbench.model") == model)]
+
+
+def _oracle_best(runs: list[Any], model: str) -> Any:
+    """The test's own choice: the FINISHED tuning run of ``model`` with the lowest best/val/mse_masked."""
+    done = [r for r in _stage(runs, "tune", model) if r.info.status == "FINISHED"]
+    return min(done, key=lambda r: r.data.metrics["best/val/mse_masked"])
+
+
+@pytest.fixture(scope="module")
+def tuned_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    from etbench.sweep.runner import run_sweep
+
+    tmp = tmp_path_factory.mktemp("tuned")
+    path = write(tmp, TINY, "tiny_tuned.yaml")
+    res = run_sweep(path, results_dir=tmp / "results", progress=False)
+    return res, path, tmp
+
+
+@pytest.mark.slow
+def test_tiny_tuned_grid_end_to_end(tuned_sweep: tuple[Any, Path, Path]) -> None:
+    res, _, tmp = tuned_sweep
+    runs = _runs(res.tracking_uri, "tiny_tuned")
+    assert not res.failed, res.failed
+    for model in ("et", "vit"):
+        tune = _stage(runs, "tune", model)
+        assert len(tune) == 4 and len({r.data.tags["etbench.config_hash"] for r in tune}) == 4  # exactly its budget
+        assert all(r.data.tags["etbench.seed"] == "1000" for r in tune)
+        best = _oracle_best(runs, model)
+        final = _stage(runs, "final", model)
+        assert sorted(r.data.tags["etbench.seed"] for r in final) == ["0", "1"]
+        for r in final:  # the final stage re-runs exactly the best tuning configuration, over fresh seeds
+            assert r.info.status == "FINISHED" and r.data.tags["etbench.tuned_from"] == best.info.run_id
+            assert json.loads(r.data.tags["etbench.tune.params"]) == json.loads(best.data.tags["etbench.tune.params"])
+            assert float(r.data.params["train.lr"]) == float(best.data.params["train.lr"])
+            if model == "et":
+                assert r.data.params["model.et.init"] == best.data.params["model.et.init"]
+    stopped = [r for r in _stage(runs, "tune") if r.data.tags.get("etbench.stopped_early")]
+    assert stopped, "ASHA stopped no configuration early"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(res.tracking_uri)
+    for r in stopped:  # stopped after its first epoch (of 2): one validation point, closed FINISHED with best/*
+        assert r.info.status == "FINISHED" and "best/val/mse_masked" in r.data.metrics
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/mse_masked")] == [1]
+
+    # the report's tuned table is built from the final runs only
+    from etbench.analysis.report import make_report
+
+    rep = make_report("tiny_tuned", res.tracking_uri, tmp / "report", progress=lambda s: None)
+    assert rep.n_runs == 4  # the generic comparison sees only the 4 final runs
+    import pandas as pd
+
+    table = pd.read_csv(tmp / "report" / "tables" / "tuned_comparison.csv")
+    assert sorted(table["model"]) == ["et", "vit"] and list(table["n"]) == [2, 2]
+    for _, row in table.iterrows():
+        final = _stage(runs, "final", row["model"])
+        want = sum(r.data.metrics["best/test/mse_masked"] for r in final) / len(final)
+        assert row["test_mean"] == pytest.approx(want)
+    assert (tmp / "report" / "figures" / "tuning_budget.png").exists()
+    assert (tmp / "report" / "figures" / "tuning_sensitivity.png").exists()
+    assert "Tuned comparison (final runs only)" in (tmp / "report" / "README.md").read_text()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import contextlib
+    import signal
+
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in [psutil.Process(proc.pid), *tree] if proc.poll() is None else tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_rerunning_and_selects_the_same(tuned_sweep: tuple[Any, Path, Path],
+                                                                       tmp_path: Path) -> None:
+    from etbench.sweep.runner import SweepError, run_sweep
+
+    ref, path, _ = tuned_sweep
+    results = tmp_path / "results"
+    results.mkdir()
+    uri = f"sqlite:///{results.resolve() / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # create the store first: two processes must not both migrate it
+    script = textwrap.dedent(f"""
+        from etbench.sweep.runner import run_sweep
+        run_sweep({str(path)!r}, results_dir={str(results)!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env={**os.environ})
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                pytest.fail("the search finished before it could be killed")
+            try:
+                done = [r for r in _stage(_runs(uri, "tiny_tuned"), "tune") if r.info.status == "FINISHED"]
+            except Exception:
+                continue
+            if len(done) >= 2:  # mid-search: the ET's search has started, the ViT's has not finished
+                break
+        else:
+            pytest.fail("no two tuning runs finished within 400 s")
+    finally:
+        _kill_tree(proc)
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(path, results_dir=results, progress=False)
+    res = run_sweep(path, results_dir=results, progress=False, resume=True)
+    assert not res.failed, res.failed
+    runs = _runs(uri, "tiny_tuned")
+    ref_runs = _runs(ref.tracking_uri, "tiny_tuned")
+    for model in ("et", "vit"):
+        tune = _stage(runs, "tune", model)
+        hashes = [r.data.tags["etbench.config_hash"] for r in tune if r.info.status == "FINISHED"]
+        assert len(hashes) == 4 and len(set(hashes)) == 4, hashes  # the budget, no configuration twice
+        want = {r.data.tags["etbench.config_hash"] for r in _stage(ref_runs, "tune", model)}
+        assert set(hashes) == want  # the same seeded search drew the same configurations
+        assert (_oracle_best(runs, model).data.tags["etbench.tune.params"]
+                == _oracle_best(ref_runs, model).data.tags["etbench.tune.params"])
+        final = _stage(runs, "final", model)
+        assert len(final) == 2 and all(r.info.status == "FINISHED" for r in final)
+        assert {r.data.tags["etbench.tuned_from"] for r in final} == {_oracle_best(runs, model).info.run_id}
