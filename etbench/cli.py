@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -408,6 +410,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="etbench", description="Energy Transformer benchmark suite")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (any position on the line; or set ETBENCH_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sweep(sub)
@@ -417,12 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. The error boundary: a user-caused error prints one ``error: …`` line and exits 2; its
+    traceback only with ``--debug`` (anywhere on the line) or ``ETBENCH_DEBUG=1``. Bugs keep their traceback."""
+    from etbench.errors import user_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ETBENCH_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None:
+            raise
+        if debug:
+            traceback.print_exception(exc)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

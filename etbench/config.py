@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from etbench.errors import EtbenchError
 from etbench.hashing import config_hash, flatten
 from etbench.models.et_config import ETConfig
 
@@ -173,7 +174,7 @@ def preset_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
     return {"task": {"patch": preset.patch}, "model": {"et": preset.et.model_dump()}}
 
 
-class ConfigError(ValueError):
+class ConfigError(EtbenchError, ValueError):
     """A run config is invalid; the message names the key path(s) and what is allowed."""
 
 

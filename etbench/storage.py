@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from etbench.errors import EtbenchError
+
 ENV_STORAGE = "ETBENCH_STORAGE"
 ENV_GIT_COMMIT = "ETBENCH_GIT_COMMIT"
 ENV_GIT_DIRTY = "ETBENCH_GIT_DIRTY"
@@ -34,7 +36,7 @@ SHARED_HINT = ("a directory every node mounts at the same path (NFS/EFS/Lustre, 
                "or a bucket URI (--storage s3://bucket/etbench)")
 
 
-class StorageError(ValueError):
+class StorageError(EtbenchError, ValueError):
     """The storage or tracking setting cannot work on this cluster; the message says which setting and why."""
 
 

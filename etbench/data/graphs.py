@@ -139,12 +139,13 @@ def load_graph_dataset(name: str, path: str | Path | None = None, *, root: str |
     fmt, relpath = GRAPH_DATASETS[name]
     if fmt == "synthetic":
         if path is not None or root is not None:
-            raise ValueError("the synthetic graph is generated, it takes no path or root")
+            raise DatasetError("the synthetic graph is generated, it takes no path or root (task.path/--path, "
+                               f"task.root/--root); to read a file name its dataset, one of {sorted(GRAPH_DATASETS)}")
         return synthetic_graph(**synthetic_kw)
     if synthetic_kw:
-        raise ValueError(f"keyword arguments {sorted(synthetic_kw)} only apply to the 'synthetic' dataset")
+        raise DatasetError(f"keyword arguments {sorted(synthetic_kw)} only apply to the 'synthetic' dataset")
     if path is not None and root is not None:
-        raise ValueError("give either path (a file) or root (a data root), not both")
+        raise DatasetError("give either path (a file) or root (a data root), not both")
     assert relpath is not None
     file = Path(path) if path is not None else Path(root if root is not None else default_data_root()) / relpath
     if not file.is_file():

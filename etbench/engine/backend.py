@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from etbench.config import TrainConfig
+from etbench.errors import EtbenchError
 
 
-class DivergedError(RuntimeError):
+class DivergedError(EtbenchError, RuntimeError):
     """Training produced a non-finite loss; the run stops with this reason."""
 
 

@@ -22,11 +22,12 @@ from etbench.engine.backend import PlainBackend
 from etbench.engine.build import build_model, build_task, model_cost, resolve_device, seed_everything
 from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
+from etbench.errors import EtbenchError
 from etbench.models.energy import EnergyTrace
 from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(EtbenchError, RuntimeError):
     """The output directory already holds a run; resume it or choose another directory."""
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from etbench.data.images import IMAGENET_MEAN, IMAGENET_STD
+from etbench.errors import EtbenchError
 from etbench.models.energy import GAMMA_MIN
 from etbench.models.et_config import ETConfig
 from etbench.models.image import ImageET, patchify, unpatchify
@@ -26,7 +27,7 @@ OFFICIAL_KEYS = ("Wk", "Wq", "Xi", "Wenc", "Benc", "Wdec", "Bdec", "LNORM_gamma"
                  "MASK_token", "POS_embed")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(EtbenchError, ValueError):
     """The ``.npz`` is not a valid released image-ET checkpoint for the requested image geometry."""
 
 

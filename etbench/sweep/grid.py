@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from etbench.config import ConfigError, RunConfig, deep_merge, resolve_run_config, set_dotted
+from etbench.errors import EtbenchError
 from etbench.sweep.tuning import TuningSpec
 
 # ET hyper-parameters that an image baseline does not have (ViTs reuse dim, heads and steps-as-depth).
@@ -25,7 +26,7 @@ ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "
                 "hn_beta_init", "attn_init_std", "mem_init_std", "init")
 
 
-class GridError(ValueError):
+class GridError(EtbenchError, ValueError):
     """A grid file is invalid: the message names the file, the key path and what is allowed."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etbench.errors import EtbenchError
 from etbench.storage import Storage, StorageError
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
 from etbench.tracking import schema as S
@@ -32,7 +33,7 @@ from etbench.tracking import schema as S
 LOCAL_RAY_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the external interface; other loopback addresses stay local
 
 
-class SweepError(RuntimeError):
+class SweepError(EtbenchError, RuntimeError):
     """The sweep cannot start as asked (partial results without --resume, bad address, …)."""
 
 
@@ -203,7 +204,7 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
     if spec.tuning is not None:  # a search stage per model, then the final stage (etbench.sweep.tune_stage)
         from etbench.sweep.tune_stage import run_tuned
 
-        return run_tuned(spec, storage=results_dir, address=address,
+        return run_tuned(spec, storage=storage if storage is not None else results_dir, address=address,
                          tracking_uri=tracking_uri, resume=resume, force=force, progress=progress)
     flag = "--results" if storage is None and results_dir is not None else "--storage"
     st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
