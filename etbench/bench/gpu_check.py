@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.metadata as md
-import inspect
 import json
 import os
 import platform
@@ -108,17 +107,12 @@ def image_section(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def core_section(args: argparse.Namespace) -> dict[str, Any]:
-    """``run_core`` on the device with the XLA peer; without the peer if that fails; skipped if not there yet."""
-    from etbench.bench import core
+    """``run_core`` on the device with the XLA peer (which records why, when jax has no backend for the device);
+    again without the peer if the peer's step itself fails."""
+    from etbench.bench.core import run_core
 
-    run_core = getattr(core, "run_core", None)
-    if run_core is None:
-        return {"skipped": "etbench.bench.core has no run_core(out_dir, device, peer) in this checkout"}
-    params = inspect.signature(run_core).parameters
-    kwargs = dict(TINY_CORE) if args.tiny else {}
-    dropped = sorted(k for k in kwargs if k not in params)
-    kwargs = {k: v for k, v in kwargs.items() if k in params}
-    out: dict[str, Any] = {"call": {"device": args.device, "peer": "xla", **kwargs}, "ignored_kwargs": dropped}
+    kwargs: dict[str, Any] = dict(TINY_CORE) if args.tiny else {}
+    out: dict[str, Any] = {"call": {"device": args.device, "peer": "xla", **kwargs}}
     with tempfile.TemporaryDirectory(prefix="gpu_check_core_") as tmp:
         try:
             out["report"] = run_core(Path(tmp), device=args.device, peer="xla", **kwargs)
@@ -274,7 +268,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes (digits preset at T = 2, tiny bench core)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--steps", type=int, default=100, help="timed steps per model (capped by --max-seconds)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="timed seconds per model at most")
+    p.add_argument("--max-seconds", type=float, default=12.0, help="timed seconds per model at most")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=64, help="images per GPU per step")
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
