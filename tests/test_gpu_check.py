@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from etbench.bench import gpu_bundle, gpu_check
-from etbench.bench.gpu_train import MODELS
+from etbench.bench.gpu_train import MODELS, StepSettings, run_image_section
 from etbench.models.baselines.vit import build_vit
 from etbench.models.image import ImageET
 from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec
@@ -93,3 +93,19 @@ def test_the_vit_beside_the_paper_scale_et_is_flop_matched() -> None:
     assert (et.num_tokens, et.dim, preset.et.heads, preset.et.head_dim, preset.et.num_memories, preset.et.steps) \
         == (197, 768, 12, 64, 3072, 12)
     assert 0.95 < et.flops_per_image() / vit.flops_per_image() < 1.05
+
+
+def test_a_deepspeed_failure_falls_back_to_the_torch_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first DeepSpeed failure is recorded; that model and the later ones still get figures (plain torch)."""
+    import etbench.engine.ds_backend as ds
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ImportError("No module named 'deepspeed' (simulated)")
+
+    monkeypatch.setattr(ds, "DeepSpeedBackend", broken)
+    s = StepSettings(steps=2, warmup=1, batch=2, tiny=True, peak_tflops=None)
+    out = run_image_section(s, 1, torch.device("cpu"))
+    assert [(r["model"], r["grad_mode"], r["engine"]) for r in out["results"]] == [(m, g, "torch") for m, g in MODELS]
+    assert [(e["model"], e["engine"]) for e in out["errors"]] == [("et", "deepspeed")]
+    assert "simulated" in out["errors"][0]["error"]
+    assert all(r["steps_timed"] == 2 and r["mfu"] is None and r["loss_finite"] for r in out["results"])
