@@ -131,11 +131,14 @@ def run_core(
     peak_gflops: float | None = None,
     profile: bool = True,
     measure_memory: bool = True,
+    levers: bool = True,
 ) -> dict[str, Any]:
     """Time both gradient modes (and the ``peer``) interleaved; write ``out_dir/bench_core.json`` and return it.
 
     ``peer="xla"`` adds the JAX/XLA step on the matching jax device (skipped, with the reason in the JSON, when jax
     or its GPU backend is absent). ``peak_gflops`` overrides the device peak used for the MFU-style figures.
+    ``levers`` (CPU) also times the default mode with each speed lever switched the other way (the GEMM backend, one
+    torch thread), in the same rotation: the recorded measurement behind each default.
     """
     if peer is not None and peer not in PEERS:
         raise ValueError(f"peer must be one of {PEERS} or None, got {peer!r}")
@@ -150,6 +153,8 @@ def run_core(
     mem = {m: peak_memory_mb(make_step, (cfgs[m], batch, tokens, device), device) for m in MODES} \
         if measure_memory else {}
     runners: dict[str, Callable[[], float]] = {m: make_step(cfgs[m], batch, tokens, device) for m in MODES}
+    if levers and device == "cpu":
+        runners.update(_lever_runners(cfgs[base.grad_mode], batch, tokens))
     peer_info: dict[str, Any] = {}
     if peer == "xla":
         xla_step, peer_info = _xla_runner(base, batch, tokens, device)
@@ -188,6 +193,7 @@ def run_core(
 
         decomposition["gemm_rates"] = gemm_rates(batch * tokens, dim, base.num_memories, device, xla=peer == "xla")
         decomposition["profile"] = {m: profile_step(runners[m], device) for m in MODES}
+        decomposition["gemm_bound"] = _gemm_bound(decomposition, base.grad_mode, train_flops.get("xla"))
     ratios: dict[str, Any] = {
         "speedup_analytic_vs_autograd": results["autograd"]["median_s"] / results["analytic"]["median_s"],
     }
@@ -196,6 +202,7 @@ def run_core(
     if "xla" in results:
         for m in MODES:
             ratios[f"speed_{m}_over_xla"] = results["xla"]["median_s"] / results[m]["median_s"]
+    lever_report = _lever_report(results, base.grad_mode)
     report: dict[str, Any] = {
         "benchmark": "core",
         "what": "one training step: forward T descent steps + backward + AdamW, MSE loss",
@@ -209,11 +216,76 @@ def run_core(
         "peer": peer_info or None,
         "results": results,
         "ratios": ratios,
+        "levers": lever_report or None,
         "decomposition": decomposition or None,
         "targets": _targets(ratios, default_mode),
     }
     write_json(report, out_dir, "bench_core")
     return report
+
+
+def _gemm_bound(dec: dict[str, Any], mode: str, xla_flops: float | None) -> dict[str, Any]:
+    """The default mode's profiled time split into GEMM and the rest, and the GEMM time at the best torch rate
+    measured here and at XLA's rate: what closing the gap to XLA needs, in seconds."""
+    prof, rates = dec["profile"][mode], dec["gemm_rates"]
+    torch_rates = {k: v for k, v in rates.items() if k.startswith("torch_") and isinstance(v, float)}
+    best = max(torch_rates, key=torch_rates.__getitem__) if torch_rates else None
+    gemm_s = prof["categories"].get("gemm", {}).get("self_s", 0.0)
+    out: dict[str, Any] = {
+        "profiled_wall_s": prof["wall_s"],
+        "gemm_s": gemm_s,
+        "non_gemm_s": prof["wall_s"] - gemm_s,
+        "gemm_gflops": prof["gemm_gflops"],
+        "best_torch_gemm": best,
+        "gemm_s_at_best_torch_rate": prof["gemm_gflops"] / torch_rates[best] if best else None,
+    }
+    if rates.get("xla_dot"):
+        out["gemm_s_at_xla_rate"] = prof["gemm_gflops"] / rates["xla_dot"]
+        if xla_flops:
+            out["xla_step_s_at_xla_dot_rate"] = xla_flops / 1e9 / rates["xla_dot"]
+    return out
+
+
+def _lever_runners(cfg: ETConfig, batch: int, tokens: int) -> dict[str, Callable[[], float]]:
+    """The default mode with one lever flipped: the other CPU GEMM backend; one torch thread (if using more)."""
+    from etbench.models import gemm
+
+    other = next(b for b in gemm.BACKENDS if b != gemm.backend())
+    flipped = make_step(cfg, batch, tokens, "cpu")
+
+    def other_gemm() -> float:
+        with gemm.use_backend(other):
+            return flipped()
+
+    out = {f"{cfg.grad_mode}[gemm={other}]": other_gemm}
+    threads = torch.get_num_threads()
+    if threads > 1:
+        one = make_step(cfg, batch, tokens, "cpu")
+
+        def one_thread() -> float:
+            torch.set_num_threads(1)
+            try:
+                return one()
+            finally:
+                torch.set_num_threads(threads)
+
+        out[f"{cfg.grad_mode}[threads=1]"] = one_thread
+    return out
+
+
+def _lever_report(results: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Per lever: the default's median over the flipped one's (> 1: the default setting is faster)."""
+    from etbench.models import gemm
+
+    out: dict[str, Any] = {}
+    for name, r in results.items():
+        if name.startswith(f"{mode}[") and name.endswith("]"):
+            setting = name[len(mode) + 1:-1]
+            out[setting] = {"flipped_median_s": r["median_s"], "default_median_s": results[mode]["median_s"],
+                            "default_speedup": r["median_s"] / results[mode]["median_s"]}
+    if out:
+        out["defaults"] = {"gemm": gemm.backend(), "threads": torch.get_num_threads()}
+    return out
 
 
 def _targets(ratios: dict[str, Any], default_mode: str) -> dict[str, bool]:

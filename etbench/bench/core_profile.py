@@ -5,6 +5,8 @@ shapes (the decomposition `etbench bench core` records next to its timings).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +42,14 @@ def categorize(name: str) -> str:
     return "other"
 
 
+def _linear_pointwise_flops(name: str, shapes: list[list[int]] | None, count: int) -> float:
+    """FLOPs of oneDNN ``_linear_pointwise`` calls (the profiler counts none): 2·rows·K·N per call."""
+    if "_linear_pointwise" not in name or not shapes or len(shapes) < 2 or len(shapes[1]) != 2:
+        return 0.0
+    x, w = shapes[0], shapes[1]
+    return 2.0 * math.prod(x[:-1]) * x[-1] * w[0] * count
+
+
 def profile_step(step: Callable[[], Any], device: str = "cpu", calls: int = 1, top: int = 15) -> dict[str, Any]:
     """Profile ``calls`` already-warm calls of ``step``: self time per category and per op, GEMM rate, allocations.
 
@@ -48,8 +58,9 @@ def profile_step(step: Callable[[], Any], device: str = "cpu", calls: int = 1, t
     """
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start/stop chatter on stderr
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=acts, record_shapes=False, with_flops=True, profile_memory=True) as prof:
+    with profile(activities=acts, record_shapes=True, with_flops=True, profile_memory=True) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
             step()
@@ -58,21 +69,25 @@ def profile_step(step: Callable[[], Any], device: str = "cpu", calls: int = 1, t
         wall = (time.perf_counter() - t0) / calls
     gpu = device.startswith("cuda")
     cats: dict[str, dict[str, float]] = {}
-    ops: list[dict[str, Any]] = []
+    by_op: dict[str, dict[str, Any]] = {}
     gemm_flops = 0.0
     alloc_bytes = 0
-    for ev in prof.key_averages():
+    for ev in prof.key_averages(group_by_input_shape=True):
         self_us = (ev.self_device_time_total if gpu else ev.self_cpu_time_total) / calls
         cat = categorize(ev.key)
         c = cats.setdefault(cat, {"self_s": 0.0, "calls": 0})
         c["self_s"] += self_us / 1e6
         c["calls"] += ev.count // calls
-        flops = float(getattr(ev, "flops", 0) or 0) / calls
+        flops = float(getattr(ev, "flops", 0) or 0) or _linear_pointwise_flops(ev.key, ev.input_shapes, ev.count)
+        flops /= calls
         if cat == "gemm":
             gemm_flops += flops
         alloc_bytes += max(int(getattr(ev, "self_cpu_memory_usage", 0) or 0), 0)
-        ops.append({"op": ev.key, "category": cat, "self_s": self_us / 1e6, "calls": ev.count // calls,
-                    "gflops": flops / 1e9})
+        o = by_op.setdefault(ev.key, {"op": ev.key, "category": cat, "self_s": 0.0, "calls": 0, "gflops": 0.0})
+        o["self_s"] += self_us / 1e6
+        o["calls"] += ev.count // calls
+        o["gflops"] += flops / 1e9
+    ops = list(by_op.values())
     traced = sum(c["self_s"] for c in cats.values())
     for c in cats.values():
         c["share"] = c["self_s"] / traced if traced else 0.0
@@ -107,7 +122,8 @@ def gemm_rates(rows: int, inner: int, cols: int, device: str = "cpu", repeats: i
                xla: bool = False) -> dict[str, Any]:
     """Best-of-``repeats`` fp32 GFLOP/s of (rows × inner) @ (inner × cols) on each backend reachable here.
 
-    ``torch_mm``: ``torch.mm`` (MKL on CPU); ``torch_mkldnn_linear``: oneDNN on mkldnn-layout tensors (CPU only);
+    ``torch_mm``: ``torch.mm`` (MKL on CPU); ``torch_onednn_dense``: etbench's oneDNN route on dense tensors
+    (:mod:`etbench.models.gemm`); ``torch_mkldnn_linear``: oneDNN on mkldnn-layout tensors (CPU only);
     ``xla_dot``: jitted ``jnp.dot`` on jax's device for ``device`` (when ``xla`` and jax is importable).
     """
     flops = 2.0 * rows * inner * cols
@@ -118,6 +134,11 @@ def gemm_rates(rows: int, inner: int, cols: int, device: str = "cpu", repeats: i
     out: dict[str, Any] = {"shape": [rows, inner, cols], "repeats": repeats}
     out["torch_mm"] = _rate(lambda: torch.mm(a, b), flops, repeats, sync)
     if device == "cpu" and torch.backends.mkldnn.is_available():
+        from etbench.models import gemm
+
+        wt = b.T.contiguous()
+        with gemm.use_backend("onednn"):
+            out["torch_onednn_dense"] = _rate(lambda: gemm.linear(a, wt), flops, repeats, sync)
         am, wm = a.to_mkldnn(), b.T.contiguous().to_mkldnn()
         out["torch_mkldnn_linear"] = _rate(lambda: torch._C._nn.mkldnn_linear(am, wm, None), flops, repeats, sync)
     if xla:
