@@ -224,6 +224,10 @@ def _train(a: argparse.Namespace) -> int:
                             experiment=a.experiment or DEFAULT_EXPERIMENT, grid=a.experiment or DEFAULT_EXPERIMENT,
                             run_name=f"{cfg.model.name}-{cfg.hash()}", artifact_root=str(Path("results/artifacts")))
     print(f"run {cfg.hash()} → {out}" + ("" if cfg.paper_comparable else "  (small preset: not paper-comparable)"))
+    if spec is not None or cfg.dist.workers > 1 or cfg.dist.deepspeed:
+        from etbench.logs import route_library_logs
+
+        print(f"library logs (Ray, MLflow) → {route_library_logs(out)}")
     if cfg.dist.workers > 1 or cfg.dist.deepspeed:
         from etbench.engine.launch import fit
 
@@ -241,6 +245,10 @@ def _train(a: argparse.Namespace) -> int:
     if "energy" in summary:
         print(f"energy trace rise fraction on the trained model: {summary['energy']['rise_fraction']:.4f}")
     print(f"results in {out}")
+    if spec is not None:
+        from etbench.tracking.ui import ui_hint
+
+        print(f"browse the run: {ui_hint(spec.uri, spec.experiment)}")
     return 0
 
 
@@ -329,6 +337,9 @@ def _sweep_run(a: argparse.Namespace) -> int:
     except (GridError, SweepError, StorageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from etbench.tracking.ui import ui_hint
+
+    print(f"browse the runs: {ui_hint(res.tracking_uri, res.experiment)}")
     return 1 if res.failed and not res.finished else 0
 
 
@@ -350,6 +361,7 @@ QUICKSTART_GRIDS = ("quickstart.yaml", "quickstart_graph.yaml")
 def _quickstart(a: argparse.Namespace) -> int:
     from etbench.analysis.report import make_report
     from etbench.sweep.runner import run_sweep
+    from etbench.tracking.ui import ui_hint
 
     shipped = Path(__file__).resolve().parents[1] / "experiments"
     grids = [Path(g) for g in a.grid] if a.grid else [shipped / name for name in QUICKSTART_GRIDS]
@@ -366,8 +378,8 @@ def _quickstart(a: argparse.Namespace) -> int:
     print("\nquickstart done:")
     for res, out, rep in done:
         print(f"[{res.grid}]")
-        print(f"  MLflow store : {res.tracking_uri} (experiment {res.experiment!r}; browse with "
-              f"`mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1`)")
+        print(f"  MLflow store : {res.tracking_uri} (experiment {res.experiment!r})")
+        print(f"  MLflow UI    : {ui_hint(res.tracking_uri, res.experiment)}")
         print(f"  runs         : {res.results_dir / res.grid / 'trials'}")
         print(f"  report       : {rep.index}")
         print(f"  tables       : {out / 'tables'}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.errors import EtbenchError
+from etbench.logs import library_stdout, route_library_logs
 from etbench.storage import Storage, StorageError
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
 from etbench.tracking import schema as S
@@ -208,6 +209,9 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
                          tracking_uri=tracking_uri, resume=resume, force=force, progress=progress)
     flag = "--results" if storage is None and results_dir is not None else "--storage"
     st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
+    log = route_library_logs(local_root(st) / spec.name)  # Tune/Ray/MLflow chatter → a kept file (etbench.logs)
+    if progress:
+        print(f"grid {spec.name}: library logs (Ray Tune, MLflow) → {log}")
     uri = tracking_uri or spec.tracking.uri
     on_cluster = bool(address) or stg.job_working_dir() is not None or ray.is_initialized()
     if not on_cluster:
@@ -339,7 +343,8 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
                 verbose=0,
             ),
         )
-        grid = tuner.fit()
+        with library_stdout():
+            grid = tuner.fit()
         for result in grid:
             cfg = (result.config or {}).get("trial", {})
             h = cfg.get("config_hash", "?")

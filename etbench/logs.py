@@ -1,0 +1,71 @@
+"""Keep the console for etbench's own progress and results; the libraries' chatter goes to a log file that stays.
+
+Ray Tune prints a "Configuration for experiment" box, a results path and a TensorBoard hint even at ``verbose=0``;
+Ray and Tune log INFO lines; a new MLflow store logs its database migration. None of it is thrown away: while a
+sweep runs, those loggers' INFO records (their console handlers keep WARNING and above) and Tune's prints during
+``Tuner.fit`` are appended to ``<grid folder>/logs/library.log``, whose path the sweep prints once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LIBRARY_LOGGERS = ("mlflow", "alembic", "ray")
+LOG_NAME = "library.log"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _State:
+    path: Path | None = None
+    handler: logging.Handler | None = None
+
+
+def route_library_logs(folder: Path) -> Path:
+    """From now on (this process), MLflow/Ray/Tune INFO records go to ``folder/logs/library.log`` (appended), not
+    the console; warnings and errors still reach the console too. Calling it again moves the file (next grid)."""
+    import mlflow  # noqa: F401  (both configure their loggers when imported: do that before adjusting them)
+    import ray  # noqa: F401
+
+    path = Path(folder) / "logs" / LOG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _State.path == path.resolve():
+        return path
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+        for h in lg.handlers:
+            if h is _State.handler:
+                continue
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(max(h.level, logging.WARNING))
+        if _State.handler is not None:
+            lg.removeHandler(_State.handler)
+        lg.addHandler(handler)
+        if name == "alembic":
+            lg.propagate = False  # alembic has no handler of its own; root's (if any) would print it again
+    if _State.handler is not None:
+        _State.handler.close()
+    _State.path, _State.handler = path.resolve(), handler
+    with path.open("a", encoding="utf-8") as f:
+        f.write(f"\n===== etbench {' '.join(sys.argv[1:]) or '(library call)'} at {time.strftime('%F %T')} =====\n")
+    return path
+
+
+@contextlib.contextmanager
+def library_stdout() -> Iterator[None]:
+    """Inside: whatever is printed to ``sys.stdout`` (Tune's reporter during ``Tuner.fit``) is appended to the log
+    file. etbench's own progress callback writes to the console stream it was created with, so it still shows."""
+    if _State.path is None:
+        yield
+        return
+    with _State.path.open("a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        yield
