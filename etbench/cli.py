@@ -72,6 +72,15 @@ def _bench_zero(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_report(a: argparse.Namespace) -> int:
+    from etbench.bench.report import run_report_bench
+
+    rep = run_report_bench(Path(a.out), sizes=tuple(a.sizes), stores=Path(a.stores), legacy_max_runs=a.legacy_max)
+    print(json.dumps({"targets": rep["targets"], "memory": rep["memory"]}, indent=2, default=str))
+    print(f"wrote {Path(a.out) / 'bench_report.json'}")
+    return 0
+
+
 def _inpaint(a: argparse.Namespace) -> int:
     from etbench.interop.official import inpaint_png
 
@@ -155,6 +164,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     gr.add_argument("--repeats", type=int, default=3)
     gr.add_argument("--device", default="cpu")
     gr.set_defaults(func=_bench_graph)
+    rp = bench.add_parser("report", help="etbench report, dedup lookup and sweep plan on generated stores of N runs")
+    rp.add_argument("--out", default="results/bench")
+    rp.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 30000],
+                    help="store sizes (runs); presets: 200, 1000, 5000, 30000")
+    rp.add_argument("--stores", default="results/bench_report_stores", help="where generated stores are kept")
+    rp.add_argument("--legacy-max", type=int, default=5000,
+                    help="also time the old search_runs dedup lookup up to this many runs")
+    rp.set_defaults(func=_bench_report)
 
 
 def _overrides_from_args(a: argparse.Namespace, kind: str) -> dict:

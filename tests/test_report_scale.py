@@ -133,3 +133,55 @@ def test_dedup_lookup_reads_hash_and_status_like_search_runs(lr_store: dict) -> 
         assert lookup.runs_by_hash(uri, "no-such-experiment") == {}
     finally:
         client.set_terminated(one.info.run_id, "FINISHED")
+
+
+def _describe(uri: str, experiment: str, model: str) -> dict:
+    """What MLflow returns for one run of ``model``: tag/param/metric keys, history steps, artifacts, files."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from etbench.analysis.cache import local_artifact_dir
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags["etbench.model"] == model)
+    steps = {k: sorted(p.step for p in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+    folder = local_artifact_dir(run.info.artifact_uri)
+    files = {p.name: p for p in folder.iterdir()}
+    heads = {n: files[n].read_text().splitlines()[0] for n in ("metrics.csv", "energy_trace.csv") if n in files}
+    return {"tags": set(run.data.tags), "params": set(run.data.params), "steps": steps,
+            "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id)), "heads": heads,
+            "summary": set(json.loads(files["summary.json"].read_text())),
+            "config": set(json.loads(files["config.json"].read_text())), "status": run.info.status,
+            "artifact_uri": run.info.artifact_uri.removesuffix(f"/{run.info.run_id}/artifacts"),
+            "location": exp.artifact_location, "experiment_tags": set(exp.tags)}
+
+
+def _shape_of(steps: dict[str, list[int]], epochs: int, t: int) -> dict[str, list[int]]:
+    """History steps normalised: per-epoch keys 1..epochs → "epochs", descent keys 0..T → "T" (dx_norm: T − 1)."""
+    named = {tuple(range(1, epochs + 1)): "epochs", tuple(range(t + 1)): "T", tuple(range(t)): "T-1"}
+    return {k: named.get(tuple(v), v) for k, v in steps.items()}
+
+
+def test_generated_runs_match_a_real_tracked_run(tmp_path: Path) -> None:
+    from etbench.config import resolve_run_config
+    from etbench.engine.tracked import TrackingSpec, run_tracked
+
+    shape = StoreShape((3,), (16,), (0.002,), (0,), epochs=3, trace_samples=4)
+    gen = generate_store(tmp_path / "generated", shape, name="faithful", progress=lambda s: None)
+    real_uri = f"sqlite:///{tmp_path / 'real.db'}"
+    for model in ("et", "vit"):
+        axes = {"model.et.steps": 2, "train.lr": 0.002, **({"model.et.memories": 16} if model == "et" else {})}
+        cfg = resolve_run_config({"task": {"kind": "image", "dataset": "digits", "limit_train": 64, "limit_eval": 32},
+                                  "model": {"name": model, "et": {"steps": 2, "memories": 16}},
+                                  "train": {"epochs": 2, "batch_size": 32, "lr": 0.002, "eval_trace_samples": 4}})
+        spec = TrackingSpec(uri=real_uri, experiment="faithful", grid="faithful", run_name=f"{model} real", axes=axes,
+                            artifact_root=str(tmp_path / "real-artifacts"))
+        run_tracked(cfg, tmp_path / f"run-{model}", spec, progress=False)
+    for model in ("et", "vit"):
+        real, fake = _describe(real_uri, "faithful", model), _describe(gen["tracking_uri"], "faithful", model)
+        for key in ("tags", "params", "artifacts", "heads", "summary", "config", "status", "experiment_tags"):
+            assert real[key] == fake[key], (model, key, real[key] ^ fake[key] if isinstance(real[key], set) else "")
+        assert _shape_of(real["steps"], 2, 2) == _shape_of(fake["steps"], 3, 3), model
+        assert real["artifact_uri"] == real["location"] and fake["artifact_uri"] == fake["location"]

@@ -8,7 +8,8 @@ other runs over seeds. The same rule labels each figure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,25 +18,47 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from etbench.analysis import style
+from etbench.analysis import facets, style
 from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
 from etbench.analysis.stats import DEFAULT_CI, CIConfig, summarize
 from etbench.analysis.tables import fmt_mean_ci
 
 STEPS = "axis.model.steps"
+#: Heatmaps: at most this many T columns in a single-column figure; cell labels ("mean ± half") only while a
+#: cell is at least this wide (inches) and there are at most this many rows — beyond, colour alone.
+HEATMAP_COLUMNS_SINGLE = 5
+ANNOTATE_MIN_W_IN = 0.33
+ANNOTATE_MAX_ROWS = 16
 TERMS = "axis.model.terms"
 MEMORY = ("axis.model.memories", "axis.model.mem_ratio")
 
 
+#: Receives each figure as soon as it is drawn (the report saves and closes it, so few figures are open at once).
+Sink = Callable[[str, Figure], None]
+
+
 @dataclass
 class FigureSet:
-    """Figures drawn (file stem, figure) and why others were skipped."""
+    """Figures drawn (file stem, figure) and why others were skipped. With a ``sink`` each figure goes to the
+    sink when added and only its name is kept (``names``)."""
 
     made: list[tuple[str, Figure]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    sink: Sink | None = None
+    names: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # data behind figures, saved as CSV
+
+    def add(self, name: str, fig: Figure) -> None:
+        self.names.append(name)
+        if self.sink is not None:
+            self.sink(name, fig)
+        else:
+            self.made.append((name, fig))
 
     def extend(self, other: FigureSet) -> None:
         self.made += other.made
+        self.names += other.names
+        self.tables += other.tables
         self.skipped += other.skipped
 
 
@@ -140,33 +163,90 @@ def _suffix(fixed: dict[str, object]) -> str:
     return "".join(f"_{file_part(axis_label(a, list(fixed)))}-{file_part(value_text(v))}" for a, v in fixed.items())
 
 
-def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
-    """Metric vs steps T, one line per model with its 95% CI band; one figure per value of the other axes."""
-    out = FigureSet()
+def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
+                  sink: Sink | None = None) -> FigureSet:
+    """Metric vs steps T, one line per model with its 95% CI band; one figure per value of the other axes, or —
+    beyond ``facets.SEPARATE_MAX`` such values — pages of small multiples (:func:`_steps_pages`)."""
+    out = FigureSet(sink=sink)
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         if STEPS not in axes or block[STEPS].dropna().nunique() < 2:
             out.skipped.append(f"steps: {dataset}/{protocol} has no '{STEPS}' axis with ≥ 2 values")
             continue
         present = [a for a in axes if block[a].notna().any()]
         table, over = _summary(block, metric, present, cfg)
+        table = table[table[STEPS].notna()]
         rest = [a for a in varying(block, present) if a != STEPS]
-        for fixed, part in _slices(table[table[STEPS].notna()], rest):
+        slices = _slices(table, rest)
+        if len(slices) > facets.SEPARATE_MAX:
+            _steps_pages(out, table, rest, str(dataset), str(protocol), metric, over)
+            continue
+        for fixed, part in slices:
             fig, ax = style.new_figure()
             ax = ax[0, 0]
             palette = style.model_palette(part["model"])
             for model in style.model_order(part["model"].unique()):
                 g = part[part["model"] == model].sort_values(STEPS)
-                x = g[STEPS].astype(float).to_numpy()
-                ax.plot(x, g["mean"], marker="o", color=palette[model], label=model)
-                ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=palette[model],
-                                alpha=0.2, linewidth=0)
+                _band_line(ax, g, palette[model], model)
             ax.set_xlabel("steps T")
             ax.set_ylabel(metric_label(metric))
-            ax.set_xticks(sorted(part[STEPS].astype(float).unique()))
+            facets.ticks_for(ax, part[STEPS].astype(float))
             _title(fig, dataset, protocol, fixed, over)
             _legend_below(fig, ax)
-            out.made.append((f"steps_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+            out.add(f"steps_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
+
+
+def _band_line(ax: Any, g: pd.DataFrame, colour: Any, label: str, marker: str = "o") -> None:
+    """Mean vs T with its CI band."""
+    x = g[STEPS].astype(float).to_numpy()
+    ax.plot(x, g["mean"].astype(float), marker=marker, color=colour, label=label)
+    ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=colour, alpha=0.18, linewidth=0)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _steps_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], dataset: str, protocol: str, metric: str,
+                 over: str) -> None:
+    """Many slices: the axis with the most values becomes the lines (coloured by value, at most
+    ``LINES_PER_PANEL`` per panel together with the baselines, which lack it), the other axes the panels; pages
+    split both. File names carry the line values' range and the page."""
+    line_axis = max(rest, key=lambda a: table[a].dropna().nunique())
+    panel_axes = [a for a in rest if a != line_axis]
+    panels = _slices(table, panel_axes)
+    values = sorted(table[line_axis].dropna().unique())
+    models = style.model_order(table["model"].unique())
+    with_axis = [m for m in models if table.loc[table["model"] == m, line_axis].notna().any()]
+    baselines = [m for m in models if m not in with_axis]
+    per_chunk = max(1, (facets.LINES_PER_PANEL - len(baselines)) // max(1, len(with_axis)))
+    line_chunks, panel_pages = facets.chunks(values, per_chunk), facets.chunks(panels, facets.PANELS_PER_PAGE)
+    colours, palette = facets.value_colours(values), style.model_palette(models)
+    label = axis_label(line_axis, rest)
+    for chunk in line_chunks:
+        for page, group in enumerate(panel_pages):
+            entries = len(baselines) + len(with_axis) * len(chunk)
+            fig, axs = facets.page_figure(len(group), legend_entries=entries)
+            for ax, (fixed, part) in zip(axs, group, strict=True):
+                for model in baselines:
+                    g = part[(part["model"] == model) & part[line_axis].isna()].sort_values(STEPS)
+                    _band_line(ax, g, palette[model], model, marker="x")
+                for k, model in enumerate(with_axis):
+                    for v in chunk:
+                        g = part[(part["model"] == model) & (part[line_axis] == v)].sort_values(STEPS)
+                        _band_line(ax, g, colours[v], f"{model} {label}={value_text(v)}", MARKERS[k % len(MARKERS)])
+                ax.set_title(rest_label(fixed) or "all cells")
+                facets.ticks_for(ax, part[STEPS].astype(float))
+            span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}" if chunk else "–"
+            panel_text = f"panels: {', '.join(axis_label(a, rest) for a in panel_axes)}" if panel_axes else ""
+            page_text = f"page {page + 1} of {len(panel_pages)}" if len(panel_pages) > 1 else ""
+            head = f"{dataset} / {protocol}: {metric_label(metric)} vs steps T"
+            lines = [head, f"lines: {label} {span}" + "".join(f"; {t}" for t in (panel_text, page_text) if t),
+                     f"mean, 95% CI over {over}s"]
+            facets.finish_page(fig, axs, "\n".join(lines), xlabel="steps T", ylabel=metric_label(metric),
+                               legend_title=None)
+            name = (f"steps_{_tag(dataset, protocol, metric)}_{file_part(label)}-{file_part(value_text(chunk[0]))}"
+                    f"to{file_part(value_text(chunk[-1]))}{facets.page_suffix(page, len(panel_pages))}")
+            out.add(name, fig)
 
 
 def _legend_below(fig: Any, ax: Any) -> None:
@@ -174,9 +254,10 @@ def _legend_below(fig: Any, ax: Any) -> None:
     fig.legend(loc="outside lower center", ncols=min(5, len(ax.get_legend_handles_labels()[1])), frameon=False)
 
 
-def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
+                  sink: Sink | None = None) -> FigureSet:
     """Metric per energy-term variant (attn+hn / attn / hn) with 95% CI bars; one figure per other-axes value."""
-    out = FigureSet()
+    out = FigureSet(sink=sink)
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         if TERMS not in axes or block[TERMS].dropna().nunique() < 2:
             out.skipped.append(f"terms: {dataset}/{protocol} has no '{TERMS}' axis with ≥ 2 values")
@@ -206,13 +287,14 @@ def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
             _title(fig, dataset, protocol, fixed, over)
             if len(models) > 1:
                 _legend_below(fig, ax)
-            out.made.append((f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+            out.add(f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
 
 
-def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
+                    sink: Sink | None = None) -> FigureSet:
     """Heatmap of the metric over memory size × steps T per model (and per value of the other varying axes)."""
-    out = FigureSet()
+    out = FigureSet(sink=sink)
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         mem = next((a for a in MEMORY if a in axes and block[a].dropna().nunique() >= 2), None)
         if mem is None or STEPS not in axes or block[STEPS].dropna().nunique() < 2:
@@ -230,27 +312,39 @@ def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
             means = g.pivot(index=mem, columns=STEPS, values="mean").sort_index(ascending=False)
             half = g.assign(h=(g["ci_high"] - g["ci_low"]) / 2).pivot(index=mem, columns=STEPS, values="h")
             n = g.pivot(index=mem, columns=STEPS, values="n").fillna(0)
-            text = np.array([[fmt_mean_ci(means.loc[i, j], half.loc[i, j], int(n.loc[i, j])).replace(" ± ", "\n±")
-                              for j in means.columns] for i in means.index])
-            fig, ax = style.new_figure(height=0.2 * len(means) + 1.6)
+            rows_n, cols_n = means.shape
+            width = style.SINGLE_COLUMN_IN if cols_n <= HEATMAP_COLUMNS_SINGLE else style.DOUBLE_COLUMN_IN
+            cell_w = (width - 1.5) / cols_n  # inches left for the cells beside labels and colour bar
+            annotate = cell_w >= ANNOTATE_MIN_W_IN and rows_n <= ANNOTATE_MAX_ROWS
+            row_h = 0.24 if annotate else max(0.12, min(0.2, 3.0 / rows_n))
+            fig, ax = style.new_figure(width=width, height=row_h * rows_n + 1.6)
             ax = ax[0, 0]
             cmap = "viridis" if higher_is_better(metric) else "viridis_r"
+            text: Any = False
+            if annotate:
+                text = np.array([[fmt_mean_ci(means.loc[i, j], half.loc[i, j], int(n.loc[i, j])).replace(" ± ", "\n±")
+                                  for j in means.columns] for i in means.index])
             sns.heatmap(means.astype(float), annot=text, fmt="", cmap=cmap, ax=ax, annot_kws={"fontsize": 5},
-                        cbar_kws={"label": metric_label(metric)}, linewidths=0.4, linecolor="white")
+                        cbar_kws={"label": metric_label(metric)}, linewidths=0.4 if annotate else 0.2,
+                        linecolor="white", yticklabels=max(1, math.ceil(0.11 / row_h)))
             for (i, j), missing in np.ndenumerate(means.isna().to_numpy()):
                 if missing:  # seaborn leaves NaN cells blank: say why
-                    ax.text(j + 0.5, i + 0.5, "missing\n(n=0)", ha="center", va="center", fontsize=5, color="0.4")
+                    ax.text(j + 0.5, i + 0.5, "missing\n(n=0)" if annotate else "×", ha="center", va="center",
+                            fontsize=5, color="0.4")
             ax.set_xlabel("steps T")
             ax.set_ylabel(mem.removeprefix("axis.model."))
             fixed = {"model": key[0], **dict(zip(rest, key[1:], strict=True))}
-            _title(fig, dataset, protocol, fixed, over)
-            out.made.append((f"memory_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig))
+            note = "" if annotate else f"; {rows_n}×{cols_n} cells: values in the results table" + \
+                ("" if means.notna().all().all() else ", × = no run")
+            _title(fig, dataset, protocol, fixed, over, note=note)
+            out.add(f"memory_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
 
 
-def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI) -> FigureSet:
+def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
+                   sink: Sink | None = None) -> FigureSet:
     """Metric vs FLOPs per sample and vs parameters, one point per grid cell, with the Pareto front."""
-    out = FigureSet()
+    out = FigureSet(sink=sink)
     costs = [c for c in ("cost/flops_per_sample", "cost/params") if column(c) in runs.columns]
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         have = [c for c in costs if block[column(c)].notna().any()]
@@ -282,7 +376,7 @@ def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CI
         _title(fig, dataset, protocol, {}, over, note="; grey: Pareto front")
         handles, labels = axs[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), frameon=False)
-        out.made.append((f"pareto_{_tag(dataset, protocol, metric)}", fig))
+        out.add(f"pareto_{_tag(dataset, protocol, metric)}", fig)
     return out
 
 

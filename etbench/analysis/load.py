@@ -53,9 +53,45 @@ class RunTable:
     axes: list[str] = field(default_factory=list)
 
 
+class LazyClient:
+    """An ``MlflowClient`` made on first use. Making one on a SQL store imports and checks MLflow's SQL store
+    (seconds); a report of a SQL store whose artifacts are local folders never needs it."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self._uri = tracking_uri
+        self._client: MlflowClient | None = None
+
+    def _real(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self._uri)
+        return self._client
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._uri or self._real().tracking_uri
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real(), name)
+
+
 def client_for(tracking_uri: str | None) -> MlflowClient:
-    """An MLflow client on ``tracking_uri`` (None: MLflow's own default, e.g. $MLFLOW_TRACKING_URI)."""
-    return MlflowClient(tracking_uri=tracking_uri)
+    """An MLflow client on ``tracking_uri`` (None: MLflow's own default, e.g. $MLFLOW_TRACKING_URI), made lazily."""
+    return LazyClient(tracking_uri)  # type: ignore[return-value]
+
+
+def _sql_experiment_id(tracking_uri: str, experiment: str) -> str | None:
+    """The id of the one experiment named ``experiment`` in a SQL store, read from MLflow's experiments table."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(tracking_uri)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT experiment_id FROM experiments WHERE name = :n"), {"n": experiment}).all()
+    except Exception:
+        return None
+    finally:
+        engine.dispose()
+    return str(rows[0][0]) if len(rows) == 1 else None
 
 
 def experiment_id(client: MlflowClient, experiment: str) -> str:
@@ -242,8 +278,8 @@ def load_runs(
 ) -> RunTable:
     """All runs of ``experiment``; only FINISHED ones are analysed unless ``include_failed`` (FAILED, KILLED)."""
     client = client or client_for(tracking_uri)
-    exp_id = experiment_id(client, experiment)
     uri = tracking_uri or client.tracking_uri
+    exp_id = (_sql_experiment_id(uri, experiment) if is_sql_store(uri) else None) or experiment_id(client, experiment)
     if is_sql_store(uri):
         runs, excluded, axes = frame_from_wide(sql_frame(uri, exp_id), include_failed=include_failed)
     else:

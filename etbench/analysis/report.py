@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 
 from etbench.analysis import aggregate, descent, figures, tables
 from etbench.analysis.cache import RunCache, energy_frame
@@ -113,7 +115,7 @@ def make_report(
     energy_runs = runs[runs["model"] == reference_model]
     keep = ["dataset", "protocol", "model", "seed", "split", *axes]
     energy = energy_frame(energy_runs, cache, keep=keep) if not energy_runs.empty else pd.DataFrame()
-    made = descent.energy_figures(energy, axes)
+    made = descent.energy_figures(energy, axes, sink=_sink(out / "figures", result))
     _save_figures(made, out / "figures", result)
     tuned = tuning_report.write_tuning_report(client, experiment, out) if finals is not None else None
     if tuned is not None:
@@ -152,15 +154,32 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
     return sections
 
 
-def _save_figures(made: figures.FigureSet, folder: Path, result: ReportResult) -> None:
-    """Save (and close) each figure; a second figure under a name already written is an error, never an overwrite."""
-    for name, fig in made.made:
+def _sink(folder: Path, result: ReportResult) -> figures.Sink:
+    """Save, check and close each figure the moment it is drawn; a second figure under a name already written is
+    an error, never an overwrite."""
+
+    def put(name: str, fig: Figure) -> None:
         if name in result.titles:
+            plt.close(fig)
             raise RuntimeError(f"two report figures are both named {name!r}; figure names must keep every axis value")
         title = fig._suptitle.get_text() if fig._suptitle is not None else ""
         result.titles[name] = " · ".join(line for line in title.splitlines() if line)
         result.warnings += [f"figure {name}: {problem}" for problem in label_problems(fig)]
         result.figures += save(fig, folder / name)
+
+    return put
+
+
+def _save_figures(made: figures.FigureSet, folder: Path, result: ReportResult) -> None:
+    """What a family left besides its (already saved) figures: skips, and the data tables behind figures."""
+    put = _sink(folder, result)
+    for name, fig in made.made:
+        put(name, fig)
+    for name, frame in made.tables:
+        path = folder.parent / "tables" / f"{name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+        result.tables.append(path)
     result.skipped += made.skipped
 
 
@@ -168,7 +187,7 @@ def _figures(block: pd.DataFrame, metric: str, axes: list[str], ci: CIConfig, fo
              progress: Callable[[str], None]) -> None:
     for family, make in FIGURE_FAMILIES.items():
         progress(f"[report]   figures: {family}")
-        _save_figures(make(block, metric, axes, ci), folder, result)
+        _save_figures(make(block, metric, axes, ci, sink=_sink(folder, result)), folder, result)
 
 
 def _images(block: pd.DataFrame, metric: str, cache: RunCache, folder: Path, result: ReportResult) -> None:

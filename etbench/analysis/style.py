@@ -99,15 +99,19 @@ def cost_x(ax: Axes) -> None:
     ax.xaxis.set_major_formatter(plain)
 
 
-def save(fig: Figure, stem: Path) -> list[Path]:
-    """Save ``fig`` as ``stem.pdf`` and ``stem.png``, close it, return both paths."""
+PNG_DPI = 150  # the PNG is the preview; the PDF (vector) is the paper figure
+
+
+def save(fig: Figure, stem: Path, *, close: bool = True) -> list[Path]:
+    """Save ``fig`` as ``stem.pdf`` and ``stem.png`` (closing it unless ``close=False``), return both paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     # not ``with_suffix``: a stem such as "..._lr-0.0005" has a dot that is part of a value, not a suffix
-    paths = [stem.parent / f"{stem.name}.pdf", stem.parent / f"{stem.name}.png"]
-    for path in paths:
-        fig.savefig(path)
-    plt.close(fig)
-    return paths
+    paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]
+    fig.savefig(paths[0], dpi=PNG_DPI)
+    fig.savefig(paths[1])
+    if close:
+        plt.close(fig)
+    return paths[::-1]
 
 
 def _drawn_tick_labels(axis: Axis) -> list[Text]:
@@ -118,15 +122,20 @@ def _drawn_tick_labels(axis: Axis) -> list[Text]:
     return [t.label1 for t in ticks if t.get_visible() and low - span <= t.get_loc() <= high + span]
 
 
-def label_problems(fig: Figure) -> list[str]:
-    """Texts (titles, axis and tick labels, legends) that overlap each other or stick out of the figure."""
-    fig.canvas.draw()
+def label_problems(fig: Figure, *, draw: bool = True) -> list[str]:
+    """Texts (titles, axis and tick labels, legends, texts inside the axes such as heatmap cell labels) that
+    overlap each other or stick out of the figure. ``draw=False`` reuses the layout of the last draw (a figure
+    just saved), saving a full redraw."""
+    if draw:
+        fig.draw_without_rendering()  # layout and text positions, without rasterising anything
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     texts: list[Text] = []
     legends = [ax.get_legend() for ax in fig.axes] + list(fig.legends)
     for ax in fig.axes:
+        if not ax.get_visible():
+            continue
         texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
-        texts += _drawn_tick_labels(ax.xaxis) + _drawn_tick_labels(ax.yaxis)
+        texts += _drawn_tick_labels(ax.xaxis) + _drawn_tick_labels(ax.yaxis) + list(ax.texts)
     for legend in legends:
         if legend is not None:
             texts += [*legend.get_texts(), legend.get_title()]

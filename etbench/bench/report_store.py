@@ -31,7 +31,7 @@ import yaml
 
 from etbench.sweep.grid import GridSpec, Trial, expand
 from etbench.tracking import schema as S
-from etbench.tracking.mlflow_log import RunTracker, axis_tag_name
+from etbench.tracking.mlflow_log import RunTracker, axis_tag_name, ensure_experiment
 
 EPOCH_KEYS = ("train/loss", "lr", "time/epoch_s", "val/loss", "val/mse_chosen", "val/mse_masked", "val/psnr",
               "test/loss", "test/mse_chosen", "test/mse_masked", "test/psnr")
@@ -94,10 +94,17 @@ def grid_dict(shape: StoreShape, name: str) -> dict[str, Any]:
 class RecordingClient:
     """Stands in for ``MlflowClient`` under a RunTracker: records what the tracker would send to MLflow."""
 
-    def __init__(self) -> None:
+    def __init__(self, experiment_tags: dict[str, str] | None = None) -> None:
         self.tags: dict[str, str] = {}
         self.params: list[Any] = []
         self.metrics: list[Any] = []
+        self.experiment_tags = experiment_tags if experiment_tags is not None else {}
+
+    def get_experiment(self, experiment_id: str) -> Any:
+        return SimpleNamespace(experiment_id=experiment_id, tags=dict(self.experiment_tags))
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self.experiment_tags[key] = value
 
     def create_run(self, experiment_id: str, tags: dict[str, str] | None = None, run_name: str | None = None,
                    **_: Any) -> Any:
@@ -160,8 +167,9 @@ def _outcome(trial: Trial, shape: StoreShape) -> dict[str, Any]:
         "config_hash": trial.config_hash, "paper_comparable": cfg.paper_comparable, "best_epoch": best_i + 1,
         "best": {k: rows[best_i][k] for k in EPOCH_KEYS if k != "lr"},
         "final": rows[-1],
-        "cost": {"params": params, "flops_per_sample": flops, "wall_s": wall,
-                 "throughput": 64 * shape.epochs / wall, "peak_mem_mb": 400.0 + params / 1e4},
+        "cost": _cost(params, flops, wall, shape),
+        "data": {"dataset": cfg.task.dataset, "checksum": "generated-store", "image_shape": [1, 8, 8],
+                 "train": 1437, "val": 179, "test": 181},
         "artifacts": ["reconstruction.png", "memories.png"] if et else ["reconstruction.png"],
     }
     trace = None
@@ -180,6 +188,13 @@ def _outcome(trial: Trial, shape: StoreShape) -> dict[str, Any]:
                      for i in range(steps + 1)] for k in ("E", "E_att", "E_hn", "dx_norm")}
         summary["energy"] = {"rise_fraction": 0.0, **means}
     return {"rows": rows, "summary": summary, "trace": trace}
+
+
+def _cost(params: float, flops: float, wall: float, shape: StoreShape) -> dict[str, float]:
+    """A value for every cost metric of the schema (S.COST_METRICS), so new cost columns appear here too."""
+    known = {"params": params, "flops_per_sample": flops, "wall_s": wall, "throughput": 64 * shape.epochs / wall,
+             "peak_mem_mb": 40.0 + params / 1e4, "process_peak_rss_mb": 900.0 + params / 1e4}
+    return {k: known.get(k, 1.0) for k in (m.removeprefix("cost/") for m in S.COST_METRICS)}
 
 
 def _png(seed: int) -> bytes:
@@ -216,6 +231,13 @@ def _write_artifacts(folder: Path, trial: Trial, out: dict[str, Any], pngs: dict
         (folder / name).write_bytes(pngs[name])
 
 
+def _local_dir(artifact_uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(unquote(urlparse(artifact_uri).path)))
+
+
 def _latest(points: list[tuple[str, float, int, int, bool]]) -> dict[str, tuple[float, int, int, bool]]:
     """MLflow's latest_metrics rule: per key the point of the largest (step, timestamp, value)."""
     best: dict[str, tuple[float, int, int, bool]] = {}
@@ -227,10 +249,11 @@ def _latest(points: list[tuple[str, float, int, int, bool]]) -> dict[str, tuple[
 
 
 def _run_rows(trial: Trial, template: dict[str, str], shape: StoreShape, run_id: str, start_ms: int,
-              exp_id: int, artifact_uri: str) -> tuple[Any, ...]:
-    """The SQL rows (runs, tags, params, metrics, latest_metrics) of one trial and its synthetic outcome."""
+              exp_id: int, artifact_uri: str, experiment_tags: dict[str, str]) -> tuple[Any, ...]:
+    """The SQL rows (runs, tags, params, metrics, latest_metrics) of one trial and its synthetic outcome; what the
+    tracker sets on the experiment (its runs-table view) accumulates in ``experiment_tags``."""
     out = _outcome(trial, shape)
-    rec = RecordingClient()
+    rec = RecordingClient(experiment_tags)
     tracker = _tracker(rec, trial.run_name)
     tracker.run_id = run_id
     tracker.log_params(trial.config.flat())
@@ -308,8 +331,9 @@ def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = No
     t_expand = time.perf_counter() - t0
     uri = f"sqlite:///{dest / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)  # creates MLflow's tables (its own migrations)
-    location = (dest / "artifacts" / name).as_uri()
-    exp_id = int(client.create_experiment(name, artifact_location=location))
+    exp_id = int(ensure_experiment(client, name, dest / "artifacts"))  # as a real run creates it (tags, location)
+    location = client.get_experiment(str(exp_id)).artifact_location
+    experiment_tags = dict(client.get_experiment(str(exp_id)).tags)
     templates = _templates(trials, name)
     pngs = {"reconstruction.png": _png(0), "memories.png": _png(1)}
     engine = create_engine(uri)
@@ -322,11 +346,12 @@ def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = No
         for trial in trials[lo:lo + batch]:
             run_id = uuid.UUID(int=ids.getrandbits(128), version=4).hex
             artifact_uri = f"{location}/{run_id}/artifacts"
-            run, *rows, out = _run_rows(trial, templates[trial.model], shape, run_id, start_ms, exp_id, artifact_uri)
+            run, *rows, out = _run_rows(trial, templates[trial.model], shape, run_id, start_ms, exp_id, artifact_uri,
+                                        experiment_tags)
             chunk[0].append(run)
             for acc, part in zip(chunk[1:], rows, strict=True):
                 acc += part
-            _write_artifacts(dest / "artifacts" / name / run_id / "artifacts", trial, out, pngs)
+            _write_artifacts(_local_dir(artifact_uri), trial, out, pngs)
             start_ms = run["end_time"] + 500
         with engine.begin() as conn:
             for table, rows_ in zip(tables, chunk, strict=True):
@@ -334,6 +359,8 @@ def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = No
         progress(f"[store] {min(lo + batch, len(trials))}/{len(trials)} runs written "
                  f"({time.perf_counter() - t0:.0f} s)")
     engine.dispose()
+    for key, value in experiment_tags.items():
+        client.set_experiment_tag(str(exp_id), key, value)
     info = {"runs": len(trials), "experiment": name, "tracking_uri": uri, "grid": str(dest / "grid.yaml"),
             "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.__dict__.items()},
             "generate_s": round(time.perf_counter() - t0, 2), "expand_s": round(t_expand, 2)}

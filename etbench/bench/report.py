@@ -1,0 +1,173 @@
+"""``etbench bench report``: the report and the sweep's dedup lookup on generated stores of 1,000 – 30,000 runs.
+
+Per store size (each store generated once by ``etbench.bench.report_store`` and reused): ``etbench report`` cold
+(fresh output and cache folder) and warm (again, same folders), the dedup lookup a sweep runs before it starts
+(``etbench.tracking.lookup.runs_by_hash``; beside it, up to ``legacy_max_runs``, the search_runs paging it
+replaced), and ``etbench sweep plan`` of the store's grid. Every measurement runs in its own process (as a user
+runs it: imports included) and records its wall time and peak RSS (``wait4``); the load average before and after
+each is recorded too — on a shared machine the times are only as good as the load they ran under.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from etbench.bench.report_store import generate_store
+
+TARGETS = {"report_cold_s": {5000: 20.0, 30000: 120.0}, "report_warm_s": {5000: 10.0}, "dedup_lookup_s": {5000: 2.0}}
+_LOOKUP = """
+import json, sys, time
+t0 = time.perf_counter()
+from etbench.tracking.lookup import runs_by_hash
+t1 = time.perf_counter()
+found = runs_by_hash(sys.argv[1], sys.argv[2])
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "lookup_s": t2 - t1, "hashes": len(found)}))
+"""
+_LEGACY = """
+import json, sys, time
+t0 = time.perf_counter()
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+exp = client.get_experiment_by_name(sys.argv[2])
+t1 = time.perf_counter()
+out, token = {}, None
+while True:  # what the sweep runner did before etbench.tracking.lookup: every run, fully loaded
+    page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+    for r in page:
+        out.setdefault(r.data.tags.get("etbench.config_hash"), []).append(r)
+    token = page.token
+    if not token:
+        break
+print(json.dumps({"import_s": t1 - t0, "lookup_s": time.perf_counter() - t1, "hashes": len(out)}))
+"""
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _peak_of(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """Run ``cmd`` and return (result, wall s, its own peak RSS MiB) using os.wait4 on its pid."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    out_chunks: list[str] = []
+    err_chunks: list[str] = []
+    readers = [threading.Thread(target=lambda s=s, acc=acc: acc.append(s.read()), daemon=True)
+               for s, acc in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for r in readers:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    done = subprocess.CompletedProcess(cmd, proc.returncode, "".join(out_chunks), "".join(err_chunks))
+    return done, wall, usage.ru_maxrss / 1024
+
+
+def run_measured(cmd: list[str]) -> dict[str, Any]:
+    """``cmd`` in its own process: wall seconds, its peak RSS (MiB, from wait4), load average before and after,
+    and the JSON it printed last (the lookup probes)."""
+    before = _load()
+    done, wall, peak = _peak_of(cmd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:5])}… exited {done.returncode}:\n{done.stderr[-3000:]}")
+    out: dict[str, Any] = {"wall_s": round(wall, 2), "peak_rss_mib": round(peak, 1), "loadavg_before": before,
+                           "loadavg_after": _load()}
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if last.startswith("{"):
+        out.update({k: round(v, 3) if isinstance(v, float) else v for k, v in json.loads(last).items()})
+    return out
+
+
+def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every measurement on the store of ``size`` runs (generated first when absent)."""
+    t0 = time.perf_counter()
+    info = generate_store(stores / str(size), size, progress=progress)
+    row: dict[str, Any] = {"runs": info["runs"], "store": str(stores / str(size)),
+                           "generate_s": info["generate_s"], "store_reused": time.perf_counter() - t0 < 5}
+    uri, exp = info["tracking_uri"], info["experiment"]
+    out = work / f"report-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    report = [sys.executable, "-m", "etbench.cli", "report", "--experiment", exp, "--tracking-uri", uri,
+              "--out", str(out)]
+    progress(f"[bench report] {size} runs: report cold")
+    row["report_cold"] = run_measured(report)
+    progress(f"[bench report] {size} runs: report warm ({row['report_cold']['wall_s']} s cold)")
+    row["report_warm"] = run_measured(report)
+    readme = (out / "README.md").read_text()
+    row["report_files"] = {"figures": len(list((out / "figures").glob("*.pdf"))),
+                           "tables": len(list((out / "tables").glob("*.tex"))),
+                           "layout_warnings": readme.count("\n- figure ")}
+    progress(f"[bench report] {size} runs: dedup lookup")
+    row["dedup_lookup"] = run_measured([sys.executable, "-c", _LOOKUP, uri, exp])
+    if legacy:
+        row["dedup_lookup_search_runs"] = run_measured([sys.executable, "-c", _LEGACY, uri, exp])
+        row["dedup_speedup"] = round(row["dedup_lookup_search_runs"]["lookup_s"] /
+                                     max(row["dedup_lookup"]["lookup_s"], 1e-6), 1)
+    progress(f"[bench report] {size} runs: sweep plan")
+    row["sweep_plan"] = run_measured([sys.executable, "-m", "etbench.cli", "sweep", "plan", info["grid"]])
+    return row
+
+
+def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
+                     stores: Path = Path("results/bench_report_stores"), legacy_max_runs: int = 5000,
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every size in ``sizes`` (ascending) and write ``out/bench_report.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+                                          "uptime_before": _uptime(), "loadavg_before": _load()},
+                              "note": "each figure ran in its own process on a machine shared with other jobs; "
+                                      "loadavg_before/after say how busy it was", "sizes": {}}
+    for size in sorted(sizes):
+        report["sizes"][str(size)] = bench_size(size, Path(stores), out / "bench_report_work",
+                                                legacy=size <= legacy_max_runs, progress=progress)
+        _write(out, report)
+    report["machine"]["uptime_after"] = _uptime()
+    report["targets"] = _targets(report["sizes"])
+    report["memory"] = _memory(report["sizes"])
+    _write(out, report)
+    return report
+
+
+def _targets(sizes: dict[str, Any]) -> dict[str, Any]:
+    got = {"report_cold_s": lambda r: r["report_cold"]["wall_s"], "report_warm_s": lambda r: r["report_warm"]["wall_s"],
+           "dedup_lookup_s": lambda r: r["dedup_lookup"]["lookup_s"]}
+    out: dict[str, Any] = {}
+    for name, per_size in TARGETS.items():
+        for size, limit in per_size.items():
+            if str(size) in sizes:
+                value = got[name](sizes[str(size)])
+                out[f"{name}@{size}"] = {"value": value, "target": limit, "met": value <= limit}
+    return out
+
+
+def _memory(sizes: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS of the cold report per size and the MiB per 1,000 runs between consecutive sizes (linearity)."""
+    points = sorted((int(k), v["report_cold"]["peak_rss_mib"]) for k, v in sizes.items())
+    slopes = [round((b[1] - a[1]) / (b[0] - a[0]) * 1000, 1) for a, b in itertools.pairwise(points)]
+    return {"cold_peak_rss_mib": dict(points), "mib_per_1000_runs_between_sizes": slopes}
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        return f"loadavg {_load()}"
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    (out / "bench_report.json").write_text(json.dumps(report, indent=2, default=str))
