@@ -257,3 +257,23 @@ def test_killed_search_resumes_without_rerunning_and_selects_the_same(tuned_swee
         final = _stage(runs, "final", model)
         assert len(final) == 2 and all(r.info.status == "FINISHED" for r in final)
         assert {r.data.tags["etbench.tuned_from"] for r in final} == {_oracle_best(runs, model).info.run_id}
+
+
+def test_optuna_searcher_suggests_from_the_models_space_and_is_seeded(tmp_path: Path) -> None:
+    """OptunaSearch (optuna 5) behind a ConcurrencyLimiter draws the group's space; the same seed draws the same."""
+    from etbench.sweep import tune_stage
+    from etbench.sweep.tuning import groups, metric_key
+
+    spec = load_grid(write(tmp_path, _with(algorithm="optuna")))
+    g = next(x for x in groups(spec) if x.model == "et")
+    draws = []
+    for _ in range(2):
+        s = tune_stage._searcher(spec, g, 2)
+        space = {"ctx": {"gid": g.gid}, "params": {k: d.to_tune() for k, d in g.dims.items()}}
+        assert s.set_search_properties(metric_key(g.metric), g.mode, space)
+        got = [s.suggest(f"t{i}") for i in range(2)]
+        assert s.suggest("t2") is None  # the limiter holds a third suggestion until one trial completes
+        draws.append([c["params"] for c in got])
+    assert draws[0] == draws[1]
+    for p in draws[0]:
+        assert 1e-4 <= p["train.lr"] <= 0.1 and p["model.et.init"] in ("spec", "width")
