@@ -3,8 +3,8 @@
 - ``tables/tuned_comparison.{csv,md}``: per model (and axis combination), the final runs' test and validation
   metric (mean ± std over seeds/splits, n) with the chosen hyper-parameters and the tuning run they came from.
   Only final-stage runs enter it: test metrics of tuning runs are never compared.
-- ``figures/tuning_budget.{png,csv}``: best validation metric found vs configurations tried, per model (over
-  search seeds when several searches share a model and axis combination) — was the budget enough?
+- ``figures/tuning_budget.{png,csv}``: best validation metric found vs configurations tried, one line per search
+  (a model on one dataset / axis combination) — was the budget enough?
 - ``figures/tuning_sensitivity.{png,csv}``: validation metric of every tuning run vs its learning rate, coloured
   by model (log x-axis).
 
@@ -149,15 +149,14 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
     rep.tables += [csv, md]
     curves, sens = budget_curves(df), sensitivity(df)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, block in curves.groupby("model", sort=True):
-        spread = block.groupby("configurations")["best_so_far"]
-        mean = spread.mean()
-        ax.plot(mean.index, mean.values, marker="o", label=str(model))
-        if block["group"].nunique() > 1:
-            ax.fill_between(mean.index, spread.min().values, spread.max().values, alpha=0.2)
+    labels = table.set_index("group")["dataset"].to_dict() if len(table) else {}
+    for gid, block in curves.groupby("group", sort=True):  # one search per line: a model on one dataset/axes
+        name = f"{block['model'].iloc[0]} ({labels[gid]})" if labels.get(gid) and len(set(labels.values())) > 1 \
+            else str(block["model"].iloc[0])
+        ax.plot(block["configurations"], block["best_so_far"], marker="o", label=name)
     ax.set(xlabel="configurations tried", ylabel=f"best validation {metric} so far",
            title="Tuning budget: best validation metric vs configurations")
-    ax.legend(title="model")
+    ax.legend(title="search", fontsize="small")
     fig.tight_layout()
     for path in (out / "figures" / "tuning_budget.png",):
         fig.savefig(path, dpi=120)
