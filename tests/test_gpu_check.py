@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,28 @@ def test_a_deepspeed_failure_falls_back_to_the_torch_engine(monkeypatch: pytest.
     assert [(e["model"], e["engine"]) for e in out["errors"]] == [("et", "deepspeed")]
     assert "simulated" in out["errors"][0]["error"]
     assert all(r["steps_timed"] == 2 and r["mfu"] is None and r["loss_finite"] for r in out["results"])
+
+
+def test_stopping_the_check_stops_its_running_section(tmp_path: Path) -> None:
+    """Sections run in their own sessions; a stopped check (``timeout``, a lease ending) must take them along."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.Popen([sys.executable, "-m", "etbench.bench.gpu_check", "--device", "cpu", "--tiny",
+                             "--sections", "image", "--out", str(out)], cwd=REPO,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        parent, kids, deadline = psutil.Process(proc.pid), [], time.monotonic() + 120
+        while not kids and time.monotonic() < deadline and proc.poll() is None:
+            kids = parent.children(recursive=True)
+            time.sleep(0.2)
+        assert kids, "the image section never started"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+        _, alive = psutil.wait_procs(kids, timeout=30)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads(out.read_text())  # the partial report written before the first section
+    assert report["benchmark"] == "gpu_check" and report["sections"] == {}

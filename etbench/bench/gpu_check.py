@@ -162,17 +162,20 @@ def run_child(cmd: list[str], limit_s: float, env: dict[str, str], tail_lines: i
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    rc: int | None = None
     try:
-        rc: int | None = proc.wait(timeout=limit_s)
+        rc = proc.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
-        # SIGTERM first: the child turns it into SystemExit, so torch's JIT-build lock files are released
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=TERM_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        rc = None
+        pass
+    finally:  # past the limit, or this process is being stopped: the child's own session must not outlive it
+        if proc.poll() is None:
+            # SIGTERM first: the child turns it into SystemExit, so torch's JIT-build lock files are released
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     reader.join(timeout=5)
     return rc, "\n".join(tail)
 
@@ -211,6 +214,8 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def orchestrate(args: argparse.Namespace) -> int:
     import torch
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: stop the running section too
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("no CUDA device is visible (torch.cuda.is_available() is False); run this on a GPU node, "
