@@ -1,19 +1,21 @@
 """Keep the console for etbench's own progress and results; the libraries' chatter goes to a log file that stays.
 
-Ray Tune prints a "Configuration for experiment" box, a results path and a TensorBoard hint even at ``verbose=0``;
-Ray and Tune log INFO lines; a new MLflow store logs its database migration. None of it is thrown away: while a
-sweep runs, those loggers' INFO records (their console handlers keep WARNING and above) and Tune's prints during
-``Tuner.fit`` are appended to ``<grid folder>/logs/library.log``, whose path the sweep prints once.
+Ray Tune prints a "Configuration for experiment" box, a results path and a TensorBoard hint even at ``verbose=0``
+(``print`` calls in its reporter module, ``ray.tune.experimental.output``); Ray and Tune log INFO lines; a new MLflow
+store logs its database migration. None of it is thrown away: once a sweep (or a tracked run) calls
+:func:`route_library_logs`, those loggers' INFO records (their console handlers keep WARNING and above) and the
+reporter's prints are appended to ``<grid folder>/logs/library.log``, whose path the caller prints once. Only
+Tune's reporter is redirected (its module-level ``print``), so etbench's own progress callbacks still print.
 """
 
 from __future__ import annotations
 
-import contextlib
+import builtins
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LIBRARY_LOGGERS = ("mlflow", "alembic", "ray")
 LOG_NAME = "library.log"
@@ -30,6 +32,7 @@ def route_library_logs(folder: Path) -> Path:
     the console; warnings and errors still reach the console too. Calling it again moves the file (next grid)."""
     import mlflow  # noqa: F401  (both configure their loggers when imported: do that before adjusting them)
     import ray  # noqa: F401
+    from ray.tune.experimental import output as tune_output
 
     path = Path(folder) / "logs" / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,17 +58,17 @@ def route_library_logs(folder: Path) -> Path:
     if _State.handler is not None:
         _State.handler.close()
     _State.path, _State.handler = path.resolve(), handler
+    tune_output.print = _tune_print  # type: ignore[attr-defined]  # shadows the builtin in that module only
     with path.open("a", encoding="utf-8") as f:
         f.write(f"\n===== etbench {' '.join(sys.argv[1:]) or '(library call)'} at {time.strftime('%F %T')} =====\n")
     return path
 
 
-@contextlib.contextmanager
-def library_stdout() -> Iterator[None]:
-    """Inside: whatever is printed to ``sys.stdout`` (Tune's reporter during ``Tuner.fit``) is appended to the log
-    file. etbench's own progress callback writes to the console stream it was created with, so it still shows."""
+def _tune_print(*args: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None,
+                flush: bool = False) -> None:
+    """Tune's reporter's ``print``: into the current library log (to the console when none is set)."""
     if _State.path is None:
-        yield
+        builtins.print(*args, sep=sep, end=end, file=file, flush=flush)
         return
-    with _State.path.open("a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
-        yield
+    with _State.path.open("a", encoding="utf-8") as f:
+        builtins.print(*args, sep=sep, end=end, file=f)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -15,7 +14,6 @@ class TrialProgress(Callback):
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.total, self.enabled, self.done = total, enabled, 0
         self.started: dict[str, float] = {}
-        self.out = sys.stdout  # the console, even while Tune's own prints are redirected to the log file
 
     def _line(self, trial: Any, status: str, extra: str = "") -> None:
         self.done += 1
@@ -24,7 +22,7 @@ class TrialProgress(Callback):
         p = trial.config.get("trial", {})
         took = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
         print(f"[{self.done}/{self.total}] {status} {p.get('run_name', trial.trial_id)} ({p.get('config_hash')}) "
-              f"{took:.0f} s {extra}", file=self.out, flush=True)
+              f"{took:.0f} s {extra}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.errors import EtbenchError
-from etbench.logs import library_stdout, route_library_logs
+from etbench.logs import route_library_logs
 from etbench.storage import Storage, StorageError
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
 from etbench.tracking import schema as S
@@ -343,8 +343,7 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
                 verbose=0,
             ),
         )
-        with library_stdout():
-            grid = tuner.fit()
+        grid = tuner.fit()
         for result in grid:
             cfg = (result.config or {}).get("trial", {})
             h = cfg.get("config_hash", "?")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etbench.logs import route_library_logs
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
 from etbench.sweep.runner import SweepError, SweepResult, init_ray, run_trial
@@ -342,6 +343,9 @@ def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str
         raise SweepError(f"{spec.name}: --force is not supported for a tuned grid (it would discard the search); "
                          f"use another tracking.experiment or storage to start over")
     root = storage_root(storage, spec)
+    log = route_library_logs(root / spec.name)  # Tune/Ray/MLflow chatter → a kept file (etbench.logs)
+    if progress:
+        print(f"grid {spec.name}: library logs (Ray Tune, MLflow) → {log}")
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(root)
     experiment = spec.tracking.experiment or spec.name
     gs = T.groups(spec)
