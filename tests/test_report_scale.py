@@ -185,3 +185,59 @@ def test_generated_runs_match_a_real_tracked_run(tmp_path: Path) -> None:
             assert real[key] == fake[key], (model, key, real[key] ^ fake[key] if isinstance(real[key], set) else "")
         assert _shape_of(real["steps"], 2, 2) == _shape_of(fake["steps"], 3, 3), model
         assert real["artifact_uri"] == real["location"] and fake["artifact_uri"] == fake["location"]
+
+
+def _long_results_table() -> object:
+    """A results table of 250 rows (et over steps × memories × lr, 3 seeds): what a large grid produces."""
+    from etbench.analysis import tables
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for steps in (1, 2, 4, 8, 12):
+        for mem in (16, 32, 64, 128, 256):
+            for lr in (3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1):
+                for seed in range(3):
+                    mse = 0.1 / steps + 0.01 * rng.standard_normal()
+                    rows.append({"model": "et", STEPS: steps, MEM: mem, "axis.train.lr": lr, "seed": seed,
+                                 "metrics." + MSE: mse, "metrics.best/test/psnr": 10 * np.log10(1 / abs(mse)),
+                                 "metrics.cost/params": 1e4 * mem, "metrics.cost/flops_per_sample": 1e6 * mem * steps})
+    frame = pd.DataFrame(rows).assign(dataset="mnist", protocol="masked-completion", task="image", split=-1,
+                                      paper_comparable=False)
+    frame[["split", "seed", STEPS, MEM]] = frame[["split", "seed", STEPS, MEM]].astype("Int64")
+    (table,) = tables.results_tables(frame, [MSE, "best/test/psnr"], [MEM, STEPS, "axis.train.lr"])
+    assert len(table.display) == 250
+    return table
+
+
+def test_250_row_table_is_a_longtable_that_fits_its_pages(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from etbench.analysis import tables
+
+    table = _long_results_table()
+    tex = tables.write_table(table, tmp_path)[1].read_text()
+    body = [ln for ln in tex.splitlines() if ln.rstrip().endswith(r"\\") and "&" in ln]
+    assert tex.count(r"\begin{longtable}") == 1 and r"\begin{table}" not in tex
+    assert r"\endhead" in tex and r"\endfirsthead" in tex and r"\toprule" in tex  # header repeated on every page
+    assert len(body) == 2 * 1 + 250  # the header twice (first page, continued pages) and every row once
+    short = tables.Table("short", "t", "c", table.display.head(5), table.latex.head(5), table.bold.head(5),
+                         table.data.head(5))
+    assert r"\begin{table}" in tables.to_latex(short) and "longtable" not in tables.to_latex(short)
+    engine = shutil.which("pdflatex")
+    if engine is None:
+        print("pdflatex not installed (Debian: texlive-latex-base, texlive-latex-recommended): the compile step is "
+              "skipped, the longtable structure was checked")
+        return
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage[textwidth=5.5in,textheight=9in]{geometry}\n"
+                   + "".join(f"\\usepackage{{{p}}}\n" for p in tables.LATEX_PACKAGES)
+                   + "\\begin{document}\n\\input{" + table.name + ".tex}\n\\end{document}\n")
+    run = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    assert run.returncode == 0, run.stdout[-2000:]
+    overfull = [ln for ln in log.splitlines() if ln.startswith("Overfull \\hbox")]
+    assert overfull == [], overfull[:3]  # every row fits the 5.5 in text width
+    pages = int(re.search(r"Output written on doc\.pdf \((\d+) pages?", log).group(1))
+    assert pages >= 4, pages  # 250 rows break across pages instead of one float no page holds

@@ -308,22 +308,67 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A table of more rows than this is a ``longtable`` (breaks across pages, header repeated) instead of a float.
+FLOAT_MAX_ROWS = 30
+#: Font size by the table's estimated width in characters (a booktabs row of the widest cells): a table that
+#: would not fit the text width in a smaller size is set on a landscape page (``lscape``).
+LATEX_SIZES = ((80, r"\small"), (92, r"\footnotesize"), (104, r"\scriptsize"))  # calibrated: 5.5 in text
+LATEX_PACKAGES = ("booktabs", "longtable", "lscape")  # what a document needs to \input these tables
+
+
+HEADER_LINE_CHARS = 12
+
+
+def header_lines(label: str, width: int = HEADER_LINE_CHARS) -> list[str]:
+    """A column label broken at spaces into lines of about ``width`` characters (a long header stacks)."""
+    lines: list[str] = []
+    for word in label.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [label]
+
+
+def _stacked(label: str) -> str:
+    lines = header_lines(label)
+    return lines[0] if len(lines) == 1 else "\\begin{tabular}[b]{@{}l@{}}" + " \\\\ ".join(lines) + "\\end{tabular}"
+
+
+def latex_width_chars(frame: pd.DataFrame) -> int:
+    """Estimated width of a table in characters: per column its widest cell or header line, plus two for the gap."""
+    def visible(text: str) -> int:
+        return len(text.replace("$\\pm$", "±").replace("\\", "").replace("$", ""))
+
+    widths = [max([visible(line) for line in header_lines(str(c))] + [visible(str(v)) for v in frame[c]])
+              for c in frame.columns]
+    return sum(widths) + 2 * len(widths)
+
+
 def to_latex(table: Table) -> str:
-    """The table as a booktabs LaTeX float (pandas Styler, ``hrules=True``), best values in \\textbf."""
+    """The table in booktabs LaTeX (pandas Styler, ``hrules=True``), best values in \\textbf: a float up to
+    ``FLOAT_MAX_ROWS`` rows, else a ``longtable`` that breaks across pages with its header repeated; the font
+    shrinks with the width, and a table wider than ``\\scriptsize`` allows is set landscape."""
     frame = table.latex.copy()
     frame.columns = [latex_escape(str(c)) for c in frame.columns]
+    chars = latex_width_chars(frame)
     bold = table.bold.copy()
+    frame.columns = [_stacked(c) for c in frame.columns]
     bold.columns = frame.columns
     styler = frame.style.hide(axis="index").apply(
         lambda col: np.where(bold[col.name], "textbf:--rwrap;", ""), axis=0
     )
-    return styler.to_latex(
-        hrules=True,
-        caption=latex_escape(table.caption),
-        label=f"tab:{table.name}",
-        position_float="centering",
-        column_format="l" * frame.shape[1],
-    )
+    size = next((cmd for limit, cmd in LATEX_SIZES if chars <= limit), r"\scriptsize")
+    landscape = chars > LATEX_SIZES[-1][0]
+    if len(frame) <= FLOAT_MAX_ROWS:
+        body = styler.to_latex(hrules=True, caption=latex_escape(table.caption), label=f"tab:{table.name}",
+                               position_float="centering", column_format="l" * frame.shape[1])
+        body = body.replace("\\centering\n", f"\\centering\n{size}\n", 1)
+    else:
+        body = styler.to_latex(hrules=True, caption=latex_escape(table.caption), label=f"tab:{table.name}",
+                               environment="longtable", column_format="l" * frame.shape[1])
+        body = f"\\begingroup\n{size}\n\\setlength{{\\tabcolsep}}{{3pt}}\n{body}\\endgroup\n"
+    return f"\\begin{{landscape}}\n{body}\\end{{landscape}}\n" if landscape else body
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
