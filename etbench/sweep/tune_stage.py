@@ -359,6 +359,10 @@ def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # searcher + trial state saved every second
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # diverged/stopped trials report no metric
     trials_root = root / spec.name / "trials"
+    from etbench.tracking.mlflow_log import ensure_experiment
+
+    # the driver creates the store and experiment: concurrent trials must not both create the SQLite tables
+    ensure_experiment(_client(uri), experiment, None if uri.startswith("http") else root / "artifacts")
     started = init_ray(address, spec.resources.use_gpu)
     try:
         for g in gs:
