@@ -12,6 +12,7 @@ the link carries, so the runs table shows the runs' headline metrics instead of 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 from urllib.parse import quote
 
@@ -23,6 +24,7 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 MAX_VIEW_METRICS = 8
 PRIMARY = ("best/val/mse_masked", "best/val/macro_f1", "best/val/auroc")  # the tasks' model-selection metrics
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
+log = logging.getLogger(__name__)
 
 
 def mark_model_training(client: Any, experiment: Any) -> None:
@@ -30,7 +32,10 @@ def mark_model_training(client: Any, experiment: Any) -> None:
     kind = (experiment.tags or {}).get(EXPERIMENT_KIND_TAG, "")
     if kind == MODEL_TRAINING or (kind and not kind.endswith("inferred")):
         return
-    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    try:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except Exception as e:  # a UI hint must never fail a run (e.g. a read-only or busy store); say so and go on
+        log.warning("could not tag experiment %s as model training: %s", experiment.experiment_id, e)
 
 
 def view_metrics(metric_keys: list[str]) -> list[str]:
@@ -42,7 +47,13 @@ def view_metrics(metric_keys: list[str]) -> list[str]:
 
 def publish_runs_view(client: Any, experiment_id: str, metric_keys: list[str]) -> None:
     """Add ``metric_keys``' headline metrics to the experiment's shared runs-table view (written only on change)."""
-    new = view_metrics(metric_keys)
+    try:
+        _publish(client, experiment_id, view_metrics(metric_keys))
+    except Exception as e:  # the table layout is a convenience: never fail a finished run over it
+        log.warning("could not store the runs-table view on experiment %s: %s", experiment_id, e)
+
+
+def _publish(client: Any, experiment_id: str, new: list[str]) -> None:
     if not new:
         return
     tags = client.get_experiment(experiment_id).tags or {}
@@ -51,7 +62,7 @@ def publish_runs_view(client: Any, experiment_id: str, metric_keys: list[str]) -
     except json.JSONDecodeError:
         state = {}
     columns = [c for c in state.get("selectedColumns", []) if isinstance(c, str)]
-    wanted = columns + [c for c in (f"metrics.`{k}`" for k in new) if c not in columns]
+    wanted = (columns + [c for c in (f"metrics.`{k}`" for k in new) if c not in columns])[:2 * MAX_VIEW_METRICS]
     if wanted == columns and state.get("orderByKey"):
         return
     primary = next((k for k in PRIMARY if k in new), new[0])
