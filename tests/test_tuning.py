@@ -277,3 +277,14 @@ def test_optuna_searcher_suggests_from_the_models_space_and_is_seeded(tmp_path: 
     assert draws[0] == draws[1]
     for p in draws[0]:
         assert 1e-4 <= p["train.lr"] <= 0.1 and p["model.et.init"] in ("spec", "width")
+
+
+def test_tuned_sweep_refuses_force_and_uri_storage_before_creating_anything(tmp_path: Path) -> None:
+    from etbench.sweep.runner import SweepError, run_sweep
+
+    path = write(tmp_path, TINY)
+    with pytest.raises(SweepError, match="--force"):
+        run_sweep(path, results_dir=tmp_path / "r", force=True, progress=False)
+    with pytest.raises(SweepError, match="POSIX"):
+        run_sweep(path, results_dir="s3://bucket/x", progress=False)
+    assert not (tmp_path / "r").exists()
