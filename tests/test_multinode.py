@@ -218,7 +218,7 @@ def test_node_local_settings_are_refused_before_any_trial(multinode: MultiNode) 
     status, logs = submit(multinode, grid, "--storage", str(multinode.shared), "--tracking-uri", f"sqlite:///{db}")
     assert status == "FAILED" and f"--tracking-uri sqlite:///{db} is a file store" in logs, logs[-3000:]
     assert runs_of(multinode, "mn_refused") == [] and not db.exists()
-    assert not (multinode.shared / "mn_refused").exists() and not (multinode.shared / "ray").exists()
+    assert not (multinode.shared / "mn_refused" / "trials").exists() and not (multinode.shared / "ray").exists()
 
 
 def test_a_dataset_missing_on_the_worker_is_reported_by_node(multinode: MultiNode) -> None:
@@ -231,7 +231,7 @@ def test_a_dataset_missing_on_the_worker_is_reported_by_node(multinode: MultiNod
     assert "cluster pre-flight failed" in logs and f"node {WORKER_IP}" in logs, logs[-3000:]
     assert "image dataset 'mnist' (mnist) does not load here" in logs, logs[-3000:]
     assert f"node {HEAD_IP} (" not in logs  # the head has it
-    assert runs_of(multinode, "mn_nodata") == [] and not (multinode.shared / "mn_nodata").exists()
+    assert runs_of(multinode, "mn_nodata") == [] and not (multinode.shared / "mn_nodata" / "trials").exists()
 
 
 # --- trials on both nodes, one shared store -------------------------------------------------------------------
