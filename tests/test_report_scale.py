@@ -241,3 +241,91 @@ def test_250_row_table_is_a_longtable_that_fits_its_pages(tmp_path: Path) -> Non
     assert overfull == [], overfull[:3]  # every row fits the 5.5 in text width
     pages = int(re.search(r"Output written on doc\.pdf \((\d+) pages?", log).group(1))
     assert pages >= 4, pages  # 250 rows break across pages instead of one float no page holds
+
+
+def _big_frame() -> pd.DataFrame:
+    """et over steps {1, 2, 4, 8} × memories (10 values) × lr (6 values) + vit over steps × lr, 3 seeds."""
+    rows = []
+    lrs = (3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+    for model, mems in (("et", tuple(16 * (i + 1) for i in range(10))), ("vit", (None,))):
+        for mem in mems:
+            for steps in (1, 2, 4, 8):
+                for lr in lrs:
+                    for seed in range(3):
+                        mse = 0.1 / steps + (mem or 300) * 1e-4 + abs(np.log10(lr / 1e-3)) * 0.01 + 0.001 * seed
+                        rows.append({"model": model, STEPS: steps, MEM: mem, "axis.train.lr": lr, "seed": seed,
+                                     "metrics." + MSE: mse})
+    frame = pd.DataFrame(rows).assign(dataset="d", protocol="p", task="image", split=-1, paper_comparable=False)
+    frame[["split", "seed", STEPS, MEM]] = frame[["split", "seed", STEPS, MEM]].astype("Int64")
+    return frame
+
+
+def test_many_cells_become_readable_pages_that_keep_every_cell() -> None:
+    import matplotlib.pyplot as plt
+
+    from etbench.analysis import facets, style
+    from etbench.analysis.stats import CIConfig
+
+    frame, axes = _big_frame(), [MEM, STEPS, "axis.train.lr"]
+    made = figures.steps_figures(frame, MSE, axes, CIConfig(method="t"))
+    names = [n for n, _ in made.made]
+    assert len(names) == len(set(names)) and all(n.startswith("steps_d_p_mse_masked_memories-") for n in names)
+    seen: set[tuple[object, ...]] = set()
+    for name, fig in made.made:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert 1 <= len(panels) <= facets.PANELS_PER_PAGE
+        for ax in panels:
+            lines = ax.get_lines()
+            assert len(lines) <= facets.LINES_PER_PANEL, (name, len(lines))
+            lr = ax.get_title().split("=", 1)[1]
+            for line in lines:
+                assert list(line.get_xdata()) == [1.0, 2.0, 4.0, 8.0], (name, line.get_label())  # no zigzag
+                seen.add((lr, line.get_label()))
+        assert style.label_problems(fig) == [], name
+        plt.close(fig)
+    want = {(repr(lr), f"et memories={m}") for lr in (3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2) for m in range(16, 161, 16)}
+    want |= {(repr(lr), "vit") for lr in (3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)}
+    assert seen == want  # every (lr, memories) cell drawn somewhere
+    heat = figures.memory_heatmaps(frame, MSE, axes, CIConfig(method="t"))
+    assert len(heat.made) == 6  # one per lr for et (vit has no memory axis)
+    for name, fig in heat.made:
+        assert style.label_problems(fig) == [], name
+        plt.close(fig)
+    assert plt.get_fignums() == []
+
+
+def test_descent_bands_equal_mean_ci_and_energy_pages_cap_lines() -> None:
+    import matplotlib.pyplot as plt
+
+    from etbench.analysis import descent, facets, style
+    from etbench.analysis.stats import CIConfig, mean_ci
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for mem in (16, 32, 48, 64, 80, 96, 112, 128, 144, 160):
+        for steps in (1, 3):
+            for seed in range(2):
+                for sample in range(3):
+                    for t in range(steps + 1):
+                        e = -800 - 10 * t - mem / 10 + rng.standard_normal()
+                        rows.append({"run_id": f"{mem}-{steps}-{seed}", "step": t, "sample": sample, "E": e,
+                                     "E_att": e * 0.9, "E_hn": e * 0.1, "dx_norm": 0.5, "source": "trace",
+                                     MEM: mem, STEPS: steps, "seed": seed})
+    energy = pd.DataFrame(rows).assign(dataset="d", protocol="p", model="et", split=-1)
+    curves = descent.descent_curves(energy, [MEM, STEPS])
+    for (mem, steps, t), g in energy.groupby([MEM, STEPS, "step"]):
+        want = mean_ci(g["E_att"].to_numpy(float), CIConfig(method="t"))
+        got = curves[(curves[MEM] == mem) & (curves[STEPS] == steps) & (curves["step"] == t)
+                     & (curves["term"] == "E_att")].iloc[0]
+        for key in ("mean", "std", "ci_low", "ci_high"):
+            assert got[key] == pytest.approx(want[key]), key
+        assert got["n"] == want["n"] == 6
+    made = descent.energy_figures(energy, [MEM, STEPS])
+    assert [n for n, _ in made.made] == ["energy_d_p_et_memories-16to80", "energy_d_p_et_memories-96to160"]
+    assert made.tables[0][0] == "energy_descent_d_p_et" and len(made.tables[0][1]) == len(curves[curves["n"] > 0])
+    for name, fig in made.made:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in panels] == ["steps=1", "steps=3"]
+        assert all(len(ax.get_lines()) == 5 <= facets.LINES_PER_PANEL for ax in panels)
+        assert style.label_problems(fig) == [], name
+        plt.close(fig)
