@@ -4,10 +4,13 @@ A run of ``dist.workers`` workers asks Ray for one bundle per worker (``CPU: cpu
 ``dist.use_gpu``, plus the grid's custom resources); each bundle must fit on one node. What the cluster can hold
 is the union of its alive nodes and of the node types its autoscaler may launch, read from (first found):
 
-1. the cluster config the autoscaler reported to the GCS (``ray._private.state.state.get_cluster_config()``:
-   node groups with their resources and ``max_count``; KubeRay and autoscaler v2 report it);
+1. a cluster config reported to the GCS (``ray._private.state.state.get_cluster_config()``: node groups with their
+   resources and ``max_count``), when the deployment reports one — Ray 2.60's v1 autoscaler, the one tested here,
+   does not;
 2. an autoscaler YAML (``available_node_types`` with ``resources`` and ``max_workers``): ``$ETBENCH_CLUSTER_CONFIG``,
    else ``~/ray_bootstrap_config.yaml``, which the Ray cluster launcher writes on the head node.
+
+With neither (e.g. KubeRay without ``$ETBENCH_CLUSTER_CONFIG``), only the alive nodes count.
 
 A trial that fits only on a node type with no alive node is admitted: Ray queues it and the autoscaler adds the
 node. One that fits no node type, or needs more workers than all node types together can ever hold, is refused
