@@ -271,3 +271,44 @@ def test_job_env_extra_adds_only_what_the_job_lacks(monkeypatch: pytest.MonkeyPa
                        json.dumps({"runtime_env": {"env_vars": {"ETBENCH_DATA": "/job/data"}}}))
     assert stg.job_env_extra({"ETBENCH_DATA": "/driver/data", "ETBENCH_GIT_COMMIT": "c"}) == {
         "ETBENCH_GIT_COMMIT": "c"}
+
+
+@pytest.mark.slow
+def test_a_uri_storage_holds_tune_state_and_deepspeed_checkpoints(tmp_path: Path) -> None:
+    """A ``file://`` URI goes the pyarrow/Ray URI way (as s3:// would): never resolved, Tune state and the
+    DeepSpeed trial's Ray Train checkpoints land under it; trial folders live in node-local scratch."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from etbench.sweep.runner import local_root, run_sweep
+
+    real = tmp_path / "bucket"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)  # a resolved path would read .../bucket, not .../link
+    uri = f"file://{tmp_path / 'link'}/etb"
+    grid = tmp_path / "uri.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "uri_grid", "models": ["et"], "axes": {"dist.workers": [1, 2]}, "max_concurrent_trials": 1,
+        "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 64, "limit_eval": 32},
+                 "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "eval_trace_samples": 2}},
+        "resources": {"cpus_per_worker": 0.5}}))
+    with pytest.raises(StorageError, match="is a URI: give --tracking-uri"):
+        run_sweep(grid, storage=uri, progress=False)
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    res = run_sweep(grid, storage=uri, tracking_uri=db, progress=False)
+    try:
+        assert res.storage == uri and len(res.finished) == 2 and not res.failed, res
+        assert list((real / "etb" / "ray").glob("uri_grid-*"))  # the Tune experiment
+        ds = [h for h in res.finished if list((real / "etb" / "uri_grid" / "trials" / h / "ray").glob(
+            "etbench-*/checkpoint_*"))]
+        assert len(ds) == 1  # the 2-worker DeepSpeed trial checkpointed into the URI storage
+        for h in res.finished:
+            assert (local_root(stg.resolve_storage(uri)) / "uri_grid" / "trials" / h / "summary.json").is_file()
+        exp = MlflowClient(db).get_experiment_by_name("uri_grid")
+        assert exp is not None
+        runs = MlflowClient(db).search_runs([exp.experiment_id])
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    finally:
+        for h in res.finished:
+            shutil.rmtree(local_root(stg.resolve_storage(uri)) / "uri_grid" / "trials" / h, ignore_errors=True)
