@@ -197,8 +197,12 @@ def is_file_store(tracking_uri: str | None) -> bool:
 
 
 def check_cluster_storage(storage: Storage, tracking_uri: str | None, nodes: int, *,
-                          storage_flag: str = "--storage", tracking_flag: str = "--tracking-uri") -> None:
-    """On a cluster of ``nodes`` > 1 alive nodes, refuse settings that would leave results on one node's disk."""
+                          storage_flag: str = "--storage", tracking_flag: str = "--tracking-uri",
+                          tracked: bool = True) -> None:
+    """On a cluster of ``nodes`` > 1 alive nodes, refuse settings that would leave results on one node's disk.
+
+    ``tracked=False``: the run logs to no MLflow store (``etbench train`` without tracking), so only the storage
+    is checked."""
     if nodes <= 1:
         return
     problems = []
@@ -211,7 +215,7 @@ def check_cluster_storage(storage: Storage, tracking_uri: str | None, nodes: int
         elif work is not None and _inside(Path(storage.root), work):
             problems.append(f"{storage_flag} {storage.root} lies inside the job's working directory {work}, which "
                             f"is a per-node copy that Ray deletes after the job; use {SHARED_HINT}")
-    if is_file_store(tracking_uri):
+    if tracked and is_file_store(tracking_uri):
         problems.append(f"{tracking_flag} {tracking_uri or '(default: sqlite under the storage)'} is a file store: "
                         f"every node "
                         f"would write its own copy (or corrupt one SQLite file over NFS); start an MLflow server "

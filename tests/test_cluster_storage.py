@@ -78,6 +78,7 @@ def test_multi_node_refuses_node_local_settings(given: str, uri: str | None, nee
 def test_multi_node_accepts_shared_settings(uri: str) -> None:
     stg.check_cluster_storage(stg.resolve_storage("/mnt/shared/x"), uri, nodes=3)
     stg.check_cluster_storage(stg.resolve_storage("s3://b/x"), uri, nodes=3)
+    stg.check_cluster_storage(stg.resolve_storage("/mnt/shared/x"), None, nodes=3, tracked=False)  # untracked run
 
 
 def test_multi_node_refuses_the_jobs_working_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

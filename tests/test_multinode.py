@@ -168,8 +168,10 @@ def write_grid(mn: MultiNode, name: str, **over: Any) -> Path:
     return path
 
 
-def submit(mn: MultiNode, grid: Path, *args: str, data: Path | None = None, timeout: float = 420) -> tuple[str, str]:
-    """`ray job submit --working-dir .` of `etbench sweep run`; returns (final status, logs)."""
+def submit(mn: MultiNode, grid: Path | None, *args: str, data: Path | None = None,
+           timeout: float = 420) -> tuple[str, str]:
+    """`ray job submit --working-dir .` of `etbench sweep run GRID …` (``grid`` None: of `etbench ARGS`);
+    returns (final status, logs)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from etbench.storage import job_runtime_env
@@ -177,11 +179,11 @@ def submit(mn: MultiNode, grid: Path, *args: str, data: Path | None = None, time
     runtime_env = job_runtime_env(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
     runtime_env["env_vars"].update({"ETBENCH_DATA": str(data or REPO.parent / "shared" / "data"),
                                     "DS_ACCELERATOR": "cpu"})
-    sid = f"etbench-mn-{grid.stem}-{time.time_ns()}"
+    sid = f"etbench-mn-{grid.stem if grid else 'cli'}-{time.time_ns()}"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", mn.dashboard, "--submission-id", sid, "--no-wait",
-           "--runtime-env-json", json.dumps(runtime_env), "--working-dir", ".", "--",
-           sys.executable, "-m", "etbench.cli", "sweep", "run", str(grid), "--address", "auto",
-           "--tracking-uri", mn.tracking_uri, *args]
+           "--runtime-env-json", json.dumps(runtime_env), "--working-dir", ".", "--", sys.executable, "-m",
+           "etbench.cli", *(["sweep", "run", str(grid), "--address", "auto", "--tracking-uri", mn.tracking_uri]
+                            if grid is not None else []), *args]
     r = subprocess.run(cmd, env=mn.env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     client = JobSubmissionClient(mn.dashboard)
@@ -219,6 +221,12 @@ def test_node_local_settings_are_refused_before_any_trial(multinode: MultiNode) 
     assert status == "FAILED" and f"--tracking-uri sqlite:///{db} is a file store" in logs, logs[-3000:]
     assert runs_of(multinode, "mn_refused") == [] and not db.exists()
     assert not (multinode.shared / "mn_refused" / "trials").exists() and not (multinode.shared / "ray").exists()
+    # `etbench train` on the cluster: its default --out is relative too
+    status, logs = submit(multinode, None, "train", "image", "--dataset", "digits", "--limit-train", "64",
+                          "--epochs", "1", "--workers", "2", "--address", "auto", "--tracking-uri",
+                          multinode.tracking_uri, "--experiment", "mn_train")
+    assert status == "FAILED" and "--out is the relative path 'results/runs/image-et-" in logs, logs[-3000:]
+    assert runs_of(multinode, "mn_train") == []
 
 
 def test_a_dataset_missing_on_the_worker_is_reported_by_node(multinode: MultiNode) -> None:

@@ -117,7 +117,8 @@ def _check_out(cfg: RunConfig, out: Path, resume: bool, storage_path: str | None
             raise RunExistsError(f"cannot resume {out}: it holds config {prev}, this config is {cfg.hash()}")
 
 
-def _check_cluster(cfg: RunConfig, out: Path, tracking: TrackingSpec | None, storage_path: str | None) -> str | None:
+def _check_cluster(cfg: RunConfig, out: Path, given: str, tracking: TrackingSpec | None,
+                   storage_path: str | None) -> str | None:
     """On a multi-node cluster: ``out``/``storage_path`` must be shared and seen by every node, data must load."""
     from etbench import storage as stg
 
@@ -125,9 +126,9 @@ def _check_cluster(cfg: RunConfig, out: Path, tracking: TrackingSpec | None, sto
     if nodes <= 1:
         return None
     st = stg.Storage(storage_path, storage_path, "--storage") if storage_path and stg.is_uri(storage_path) else \
-        stg.Storage(str(out), str(out), "--out")
-    stg.check_cluster_storage(st, tracking.uri if tracking else "http://untracked", nodes,
-                              storage_flag=st.source)
+        stg.Storage(str(out), given, "--out")
+    stg.check_cluster_storage(st, tracking.uri if tracking else None, nodes, storage_flag=st.source,
+                              tracked=tracking is not None)
     marker, _ = stg.preflight(st, [cfg])
     return marker
 
@@ -145,7 +146,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     """
     import ray
 
-    out = Path(out).resolve()
+    given_out, out = str(out), Path(out).resolve()
     if address is None and not ray.is_initialized():
         check_local_resources(cfg)  # this machine hosts the workers
     else:
@@ -166,7 +167,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     marker = None
     try:
         if address is not None:  # a cluster this call attached to (a sweep's trials were checked by the sweep)
-            marker = _check_cluster(cfg, out, tracking, storage_path)
+            marker = _check_cluster(cfg, out, given_out, tracking, storage_path)
         admit([cfg], custom=extra_resources)
         write_config(cfg, out)
         spec = _tracking(tracking, cfg, out, resume)
