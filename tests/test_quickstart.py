@@ -31,6 +31,9 @@ def test_reduced_quickstart_runs_and_reports(tmp_path: Path, capsys: pytest.Capt
     assert main(["quickstart", "--grid", str(grid), "--grid", str(ggrid), "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "quickstart done" in out and "MLflow store" in out and "[quickstart_graph]" in out
+    assert "workflowType=machine_learning&viewStateShareKey=etbench" in out  # the UI link that opens the runs table
+    assert "Configuration for experiment" not in out and "TensorBoard" not in out  # Tune's box went to the log
+    assert "Configuration for experiment" in (results / "quickstart" / "logs" / "library.log").read_text()
     graph_report = results / "quickstart_graph" / "report"
     assert "runs analysed: 5" in (graph_report / "README.md").read_text()  # ET × T ∈ {1, 2} + GCN, BWGNN, MLP
     graph_md = next(p for p in (graph_report / "tables").glob("results_synthetic*.md")).read_text()
