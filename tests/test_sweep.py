@@ -104,7 +104,7 @@ def test_shipped_grids_validate_and_plan(capsys: pytest.CaptureFixture[str]) -> 
         assert "Trials:" in f.read_text() and "Cost:" in f.read_text(), f"{f.name} lacks its header comment"
         assert main(["sweep", "plan", str(f)]) == 0
     out = capsys.readouterr().out
-    assert "quickstart: 8 trials" in out and "quickstart_graph: 10 trials" in out and "nothing was created" in out
+    assert "quickstart: 12 trials" in out and "quickstart_graph: 15 trials" in out and "nothing was created" in out
 
 
 # --- real sweeps (local loopback Ray) -------------------------------------------------------------------------
