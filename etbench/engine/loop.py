@@ -137,7 +137,8 @@ def train_loop(
         state.history.append(row)
         key = task.best_metric
         prev = state.history[state.best_epoch][key] if state.best_epoch >= 0 else None
-        if key in row and (prev is None or _better(row[key], prev, task.best_mode)):
+        if key in row and (prev is None or _better(row[key], prev, task.best_mode)
+                           or (math.isnan(prev) and not math.isnan(row[key]))):  # a NaN first epoch never sticks
             state.best_epoch = epoch
         state.epoch = epoch + 1
         if on_epoch is not None and backend.rank == 0:
