@@ -108,9 +108,8 @@ def search_trial(config: dict[str, Any]) -> None:
     done = _runs_with_hash(ctx, h, "FINISHED")
     if done:  # evaluated before (an earlier, interrupted driver): report its result, never train it again
         value = done[0].data.metrics.get(f"best/{ctx['metric']}")
-        with _stopped_ok():
-            tune.report({"status": "skipped", "epoch": last, "config_hash": h,
-                         **({key: value} if value is not None else {})})
+        tune.report({"status": "skipped", "epoch": last, "config_hash": h,
+                     **({key: value} if value is not None else {})})
         return
 
     def report(epoch: int, row: dict[str, float]) -> None:
@@ -133,18 +132,8 @@ def search_trial(config: dict[str, Any]) -> None:
         final[key] = float(outcome[key])
     if outcome["status"] == "diverged":
         final["error"] = str(outcome.get("error", ""))[:500]
-    with _stopped_ok():
-        tune.report(final)
-
-
-class _stopped_ok:
-    """A trial whose outcome Tune no longer wants (ASHA stops every trial at max_t) just ends."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
-        return et is not None and issubclass(et, SystemExit)
+    tune.report(final)  # ASHA stops every trial at max_t: Tune ends this thread here with SystemExit(0) — let it
+    # propagate (swallowing it makes Tune's wrapper report once more and block, so a reused actor never frees)
 
 
 def final_trial(config: dict[str, Any]) -> None:
@@ -276,14 +265,13 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
             print(f"search {g.gid}: restoring Tune's search state from {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
-    else:  # a fresh actor per trial (a stopped trial's thread must not hold a reused one); the searcher caps
-        # the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
+    else:  # the searcher caps the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
         tuner = tune.Tuner(
             trainable,
             param_space={"ctx": ctx, "params": {k: d.to_tune() for k, d in g.dims.items()}},
             tune_config=tune.TuneConfig(metric=T.metric_key(g.metric), mode=g.mode, search_alg=_searcher(spec, g, conc),
                                         scheduler=_scheduler(spec, g), num_samples=g.budget.configurations,
-                                        reuse_actors=False),
+                                        reuse_actors=True),  # a stopped trial's thread ends at the reset
             run_config=tune.RunConfig(name=g.gid, storage_path=str(base), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
