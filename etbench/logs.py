@@ -25,20 +25,43 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _State:
     path: Path | None = None
     handler: logging.Handler | None = None
+    started: bool = False  # the file (and its folder) exist only once something is written: a refused sweep
+    # leaves no trace
+
+
+def _start() -> Path:
+    """Create the log's folder and write this invocation's header, the first time anything is logged."""
+    assert _State.path is not None
+    if not _State.started:
+        _State.path.parent.mkdir(parents=True, exist_ok=True)
+        with _State.path.open("a", encoding="utf-8") as f:
+            f.write(f"\n===== etbench {' '.join(sys.argv[1:]) or '(library call)'} at {time.strftime('%F %T')} "
+                    f"=====\n")
+        _State.started = True
+    return _State.path
+
+
+class _LazyFileHandler(logging.FileHandler):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        _start()
+        return super()._open()
 
 
 def route_library_logs(folder: Path) -> Path:
-    """From now on (this process), MLflow/Ray/Tune INFO records go to ``folder/logs/library.log`` (appended), not
-    the console; warnings and errors still reach the console too. Calling it again moves the file (next grid)."""
+    """From now on (this process), MLflow/Ray/Tune INFO records go to ``folder/logs/library.log`` (appended, created
+    on the first record), not the console; warnings and errors still reach the console too. Calling it again moves
+    the file (next grid). Returns the file's absolute path."""
     import mlflow  # noqa: F401  (both configure their loggers when imported: do that before adjusting them)
     import ray  # noqa: F401
     from ray.tune.experimental import output as tune_output
 
-    path = Path(folder) / "logs" / LOG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _State.path == path.resolve():
+    path = (Path(folder) / "logs" / LOG_NAME).resolve()
+    if _State.path == path:
         return path
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LazyFileHandler(path)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
     for name in LIBRARY_LOGGERS:
@@ -57,10 +80,8 @@ def route_library_logs(folder: Path) -> Path:
             lg.propagate = False  # alembic has no handler of its own; root's (if any) would print it again
     if _State.handler is not None:
         _State.handler.close()
-    _State.path, _State.handler = path.resolve(), handler
+    _State.path, _State.handler, _State.started = path, handler, False
     tune_output.print = _tune_print  # type: ignore[attr-defined]  # shadows the builtin in that module only
-    with path.open("a", encoding="utf-8") as f:
-        f.write(f"\n===== etbench {' '.join(sys.argv[1:]) or '(library call)'} at {time.strftime('%F %T')} =====\n")
     return path
 
 
@@ -70,5 +91,5 @@ def _tune_print(*args: Any, sep: str | None = " ", end: str | None = "\n", file:
     if _State.path is None:
         builtins.print(*args, sep=sep, end=end, file=file, flush=flush)
         return
-    with _State.path.open("a", encoding="utf-8") as f:
+    with _start().open("a", encoding="utf-8") as f:
         builtins.print(*args, sep=sep, end=end, file=f)
