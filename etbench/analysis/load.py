@@ -99,7 +99,9 @@ def experiment_id(client: MlflowClient, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}; existing: {names}")
+        from etbench.analysis import AnalysisError
+
+        raise AnalysisError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}; existing: {names}")
     return exp.experiment_id
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from etbench.analysis import AnalysisError
 from etbench.tracking.schema import COST_METRICS, best_metric
 
 METRIC_PREFIX = "metrics."
@@ -91,7 +92,7 @@ def choose_metrics(runs: pd.DataFrame, override: Sequence[str] | None = None) ->
         missing = [m for m in override if not available(runs, m)]
         if missing:
             present = sorted(c.removeprefix(METRIC_PREFIX) for c in runs.columns if c.startswith(METRIC_PREFIX))
-            raise ValueError(f"metric(s) {missing} not logged by any run; logged metrics: {present}")
+            raise AnalysisError(f"metric(s) {missing} not logged by any run; logged metrics: {present}")
         for m in override:
             higher_is_better(m)
         return [m.removeprefix(METRIC_PREFIX) for m in override]

@@ -93,7 +93,9 @@ def make_report(
     if runs.empty:
         reasons = table.excluded["reason"].value_counts().head(5).to_dict()
         left = len(table.excluded)
-        raise ValueError(f"experiment {experiment!r} has no analysable runs ({left} left out: {reasons})")
+        from etbench.analysis import AnalysisError
+
+        raise AnalysisError(f"experiment {experiment!r} has no analysable runs ({left} left out: {reasons})")
     cache = RunCache(client, Path(cache_dir) if cache_dir is not None else out / ".etbench-cache")
     refs = load_references(references)
     result = ReportResult(out=out, index=out / "README.md", runs_csv=out / "runs.csv", n_runs=len(runs), metrics={},

@@ -132,19 +132,36 @@ def run_core(
     profile: bool = True,
     measure_memory: bool = True,
     levers: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Time both gradient modes (and the ``peer``) interleaved; write ``out_dir/bench_core.json`` and return it.
 
     ``peer="xla"`` adds the JAX/XLA step on the matching jax device (skipped, with the reason in the JSON, when jax
     or its GPU backend is absent). ``peak_gflops`` overrides the device peak used for the MFU-style figures.
     ``levers`` (CPU) also times the default mode with each speed lever switched the other way (the GEMM backend, one
-    torch thread), in the same rotation: the recorded measurement behind each default.
+    torch thread), in the same rotation: the recorded measurement behind each default. ``threads`` sets torch's
+    intra-op threads for the run (restored afterwards); jax keeps its own thread pool.
     """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_core(Path(out_dir), device, peer, dim=dim, heads=heads, head_dim=head_dim, memories=memories,
+                         tokens=tokens, batch=batch, steps=steps, repeats=repeats, peak_gflops=peak_gflops,
+                         profile=profile, measure_memory=measure_memory, levers=levers)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: int, head_dim: int, memories: int,
+              tokens: int, batch: int, steps: int, repeats: int, peak_gflops: float | None, profile: bool,
+              measure_memory: bool, levers: bool) -> dict[str, Any]:
     if peer is not None and peer not in PEERS:
         raise ValueError(f"peer must be one of {PEERS} or None, got {peer!r}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    out_dir = Path(out_dir)
     load_before = load_average()
     base = ETConfig(dim=dim, heads=heads, head_dim=head_dim, memories=memories, steps=steps)
     cfgs = {m: base.model_copy(update={"grad_mode": m}) for m in MODES}
@@ -247,7 +264,7 @@ def _gemm_bound(dec: dict[str, Any], mode: str, xla_flops: float | None) -> dict
 
 
 def _lever_runners(cfg: ETConfig, batch: int, tokens: int) -> dict[str, Callable[[], float]]:
-    """The default mode with one lever flipped: the other CPU GEMM backend; one torch thread (if using more)."""
+    """The default mode with one lever flipped: the other CPU GEMM backend; one torch thread (two if using one)."""
     from etbench.models import gemm
 
     other = next(b for b in gemm.BACKENDS if b != gemm.backend())
@@ -259,17 +276,18 @@ def _lever_runners(cfg: ETConfig, batch: int, tokens: int) -> dict[str, Callable
 
     out = {f"{cfg.grad_mode}[gemm={other}]": other_gemm}
     threads = torch.get_num_threads()
-    if threads > 1:
-        one = make_step(cfg, batch, tokens, "cpu")
+    flip = 1 if threads > 1 else min(2, os.cpu_count() or 1)
+    if flip != threads:
+        other_step = make_step(cfg, batch, tokens, "cpu")
 
-        def one_thread() -> float:
-            torch.set_num_threads(1)
+        def other_threads() -> float:
+            torch.set_num_threads(flip)
             try:
-                return one()
+                return other_step()
             finally:
                 torch.set_num_threads(threads)
 
-        out[f"{cfg.grad_mode}[threads=1]"] = one_thread
+        out[f"{cfg.grad_mode}[threads={flip}]"] = other_threads
     return out
 
 

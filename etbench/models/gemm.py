@@ -59,7 +59,9 @@ def _onednn_ok(x: Tensor, w: Tensor) -> bool:
         _backend == "onednn" and _HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
         and w.dtype == torch.float32 and w.dim() == 2 and x.dim() >= 2
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and _get_current_dispatch_mode() is None  # FlopCounterMode & co. see the aten GEMMs they know how to count
+        # FlopCounterMode & co. see the aten GEMMs they know how to count (not asked under torch.compile, where
+        # the query would break the graph)
+        and (torch.compiler.is_compiling() or _get_current_dispatch_mode() is None)
     )
 
 
