@@ -69,6 +69,8 @@ def test_corrupt_graph_file_is_one_clean_line(tmp_path: Path, capsys: pytest.Cap
     (["train", "graph", "--path", "x.npz", "--epochs", "1"], "the synthetic graph is generated"),
     (["report", "--experiment", "e", "--tracking-uri", "bogus://x", "--out", "rep"], "unsupported URI 'bogus://x'"),
     (["inpaint", "no-such.npz", "in.png", "out.png"], "no-such.npz"),
+    (["report", "--experiment", "nope", "--tracking-uri", "sqlite:///store.db", "--out", "rep"],
+     "MLflow experiment 'nope' not found"),
 ])
 def test_user_errors_print_one_line_and_exit_2(args: list[str], expected: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str],
