@@ -227,15 +227,24 @@ class EnergyTrace:
     E_att: Tensor
     E_hn: Tensor
     dx_norm: Tensor
+    eps: float = 2.0**-23  # machine epsilon of the dtype the energies were computed in (float32 by default)
 
     @property
     def steps(self) -> int:
         return self.dx_norm.shape[-1]
 
-    def rose(self, rtol: float = 1e-6, atol: float = 1e-9) -> Tensor:
-        """(…, T) bool: did E increase during update t (beyond float noise)?"""
+    def rose(self, ulps: float = 8.0) -> Tensor:
+        """(…, T) bool: did E increase during update t?
+
+        Any increase larger than the rounding error of computing E counts: ``ulps`` machine epsilons (of the
+        descent's dtype) times the magnitude of the summed terms, |E_att| + |E_hn|. No tolerance beyond that noise
+        floor — in particular none proportional to |E| at a fixed 1e-6, which for a float64 descent hid real rises
+        far larger than its rounding error (|E| is dominated by constants, a step changes it by much less).
+        """
         prev, nxt = self.E[..., :-1], self.E[..., 1:]
-        return nxt > prev + rtol * prev.abs() + atol
+        scale = (self.E_att.abs() + self.E_hn.abs()).clamp_min(self.E.abs())
+        noise = ulps * self.eps * torch.maximum(scale[..., :-1], scale[..., 1:])
+        return nxt - prev > noise
 
     def rise_fraction(self) -> float:
         return float(self.rose().double().mean()) if self.steps else 0.0
@@ -336,7 +345,7 @@ class EnergyTransformer(nn.Module):
             return torch.stack([getattr(e, name).detach() for e in es], -1).double().cpu()
 
         dx = torch.stack(dxs, -1).double().cpu() if dxs else torch.zeros((*x.shape[:-2], 0), dtype=torch.float64)
-        return x, EnergyTrace(stack("E"), stack("E_att"), stack("E_hn"), dx)
+        return x, EnergyTrace(stack("E"), stack("E_att"), stack("E_hn"), dx, torch.finfo(es[0].E.dtype).eps)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """T steps of descent without the trace (use ``descend`` for the trace)."""
