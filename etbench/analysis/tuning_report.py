@@ -164,9 +164,12 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
     plt.close(fig)
     curves.to_csv(out / "figures" / "tuning_budget.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, block in sens.groupby("model", sort=True):
-        ax.scatter(block["lr"], block["value"], label=str(model), alpha=0.8)
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric} (tuning runs)",
+    for i, (model, block) in enumerate(sens.groupby("model", sort=True)):
+        colour = f"C{i}"
+        full, cut = block[~block["stopped_early"]], block[block["stopped_early"]]
+        ax.scatter(full["lr"], full["value"], label=str(model), alpha=0.85, color=colour)
+        ax.scatter(cut["lr"], cut["value"], marker="x", alpha=0.85, color=colour)  # at the epoch ASHA stopped it
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric} (tuning runs; x = stopped early)",
            title="Sensitivity to the learning rate")
     ax.legend(title="model")
     fig.tight_layout()
