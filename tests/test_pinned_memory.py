@@ -84,3 +84,16 @@ def test_run_summary_reports_step_memory_per_trial(tmp_path: Path) -> None:
     assert small >= 4 * params_mb  # parameters, gradients and the two AdamW moments at least
     assert big > small
     assert costs[0]["process_peak_rss_mb"] > 10 * small  # RSS is the process, not the model
+
+
+def test_sparse_outputs_count_their_indices_and_values() -> None:
+    dense = torch.eye(512)  # 1 MiB, before the step
+    with LiveTensorBytes() as t:
+        csr = dense.to_sparse_csr()  # 513 row pointers + 512 columns (int64) + 512 values (float32)
+        held = t.current
+    parts = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+             for p in (csr.crow_indices(), csr.col_indices(), csr.values())}
+    assert held == sum(parts.values()) >= 513 * 8 + 512 * 8 + 512 * 4  # storages held (columns may sit in a
+    # larger index buffer of the conversion)
+    assert t.peak >= held  # plus the conversion's temporaries
+    t.close()

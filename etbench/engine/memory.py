@@ -28,10 +28,22 @@ from torch.utils._pytree import tree_leaves
 MiB = 2**20
 
 
+def _dense_parts(t: Tensor) -> tuple[Tensor, ...]:
+    """The strided tensors holding ``t``'s data (a sparse CSR/COO tensor's indices and values)."""
+    if t.layout == torch.strided:
+        return (t,)
+    if t.layout == torch.sparse_csr:
+        return t.crow_indices(), t.col_indices(), t.values()
+    if t.layout == torch.sparse_coo:
+        return t._indices(), t._values()
+    return ()
+
+
 def _storages(tensors: Iterable[Any]) -> Iterator[torch.UntypedStorage]:
     for t in tensors:
-        if isinstance(t, Tensor) and t.layout == torch.strided and t.device.type != "meta":
-            yield t.untyped_storage()
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            for part in _dense_parts(t):
+                yield part.untyped_storage()
 
 
 class LiveTensorBytes(TorchDispatchMode):
