@@ -285,15 +285,19 @@ def test_deepspeed_trial_across_both_nodes_resumes_after_losing_a_node(multinode
                                                  "--address", "auto", "--tracking-uri", multinode.tracking_uri,
                                                  "--storage", str(multinode.shared)]),
                             runtime_env={**runtime_env, "working_dir": str(REPO)})
+    def committed() -> bool:  # a checkpoint Ray Train has registered (its manager snapshot names it)
+        return any("checkpoint_" in f.read_text() for f in
+                   trials.glob("*/ray/etbench-*/checkpoint_manager_snapshot.json"))
+
     deadline = time.time() + 420
     spans: set[str] = set()
-    while time.time() < deadline and not list(trials.glob("*/ray/etbench-*/checkpoint_*")):
+    while time.time() < deadline and not committed():
         workers = [a for a in list_actors(address=multinode.dashboard, filters=[("state", "=", "ALIVE")])
                    if "TrainWorker" in (a.class_name or "")]
         spans |= {a.node_id for a in workers}
         assert client.get_job_status(sid) in ("PENDING", "RUNNING"), client.get_job_logs(sid)[-4000:]
         time.sleep(1)
-    assert list(trials.glob("*/ray/etbench-*/checkpoint_*")), client.get_job_logs(sid)[-4000:]
+    assert committed() and list(trials.glob("*/ray/etbench-*/checkpoint_*")), client.get_job_logs(sid)[-4000:]
     assert len(spans) == 2, f"the DeepSpeed workers ran on {spans}"
     (run,) = runs_of(multinode, "mn_ds")
     assert run.info.status == "RUNNING"  # mid-trial
