@@ -76,7 +76,8 @@ def _bench_zero(a: argparse.Namespace) -> int:
 def _bench_report(a: argparse.Namespace) -> int:
     from etbench.bench.report import run_report_bench
 
-    rep = run_report_bench(Path(a.out), sizes=tuple(a.sizes), stores=Path(a.stores), legacy_max_runs=a.legacy_max)
+    rep = run_report_bench(Path(a.out), sizes=tuple(a.sizes), stores=Path(a.stores), legacy_max_runs=a.legacy_max,
+                           skip=frozenset(a.skip))
     print(json.dumps({"targets": rep["targets"], "memory": rep["memory"]}, indent=2, default=str))
     print(f"wrote {Path(a.out) / 'bench_report.json'}")
     return 0
@@ -174,6 +175,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--stores", default="results/bench_report_stores", help="where generated stores are kept")
     rp.add_argument("--legacy-max", type=int, default=5000,
                     help="also time the old search_runs dedup lookup up to this many runs")
+    rp.add_argument("--skip", nargs="*", default=[], choices=["cold", "warm", "lookup", "plan"],
+                    help="measurements to leave out (e.g. warm plan for a quick 30,000-run figure)")
     rp.set_defaults(func=_bench_report)
 
 

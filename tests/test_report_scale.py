@@ -73,6 +73,10 @@ def test_each_steps_figure_holds_exactly_its_cells_runs() -> None:
             assert x == [1.0, 2.0, 4.0], (name, label, x)  # one point per T: no zigzag through other cells
         want = 0.1 / np.array([1, 2, 4]) + (0.05 if mem == 64 else 0.0) + 0.001
         np.testing.assert_allclose(lines["et"].get_ydata(), want)
+    import matplotlib.pyplot as plt
+
+    for _, fig in made.made:
+        plt.close(fig)
     table = _zigzag_frame()
     for fixed, part in figures._slices(table, [MEM]):
         assert set(part[MEM].dropna()) == {fixed[MEM]} and set(part.loc[part[MEM].isna(), "model"]) == {"vit"}
@@ -329,3 +333,17 @@ def test_descent_bands_equal_mean_ci_and_energy_pages_cap_lines() -> None:
         assert all(len(ax.get_lines()) == 5 <= facets.LINES_PER_PANEL for ax in panels)
         assert style.label_problems(fig) == [], name
         plt.close(fig)
+
+
+def test_cached_summary_equals_summarize_and_sees_changed_values() -> None:
+    from etbench.analysis.stats import CIConfig, summarize
+    from etbench.analysis.summary_cache import cached_summarize
+
+    frame, cfg = _zigzag_frame(), CIConfig(method="t")
+    first = cached_summarize(frame, MSE, [MEM, STEPS], cfg=cfg)
+    pd.testing.assert_frame_equal(first, summarize(frame, MSE, [MEM, STEPS], cfg=cfg))
+    first.loc[0, "mean"] = -1.0  # a caller's change does not reach the cache
+    assert cached_summarize(frame, MSE, [MEM, STEPS], cfg=cfg).loc[0, "mean"] != -1.0
+    changed = frame.assign(**{"metrics." + MSE: frame["metrics." + MSE] + 1.0})
+    again = cached_summarize(changed, MSE, [MEM, STEPS], cfg=cfg)
+    pd.testing.assert_frame_equal(again, summarize(changed, MSE, [MEM, STEPS], cfg=cfg))

@@ -19,15 +19,17 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from etbench.tracking import schema
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 META = "meta.json"
 
@@ -212,18 +214,22 @@ def _load_energy_cache(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
     try:
         with np.load(path, allow_pickle=False) as z:
             stamps = json.loads(str(z["stamps"]))
-            rows = pd.DataFrame({c: z[c] for c in ["run_id", *_TRACE_COLUMNS, "source"]})
-    except (OSError, ValueError, KeyError):
+            rows = pd.DataFrame({c: z[c] for c in _TRACE_COLUMNS})
+            rows.insert(0, "run_id", z["run_ids"][z["run_code"]].astype(object))
+            rows["source"] = np.where(z["from_trace"], "trace", "metrics").astype(object)
+    except (OSError, ValueError, KeyError, IndexError):
         return {}, pd.DataFrame()
     return stamps, rows
 
 
 def _save_energy_cache(path: Path, stamps: dict[str, str], rows: pd.DataFrame) -> None:
-    """Write the trace cache atomically (a report killed while writing leaves the old one)."""
+    """Write the trace cache atomically (a report killed while writing leaves the old one); run ids are stored
+    once each with an int32 code per row."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {c: rows[c].to_numpy(dtype=str if c in ("run_id", "source") else float) for c in
-              ["run_id", *_TRACE_COLUMNS, "source"]}
-    np.savez(tmp, stamps=np.array(json.dumps(stamps)), **arrays)
+    codes, ids = pd.factorize(rows["run_id"].astype(str))
+    arrays = {c: rows[c].to_numpy(dtype=float) for c in _TRACE_COLUMNS}
+    np.savez(tmp, stamps=np.array(json.dumps(stamps)), run_ids=np.asarray(ids, dtype=str),
+             run_code=codes.astype(np.int32), from_trace=(rows["source"] == "trace").to_numpy(bool), **arrays)
     os.replace(tmp, path)
 
 
@@ -257,7 +263,7 @@ def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) 
     energy_cols = [c for c in (f"metrics.{m}" for m in schema.ENERGY_METRICS) if c in runs.columns]
     path = cache.cache_dir / ENERGY_CACHE
     stamps, cached = _load_energy_cache(path)
-    by_run = dict(iter(cached.groupby("run_id", sort=False))) if len(cached) else {}
+    still: set[str] = set()
     cols = [c for c in ["run_id", "status", "end_time", "artifact_uri", "model", *energy_cols] if c in runs.columns]
     frames: list[pd.DataFrame] = []
     fresh: dict[str, str] = {}
@@ -267,17 +273,18 @@ def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) 
         run_id, stamp = str(run["run_id"]), _stamp(run)
         fresh[run_id] = stamp
         if stamps.get(run_id) == stamp:
-            part = by_run.get(run_id)
-        else:
-            cache.trace_reads.append(run_id)
-            folder = cache._local(run)
-            if folder is not None and (folder / schema.ENERGY_TRACE_ARTIFACT).is_file():
-                local.append((run_id, folder / schema.ENERGY_TRACE_ARTIFACT))
-                continue
-            trace = _run_trace(run, cache, energy_cols)
-            part = None if trace is None else trace.assign(run_id=run_id)
-        if part is not None:
-            frames.append(part)
+            still.add(run_id)
+            continue
+        cache.trace_reads.append(run_id)
+        folder = cache._local(run)
+        if folder is not None and (folder / schema.ENERGY_TRACE_ARTIFACT).is_file():
+            local.append((run_id, folder / schema.ENERGY_TRACE_ARTIFACT))
+            continue
+        trace = _run_trace(run, cache, energy_cols)
+        if trace is not None:
+            frames.append(trace.assign(run_id=run_id))
+    if still:
+        frames.insert(0, cached[cached["run_id"].isin(still)])
     frames += read_traces(local)
     out_cols = ["run_id", *_TRACE_COLUMNS, "source"]
     rows = pd.concat(frames, ignore_index=True)[out_cols] if frames else pd.DataFrame(columns=out_cols)

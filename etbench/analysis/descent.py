@@ -149,10 +149,10 @@ def _energy_pages(out: FigureSet, block: pd.DataFrame, ablate: list[str], datase
     curves = curves[(curves["n"] > 0) & (curves["term"] == "E")]
     values = sorted(curves[line].dropna().unique())
     panel_values = sorted(curves[panel].dropna().unique()) if panel is not None else [None]
-    colours = facets.value_colours(values)
     line_label = axis_label(line, ablate)
     pages = facets.chunks(panel_values, facets.PANELS_PER_PAGE)
     for chunk in facets.chunks(values, facets.LINES_PER_PANEL):
+        colours = facets.value_colours(chunk)
         for page, group in enumerate(pages):
             fig, axs = facets.page_figure(len(group), legend_entries=len(chunk))
             for ax, pv in zip(axs, group, strict=True):

@@ -46,7 +46,8 @@ def page_suffix(index: int, count: int) -> str:
 
 
 def value_colours(values: Sequence[Any]) -> dict[Any, tuple[float, float, float]]:
-    """A fixed viridis colour per value, in value order (the same value has the same colour on every page)."""
+    """A viridis colour per value, in value order, spread over the whole map (figures call it per page, so the
+    lines of a page are as distinct as they can be; the legend names each value)."""
     ordered = list(dict.fromkeys(values))
     return dict(zip(ordered, sns.color_palette("viridis", max(1, len(ordered))), strict=False))
 

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 
 from etbench.analysis import facets, style
 from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
-from etbench.analysis.stats import DEFAULT_CI, CIConfig, summarize
+from etbench.analysis.stats import DEFAULT_CI, CIConfig
+from etbench.analysis.summary_cache import cached_summarize
 from etbench.analysis.tables import fmt_mean_ci
 
 STEPS = "axis.model.steps"
@@ -110,7 +111,7 @@ def file_part(text: str) -> str:
 
 def _summary(block: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig) -> tuple[pd.DataFrame, str]:
     over = summary_over(block)
-    table = summarize(block, metric, axes, over=over, cfg=cfg, complete=False)
+    table = cached_summarize(block, metric, axes, over=over, cfg=cfg, complete=False)
     return table[table["n"] > 0], over
 
 
@@ -220,9 +221,10 @@ def _steps_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], dataset: 
     baselines = [m for m in models if m not in with_axis]
     per_chunk = max(1, (facets.LINES_PER_PANEL - len(baselines)) // max(1, len(with_axis)))
     line_chunks, panel_pages = facets.chunks(values, per_chunk), facets.chunks(panels, facets.PANELS_PER_PAGE)
-    colours, palette = facets.value_colours(values), style.model_palette(models)
+    palette = style.model_palette(models)
     label = axis_label(line_axis, rest)
     for chunk in line_chunks:
+        colours = facets.value_colours(chunk)
         for page, group in enumerate(panel_pages):
             entries = len(baselines) + len(with_axis) * len(chunk)
             fig, axs = facets.page_figure(len(group), legend_entries=entries)
@@ -303,7 +305,7 @@ def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
             continue
         present = [a for a in axes if block[a].notna().any()]
         over = summary_over(block)
-        table = summarize(block, metric, present, over=over, cfg=cfg, complete=True)
+        table = cached_summarize(block, metric, present, over=over, cfg=cfg, complete=True)
         table = table[table[mem].notna() & table[STEPS].notna()]
         rest = [a for a in varying(block, present) if a not in (mem, STEPS)]
         keys = ["model", *rest]
@@ -326,7 +328,7 @@ def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
                                   for j in means.columns] for i in means.index])
             sns.heatmap(means.astype(float), annot=text, fmt="", cmap=cmap, ax=ax, annot_kws={"fontsize": 5},
                         cbar_kws={"label": metric_label(metric)}, linewidths=0.4 if annotate else 0.2,
-                        linecolor="white", yticklabels=max(1, math.ceil(0.11 / row_h)))
+                        linecolor="white", yticklabels=max(1, math.ceil(0.17 / row_h)))  # a 7 pt label needs ~0.17 in
             for (i, j), missing in np.ndenumerate(means.isna().to_numpy()):
                 if missing:  # seaborn leaves NaN cells blank: say why
                     ax.text(j + 0.5, i + 0.5, "missing\n(n=0)" if annotate else "×", ha="center", va="center",

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from mlflow.entities import Run, ViewType
-from mlflow.tracking import MlflowClient
 
 from etbench.tracking import schema
+
+if TYPE_CHECKING:  # MLflow is imported when a client is first used: a report of a local SQL store never needs it
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 PAGE_SIZE = 1000
 AXIS_PREFIX = "axis."
@@ -63,6 +66,8 @@ class LazyClient:
 
     def _real(self) -> MlflowClient:
         if self._client is None:
+            from mlflow.tracking import MlflowClient
+
             self._client = MlflowClient(tracking_uri=self._uri)
         return self._client
 
@@ -107,6 +112,8 @@ def experiment_id(client: MlflowClient, experiment: str) -> str:
 
 def search_all(client: MlflowClient, exp_id: str, progress: Callable[[str], None] | None = None) -> list[Run]:
     """Every active run of the experiment, page by page."""
+    from mlflow.entities import ViewType
+
     runs: list[Run] = []
     token: str | None = None
     while True:

@@ -26,7 +26,7 @@ from etbench.analysis.load import client_for, load_runs
 from etbench.analysis.metrics import choose_metrics, column, higher_is_better
 from etbench.analysis.references import load_references
 from etbench.analysis.stats import DEFAULT_CI, CIConfig
-from etbench.analysis.style import label_problems, save
+from etbench.analysis.style import save_checked
 
 IMAGE_ARTIFACTS = ("reconstruction.png", "memories.png")
 FIGURE_FAMILIES: dict[str, Callable[..., figures.FigureSet]] = {
@@ -166,8 +166,9 @@ def _sink(folder: Path, result: ReportResult) -> figures.Sink:
             raise RuntimeError(f"two report figures are both named {name!r}; figure names must keep every axis value")
         title = fig._suptitle.get_text() if fig._suptitle is not None else ""
         result.titles[name] = " · ".join(line for line in title.splitlines() if line)
-        result.warnings += [f"figure {name}: {problem}" for problem in label_problems(fig)]
-        result.figures += save(fig, folder / name)
+        paths, problems = save_checked(fig, folder / name)
+        result.figures += paths
+        result.warnings += [f"figure {name}: {problem}" for problem in problems]
 
     return put
 

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 SINGLE_COLUMN_IN = 3.3
+PNG_DPI = 150  # the PNG is the preview; the PDF (vector) is the paper figure
 DOUBLE_COLUMN_IN = 6.9
 FONT_PT = 8
 
@@ -71,7 +72,7 @@ def apply() -> None:
         "pdf.fonttype": 42,
         "ps.fonttype": 42,
         "savefig.dpi": 300,
-        "figure.dpi": 100,
+        "figure.dpi": PNG_DPI,  # = the PNG's dpi, so a check right after saving it sees the saved layout
     })
 
 
@@ -99,9 +100,6 @@ def cost_x(ax: Axes) -> None:
     ax.xaxis.set_major_formatter(plain)
 
 
-PNG_DPI = 150  # the PNG is the preview; the PDF (vector) is the paper figure
-
-
 def save(fig: Figure, stem: Path, *, close: bool = True) -> list[Path]:
     """Save ``fig`` as ``stem.pdf`` and ``stem.png`` (closing it unless ``close=False``), return both paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +110,19 @@ def save(fig: Figure, stem: Path, *, close: bool = True) -> list[Path]:
     if close:
         plt.close(fig)
     return paths[::-1]
+
+
+def save_checked(fig: Figure, stem: Path) -> tuple[list[Path], list[str]]:
+    """Save ``fig`` as PNG, check its labels on exactly that layout (:func:`label_problems` without another
+    draw), save the PDF, close it; return (pdf and png paths, the problems)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"
+    fig.set_dpi(PNG_DPI)
+    fig.savefig(png, dpi=PNG_DPI)
+    problems = label_problems(fig, draw=False)
+    fig.savefig(pdf)
+    plt.close(fig)
+    return [pdf, png], problems
 
 
 def _drawn_tick_labels(axis: Axis) -> list[Text]:

@@ -19,8 +19,9 @@ import pandas as pd
 
 from etbench.analysis import references as refs_mod
 from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
-from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, CIConfig, compare, decide, summarize
+from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, CIConfig, compare, decide
 from etbench.analysis.style import model_order
+from etbench.analysis.summary_cache import cached_summarize
 
 MISSING = "missing"
 NA_AXIS = "–"
@@ -160,7 +161,7 @@ def results_tables(
         present, keys = _key_columns(block, axes, over)
         merged: pd.DataFrame | None = None
         for m in metrics:
-            summary = summarize(block, m, present, over=over, cfg=cfg)
+            summary = cached_summarize(block, m, present, over=over, cfg=cfg)  # shared with the figures
             summary = summary[[*keys, "mean", "std", "n", "ci_low", "ci_high"]]
             summary = summary.rename(columns={c: f"{m}:{c}" for c in ("mean", "std", "n", "ci_low", "ci_high")})
             merged = summary if merged is None else merged.merge(summary, on=keys, how="outer")

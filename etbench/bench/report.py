@@ -94,8 +94,12 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Every measurement on the store of ``size`` runs (generated first when absent)."""
+STEPS = ("cold", "warm", "lookup", "plan")
+
+
+def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: Callable[[str], None],
+               skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every measurement (``STEPS`` but those in ``skip``) on the store of ``size`` runs (generated when absent)."""
     t0 = time.perf_counter()
     info = generate_store(stores / str(size), size, progress=progress)
     row: dict[str, Any] = {"runs": info["runs"], "store": str(stores / str(size)),
@@ -105,28 +109,33 @@ def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: C
     shutil.rmtree(out, ignore_errors=True)
     report = [sys.executable, "-m", "etbench.cli", "report", "--experiment", exp, "--tracking-uri", uri,
               "--out", str(out)]
-    progress(f"[bench report] {size} runs: report cold")
-    row["report_cold"] = run_measured(report)
-    progress(f"[bench report] {size} runs: report warm ({row['report_cold']['wall_s']} s cold)")
-    row["report_warm"] = run_measured(report)
-    readme = (out / "README.md").read_text()
-    row["report_files"] = {"figures": len(list((out / "figures").glob("*.pdf"))),
-                           "tables": len(list((out / "tables").glob("*.tex"))),
-                           "layout_warnings": readme.count("\n- figure ")}
-    progress(f"[bench report] {size} runs: dedup lookup")
-    row["dedup_lookup"] = run_measured([sys.executable, "-c", _LOOKUP, uri, exp])
-    if legacy:
-        row["dedup_lookup_search_runs"] = run_measured([sys.executable, "-c", _LEGACY, uri, exp])
-        row["dedup_speedup"] = round(row["dedup_lookup_search_runs"]["lookup_s"] /
-                                     max(row["dedup_lookup"]["lookup_s"], 1e-6), 1)
-    progress(f"[bench report] {size} runs: sweep plan")
-    row["sweep_plan"] = run_measured([sys.executable, "-m", "etbench.cli", "sweep", "plan", info["grid"]])
+    if "cold" not in skip:
+        progress(f"[bench report] {size} runs: report cold")
+        row["report_cold"] = run_measured(report)
+    if "warm" not in skip:
+        progress(f"[bench report] {size} runs: report warm")
+        row["report_warm"] = run_measured(report)
+    if (out / "README.md").exists():
+        readme = (out / "README.md").read_text()
+        row["report_files"] = {"figures": len(list((out / "figures").glob("*.pdf"))),
+                               "tables": len(list((out / "tables").glob("*.tex"))),
+                               "layout_warnings": readme.count("\n- figure ")}
+    if "lookup" not in skip:
+        progress(f"[bench report] {size} runs: dedup lookup")
+        row["dedup_lookup"] = run_measured([sys.executable, "-c", _LOOKUP, uri, exp])
+        if legacy:
+            row["dedup_lookup_search_runs"] = run_measured([sys.executable, "-c", _LEGACY, uri, exp])
+            row["dedup_speedup"] = round(row["dedup_lookup_search_runs"]["lookup_s"] /
+                                         max(row["dedup_lookup"]["lookup_s"], 1e-6), 1)
+    if "plan" not in skip:
+        progress(f"[bench report] {size} runs: sweep plan")
+        row["sweep_plan"] = run_measured([sys.executable, "-m", "etbench.cli", "sweep", "plan", info["grid"]])
     return row
 
 
 def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                      stores: Path = Path("results/bench_report_stores"), legacy_max_runs: int = 5000,
-                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+                     skip: frozenset[str] = frozenset(), progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every size in ``sizes`` (ascending) and write ``out/bench_report.json``; sizes measured by an
     earlier call into the same ``out`` stay in the JSON (each with its own load averages) unless measured again."""
     out = Path(out)
@@ -140,7 +149,7 @@ def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                                       "process) is what wall_s would be on an idle core", "sizes": earlier}
     for size in sorted(sizes):
         report["sizes"][str(size)] = bench_size(size, Path(stores), out / "bench_report_work",
-                                                legacy=size <= legacy_max_runs, progress=progress)
+                                                legacy=size <= legacy_max_runs, progress=progress, skip=skip)
         report["sizes"] = dict(sorted(report["sizes"].items(), key=lambda kv: int(kv[0])))
         _write(out, report)
     report["machine"]["uptime_after"] = _uptime()
@@ -152,14 +161,15 @@ def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
 
 def _targets(sizes: dict[str, Any]) -> dict[str, Any]:
     """Each target against the wall time and against the CPU time (the wall time of an idle machine)."""
-    got = {"report_cold_s": lambda r: r["report_cold"], "report_warm_s": lambda r: r["report_warm"],
-           "dedup_lookup_s": lambda r: {"wall_s": r["dedup_lookup"]["lookup_s"],
-                                        "cpu_s": r["dedup_lookup"].get("lookup_cpu_s")}}
+    got = {"report_cold_s": lambda r: r.get("report_cold"), "report_warm_s": lambda r: r.get("report_warm"),
+           "dedup_lookup_s": lambda r: ({"wall_s": r["dedup_lookup"]["lookup_s"],
+                                         "cpu_s": r["dedup_lookup"].get("lookup_cpu_s")}
+                                        if "dedup_lookup" in r else None)}
     out: dict[str, Any] = {}
     for name, per_size in TARGETS.items():
         for size, limit in per_size.items():
-            if str(size) in sizes:
-                m = got[name](sizes[str(size)])
+            m = got[name](sizes[str(size)]) if str(size) in sizes else None
+            if m is not None:
                 out[f"{name}@{size}"] = {"wall_s": m["wall_s"], "cpu_s": m["cpu_s"], "target_s": limit,
                                          "met_wall": m["wall_s"] <= limit,
                                          "met_cpu": None if m["cpu_s"] is None else m["cpu_s"] <= limit}
@@ -168,7 +178,7 @@ def _targets(sizes: dict[str, Any]) -> dict[str, Any]:
 
 def _memory(sizes: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS of the cold report per size and the MiB per 1,000 runs between consecutive sizes (linearity)."""
-    points = sorted((int(k), v["report_cold"]["peak_rss_mib"]) for k, v in sizes.items())
+    points = sorted((int(k), v["report_cold"]["peak_rss_mib"]) for k, v in sizes.items() if "report_cold" in v)
     slopes = [round((b[1] - a[1]) / (b[0] - a[0]) * 1000, 1) for a, b in itertools.pairwise(points)]
     return {"cold_peak_rss_mib": dict(points), "mib_per_1000_runs_between_sizes": slopes}
 

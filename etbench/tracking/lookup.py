@@ -37,6 +37,22 @@ def is_sql_store(uri: str | None) -> bool:
 
 
 def _experiment_id(uri: str, experiment: str) -> str | None:
+    """The experiment's id: straight from MLflow's experiments table on a SQL store (building an MlflowClient
+    there imports and checks MLflow's whole SQL store, seconds), else from the client."""
+    if is_sql_store(uri):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(uri)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT experiment_id FROM experiments WHERE name = :n"),
+                                    {"n": experiment}).all()
+        except Exception:  # no MLflow tables (yet): let the client answer below
+            rows = None
+        finally:
+            engine.dispose()
+        if rows is not None and len(rows) <= 1:
+            return str(rows[0][0]) if rows else None
     from mlflow.tracking import MlflowClient
 
     exp = MlflowClient(uri).get_experiment_by_name(experiment)
