@@ -49,6 +49,8 @@ def _storages(tensors: Iterable[Any]) -> Iterator[torch.UntypedStorage]:
 class LiveTensorBytes(TorchDispatchMode):
     """Running and peak bytes of the distinct tensor storages alive, from ``baseline`` plus every op's outputs."""
 
+    observes_any_op = True  # counts whatever op runs (oneDNN GEMMs included): kernels are chosen as without it
+
     def __init__(self, baseline: Iterable[Tensor] = ()) -> None:
         super().__init__()
         self.current = 0

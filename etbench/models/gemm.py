@@ -60,9 +60,15 @@ def _onednn_ok(x: Tensor, w: Tensor) -> bool:
         and w.dtype == torch.float32 and w.dim() == 2 and x.dim() >= 2
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         # FlopCounterMode & co. see the aten GEMMs they know how to count (not asked under torch.compile, where
-        # the query would break the graph)
-        and (torch.compiler.is_compiling() or _get_current_dispatch_mode() is None)
+        # the query would break the graph); a mode that only observes (``observes_any_op``, e.g. the step-memory
+        # probe) must not change which kernel runs, or a measured step would compute different bits
+        and (torch.compiler.is_compiling() or _mode_allows_onednn())
     )
+
+
+def _mode_allows_onednn() -> bool:
+    mode = _get_current_dispatch_mode()
+    return mode is None or bool(getattr(mode, "observes_any_op", False))
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
