@@ -347,3 +347,32 @@ def test_cached_summary_equals_summarize_and_sees_changed_values() -> None:
     changed = frame.assign(**{"metrics." + MSE: frame["metrics." + MSE] + 1.0})
     again = cached_summarize(changed, MSE, [MEM, STEPS], cfg=cfg)
     pd.testing.assert_frame_equal(again, summarize(changed, MSE, [MEM, STEPS], cfg=cfg))
+
+
+def test_unchanged_report_is_kept_and_a_changed_run_redraws(lr_store: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from etbench.analysis import report as report_mod
+
+    uri, experiment, out = lr_store["tracking_uri"], lr_store["experiment"], tmp_path / "report"
+    first = make_report(experiment, uri, out, progress=lambda s: None)
+    stamps = {p: p.stat().st_mtime_ns for p in first.figures}
+    drawn: list[str] = []
+    original = report_mod._sink
+
+    def counting(folder: Path, result: object) -> object:
+        put = original(folder, result)
+        return lambda name, fig: drawn.append(name) or put(name, fig)
+
+    monkeypatch.setattr(report_mod, "_sink", counting)
+    again = make_report(experiment, uri, out, progress=lambda s: None)
+    assert drawn == [] and sorted(again.figures) == sorted(first.figures) and again.titles == first.titles
+    assert {p: p.stat().st_mtime_ns for p in again.figures} == stamps
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1)[0]
+    client.log_metric(run.info.run_id, MSE, 0.5)  # a changed value: everything is recomputed
+    changed = make_report(experiment, uri, out, progress=lambda s: None)
+    assert drawn and sorted(changed.figures) == sorted(first.figures)
+    listed = sorted(re.findall(r"figures/(\S+?\.(?:pdf|png))", changed.index.read_text()))
+    assert listed == sorted(p.name for p in (out / "figures").iterdir())

@@ -29,7 +29,7 @@ AXIS_PREFIX = "axis."
 INCLUDED_STATUSES = ("FINISHED",)
 FAILED_STATUSES = ("FAILED", "KILLED")
 
-#: Short column name → tag name. All but the last four are required of an etbench run.
+#: Short column name → tag name. All but the last five are required of an etbench run.
 TAG_COLUMNS: dict[str, str] = {
     "task": schema.TAG_TASK,
     "model": schema.TAG_MODEL,
@@ -41,6 +41,7 @@ TAG_COLUMNS: dict[str, str] = {
     "config_hash": schema.TAG_CONFIG_HASH,
     "grid": schema.TAG_GRID,
     "error": schema.TAG_ERROR,
+    "stage": schema.TAG_STAGE,  # set on the runs of a tuned grid (search / final stage)
 }
 REQUIRED_TAGS = ("task", "model", "dataset", "protocol", "seed", "split")
 

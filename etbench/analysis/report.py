@@ -7,10 +7,14 @@ Output layout under ``out``::
     tables/             results_* and compare_* tables as .md, .tex (booktabs) and .csv
     figures/            steps_*, terms_*, memory_*, pareto_*, energy_* as .pdf and .png
     images/             reconstruction.png / memories.png of the best run per (dataset, protocol, model)
+    .etbench-report.json  the files written and the fingerprint of their inputs: a report of unchanged runs,
+                        options and analysis code into the same folder keeps them instead of redrawing
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +90,8 @@ def make_report(
     runs, axes = table.runs, table.axes
     from etbench.analysis import tuning_report
 
-    finals = tuning_report.final_run_ids(client, experiment)  # a tuned grid: comparisons use its final runs only
+    tuned_grid = "stage" in runs.columns and bool(runs["stage"].notna().any())  # only then ask MLflow for stages
+    finals = tuning_report.final_run_ids(client, experiment) if tuned_grid else None  # comparisons: final runs only
     if finals is not None:
         runs = runs[runs["run_id"].isin(finals)].reset_index(drop=True)
     progress(f"[report] {len(runs)} runs analysed, {len(table.excluded)} left out; axes: {axes or 'none'}")
@@ -102,6 +107,15 @@ def make_report(
                           excluded=table.excluded)
     runs.to_csv(result.runs_csv, index=False)
     table.excluded.to_csv(out / "excluded_runs.csv", index=False)
+    every = int(pd.util.hash_pandas_object(table.runs[["run_id", "status", "end_time"]], index=False).sum())
+    fingerprint = _fingerprint(out, experiment, tracking_uri, include_failed, metrics, reference_model, every,
+                               ci, references)
+    kept = _unchanged(out, fingerprint, result)
+    if kept is not None:
+        progress(f"[report] nothing changed since the report already in {out} (same runs, options and analysis "
+                 f"code): kept its {len(kept.tables)} table and {len(kept.figures)} figure files")
+        return kept
+    _drop_previous(out)
     sections: list[str] = []
     for task, block in runs.groupby("task", sort=True):
         chosen = choose_metrics(block, metrics)
@@ -127,11 +141,75 @@ def make_report(
     else:
         sections.insert(0, tuning_report.UNTUNED_NOTE)
     result.index.write_text(_index(experiment, tracking_uri, result, sections))
+    _write_manifest(out, fingerprint, result)
     for warning in result.warnings:
         progress(f"[report] warning: {warning}")
     progress(f"[report] wrote {len(result.tables)} table files, {len(result.figures)} figure files, "
              f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index})")
     return result
+
+
+MANIFEST = ".etbench-report.json"
+
+
+def _fingerprint(out: Path, *options: object) -> str:
+    """Hash of everything a report depends on: the analysed and excluded runs as just written (every tag, param,
+    metric, status and end time), the options, the references file, the analysis code and plotting libraries."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for name in ("runs.csv", "excluded_runs.csv"):
+        h.update((out / name).read_bytes())
+    h.update(json.dumps([str(o) for o in options]).encode())
+    refs = options[-1]
+    if refs is not None and Path(str(refs)).is_file():
+        h.update(Path(str(refs)).read_bytes())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.read_bytes())
+    h.update(json.dumps([metadata.version(p) for p in ("matplotlib", "seaborn", "pandas", "scipy")]).encode())
+    return h.hexdigest()
+
+
+def _unchanged(out: Path, fingerprint: str, fresh: ReportResult) -> ReportResult | None:
+    """The previous report in ``out`` when it was made from exactly these inputs and all its files still exist."""
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    lists = {k: [out / p for p in saved.get(k, [])] for k in ("tables", "figures", "images")}
+    if saved.get("fingerprint") != fingerprint or not fresh.index.exists() or \
+            not all(p.exists() for paths in lists.values() for p in paths):
+        return None
+    return ReportResult(out=out, index=fresh.index, runs_csv=fresh.runs_csv, n_runs=fresh.n_runs,
+                        metrics=saved["metrics"], skipped=saved["skipped"], warnings=saved["warnings"],
+                        excluded=fresh.excluded, titles=saved["titles"], **lists)
+
+
+def _drop_previous(out: Path) -> None:
+    """Remove the files an earlier report in ``out`` listed, so the new README lists exactly what is on disk."""
+    path = out / MANIFEST
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        saved = {}
+    for key in ("tables", "figures", "images"):
+        for name in saved.get(key, []):
+            (out / name).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _write_manifest(out: Path, fingerprint: str, result: ReportResult) -> None:
+    """What this report wrote, under the fingerprint of its inputs (read back by ``_unchanged``)."""
+    def rel(paths: list[Path]) -> list[str]:
+        return [str(Path(p).relative_to(out)) for p in paths]
+
+    (out / MANIFEST).write_text(json.dumps({
+        "fingerprint": fingerprint, "metrics": result.metrics, "skipped": result.skipped,
+        "warnings": result.warnings, "titles": result.titles, "tables": rel(result.tables),
+        "figures": rel(result.figures), "images": rel(result.images)}, indent=1))
 
 
 def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: str, ci: CIConfig,
