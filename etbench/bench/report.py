@@ -136,8 +136,8 @@ def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: C
 def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                      stores: Path = Path("results/bench_report_stores"), legacy_max_runs: int = 5000,
                      skip: frozenset[str] = frozenset(), progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every size in ``sizes`` (ascending) and write ``out/bench_report.json``; sizes measured by an
-    earlier call into the same ``out`` stay in the JSON (each with its own load averages) unless measured again."""
+    """Measure every size in ``sizes`` (ascending) and write ``out/bench_report.json``; what an earlier call into
+    the same ``out`` measured stays in the JSON (each with its own load averages) unless measured again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "bench_report.json"
@@ -148,8 +148,9 @@ def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                                       "loadavg_before/after say how busy it was; cpu_s (user + system of that "
                                       "process) is what wall_s would be on an idle core", "sizes": earlier}
     for size in sorted(sizes):
-        report["sizes"][str(size)] = bench_size(size, Path(stores), out / "bench_report_work",
-                                                legacy=size <= legacy_max_runs, progress=progress, skip=skip)
+        row = bench_size(size, Path(stores), out / "bench_report_work", legacy=size <= legacy_max_runs,
+                         progress=progress, skip=skip)
+        report["sizes"].setdefault(str(size), {}).update(row)  # measurements skipped now keep earlier values
         report["sizes"] = dict(sorted(report["sizes"].items(), key=lambda kv: int(kv[0])))
         _write(out, report)
     report["machine"]["uptime_after"] = _uptime()
