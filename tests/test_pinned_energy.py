@@ -1,5 +1,5 @@
 """Energy rises: judged against the rounding error of E (not a fixed fraction of |E|), and carried end to end
-from a large-α run into energy_trace.csv, summary.json and MLflow."""
+from a large-α run into energy_trace.csv, summary.json, MLflow and the report's energy figure."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import csv
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from etbench.analysis.report import make_report
 from etbench.config import resolve_run_config
 from etbench.engine.tracked import TrackingSpec, run_tracked
 from etbench.models.energy import EnergyTrace, EnergyTransformer
@@ -84,3 +86,11 @@ def test_rises_reach_trace_summary_and_mlflow(tmp_path: Path, monkeypatch: pytes
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("rise").experiment_id])
     assert run.data.metrics["energy/rise_fraction"] == pytest.approx(want)
+    # … and the report's energy figure marks them: ▼ at the end of update 1 (step 2) on the E panel, titled
+    report = make_report("rise", uri, tmp_path / "report", progress=lambda _: None)
+    (title,) = [t for name, t in report.titles.items() if name.startswith("energy_")]
+    assert "E rose on 1 update(s) (▼ where it ended higher; up to 50% of samples)" in title and "Student t" in title
+    (rises_csv,) = (tmp_path / "report").rglob("energy_rises_*.csv")
+    rises = pd.read_csv(rises_csv)
+    assert rises[["update", "step", "share", "n"]].values.tolist() == [[1, 2, 0.5, 8]]
+    assert title in (tmp_path / "report" / "README.md").read_text()

@@ -200,7 +200,7 @@ def read_traces(paths: Sequence[tuple[str, Path]]) -> list[pd.DataFrame]:
 
 
 ENERGY_CACHE = "energy.npz"
-_TRACE_COLUMNS = ["step", "sample", *ENERGY_TERMS]
+_TRACE_COLUMNS = ["step", "sample", *ENERGY_TERMS, "rose"]  # rose: 1.0 / 0.0 per (sample, step), NaN when unknown
 
 
 def _stamp(run: Mapping[str, object]) -> str:
@@ -246,14 +246,14 @@ def _run_trace(run: Mapping[str, object], cache: RunCache, energy_cols: list[str
         if f"metrics.{key}" in run and pd.notna(run[f"metrics.{key}"]):
             parts.append(cache.history(run, key).set_index("step")["value"].rename(key.split("/", 1)[1]))
     trace = pd.concat(parts, axis=1).reset_index().assign(sample=-1, source="metrics")
-    for term in ENERGY_TERMS:
+    for term in (*ENERGY_TERMS, "rose"):  # per-step means say nothing about which sample rose
         if term not in trace.columns:
             trace[term] = float("nan")
     return trace[[*_TRACE_COLUMNS, "source"]]
 
 
 def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) -> pd.DataFrame:
-    """Energy descent of every run that has one: columns run_id, step, sample, E, E_att, E_hn, dx_norm, source.
+    """Energy descent of every run that has one: columns run_id, step, sample, E, E_att, E_hn, dx_norm, rose, source.
 
     Per-sample values come from the energy_trace.csv artifact; a run without one falls back to its
     ``energy/*`` metric histories (one mean value per descent step, sample = -1, source = "metrics").
@@ -288,6 +288,7 @@ def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) 
     frames += read_traces(local)
     out_cols = ["run_id", *_TRACE_COLUMNS, "source"]
     rows = pd.concat(frames, ignore_index=True)[out_cols] if frames else pd.DataFrame(columns=out_cols)
+    rows["rose"] = _flags(rows["rose"])
     if cache.trace_reads or set(stamps) != set(fresh):
         _save_energy_cache(path, fresh, rows)
     if keep:
@@ -295,3 +296,12 @@ def energy_frame(runs: pd.DataFrame, cache: RunCache, keep: Sequence[str] = ()) 
     for c in ("step", "sample"):
         rows[c] = rows[c].astype(int)
     return rows
+
+
+def _flags(col: pd.Series) -> np.ndarray:
+    """A trace's ``rose`` column (bool, "True"/"False" text, 0/1 or NaN, possibly mixed) as 1.0 / 0.0 / NaN."""
+    if col.dtype != object:
+        return col.to_numpy(dtype=float)
+    low = col.astype(str).str.strip().str.lower()
+    num = pd.to_numeric(col.where(~low.isin(["true", "false"])), errors="coerce").to_numpy(dtype=float)
+    return np.where(low == "true", 1.0, np.where(low == "false", 0.0, num))

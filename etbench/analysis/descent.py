@@ -103,11 +103,16 @@ def energy_figures(energy: pd.DataFrame, axes: Sequence[str], cfg: CIConfig = BA
         cells = list(dict.fromkeys(curves.sort_values(ablate or ["step"])["cell"]))
         colours = dict(zip(cells, sns.color_palette("viridis", len(cells)) if ablate else
                            [style.model_palette([model])[model]], strict=True))
+        rises = rise_points(block, ablate)
+        if not rises.empty:
+            out.tables.append((f"energy_rises_{dataset}_{protocol}_{model}", rises))
         fig, axs = style.new_figure(ncols=3, width=style.DOUBLE_COLUMN_IN, height=0.32 * style.DOUBLE_COLUMN_IN)
         for ax, term in zip(axs[0], TERMS, strict=True):
             part = curves[curves["term"] == term]
             for cell in cells:
                 _curve(ax, part[part["cell"] == cell], colours[cell], cell)
+            if term == "E":
+                _mark_rises(ax, part, rises, ablate)
             ax.set_title(TERM_LABEL[term])
             ax.set_xlabel("descent step t")
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
@@ -118,12 +123,50 @@ def energy_figures(energy: pd.DataFrame, axes: Sequence[str], cfg: CIConfig = BA
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.suptitle(f"{model} · {dataset} / {protocol}: mean, 95% CI over {_over_text(block)}")
+        fig.suptitle("\n".join(line for line in (
+            f"{model} · {dataset} / {protocol}: mean, 95% CI (Student t) over {_over_text(block)}",
+            rise_text(block, rises)) if line))
         if handles:
             fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)), frameon=False,
                        title=legend_title)
         out.add(f"energy_{dataset}_{protocol}_{model}", fig)
     return out
+
+
+RISE_LABEL = "E rose (in some sample)"
+
+
+def rise_points(block: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Updates t → t+1 (per keys) where E rose in at least one traced sample, with the share of traced (sample,
+    seed) rows that rose — read from the traces' own ``rose`` flags (``EnergyTrace.rose``: row t flags update
+    t → t+1), not re-judged here. Columns: keys, update (= t), step (= t+1, where the raised E is drawn), share, n."""
+    cols = [*keys, "update", "step", "share", "n"]
+    if "rose" not in block.columns or block["rose"].notna().sum() == 0:
+        return pd.DataFrame(columns=cols)
+    last = block.groupby("run_id")["step"].transform("max") if "run_id" in block.columns else block["step"].max()
+    known = block[block["rose"].notna() & (block["step"] < last)]  # the last row has no update after it
+    agg = known.groupby([*keys, "step"], dropna=False, sort=True)["rose"].agg(["mean", "count"]).reset_index()
+    agg = agg.rename(columns={"mean": "share", "count": "n", "step": "update"}).assign(step=lambda t: t["update"] + 1)
+    return agg[agg["share"] > 0][cols].reset_index(drop=True)
+
+
+def rise_text(block: pd.DataFrame, rises: pd.DataFrame) -> str:
+    """Title line: where E rose, that it never did, or "" when no trace recorded rises."""
+    if "rose" not in block.columns or block["rose"].notna().sum() == 0:
+        return ""
+    if rises.empty:
+        return "E never rose in the traced samples"
+    return f"E rose on {len(rises)} update(s) (▼ where it ended higher; up to {rises['share'].max():.0%} of samples)"
+
+
+def _mark_rises(ax: Any, curve: pd.DataFrame, rises: pd.DataFrame, keys: Sequence[str]) -> None:
+    """▼ on the mean-E curve at the end of every update on which E rose in some sample of that cell."""
+    if rises.empty or curve.empty:
+        return
+    on = [*keys, "step"]
+    hit = curve.merge(rises[on], on=on, how="inner")
+    if not hit.empty:
+        ax.scatter(hit["step"], hit["mean"], marker="v", s=28, color="crimson", zorder=5, label=RISE_LABEL)
 
 
 def _curve(ax: Any, g: pd.DataFrame, colour: Any, label: str) -> None:
@@ -147,6 +190,9 @@ def _energy_pages(out: FigureSet, block: pd.DataFrame, ablate: list[str], datase
     keys = [a for a in (panel, line) if a is not None]
     curves = descent_curves(block, keys, cfg)
     curves = curves[(curves["n"] > 0) & (curves["term"] == "E")]
+    rises = rise_points(block, keys)
+    if not rises.empty:
+        out.tables.append((f"energy_rises_{dataset}_{protocol}_{model}", rises))
     values = sorted(curves[line].dropna().unique())
     panel_values = sorted(curves[panel].dropna().unique()) if panel is not None else [None]
     line_label = axis_label(line, ablate)
@@ -159,6 +205,7 @@ def _energy_pages(out: FigureSet, block: pd.DataFrame, ablate: list[str], datase
                 part = curves if panel is None else curves[curves[panel] == pv]
                 for v in chunk:
                     _curve(ax, part[part[line] == v], colours[v], value_text(v))
+                _mark_rises(ax, part[part[line].isin(chunk)], rises, keys)
                 ax.set_title("all cells" if panel is None else f"{axis_label(panel, ablate)}={value_text(pv)}")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
@@ -167,7 +214,8 @@ def _energy_pages(out: FigureSet, block: pd.DataFrame, ablate: list[str], datase
             span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}"
             title = "\n".join([f"{model} · {dataset} / {protocol}: E (total) vs descent step t",
                                f"lines: {line_label} {span}{pool}{page_text}",
-                               f"mean, 95% CI over {_over_text(block)}; every term per cell: energy_descent_*.csv"])
+                               f"mean, 95% CI (Student t) over {_over_text(block)}; "
+                               f"every term per cell: energy_descent_*.csv", *filter(None, [rise_text(block, rises)])])
             facets.finish_page(fig, axs, title, xlabel="descent step t", ylabel="energy E", legend_title=line_label)
             name = (f"energy_{dataset}_{protocol}_{model}_{file_part(line_label)}-{file_part(value_text(chunk[0]))}"
                     f"to{file_part(value_text(chunk[-1]))}{facets.page_suffix(page, len(pages))}")

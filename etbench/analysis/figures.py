@@ -154,8 +154,22 @@ def _slices(table: pd.DataFrame, rest: Sequence[str]) -> list[tuple[dict[str, ob
     return out
 
 
-def _title(fig: Figure, dataset: str, protocol: str, fixed: dict[str, object], over: str, note: str = "") -> None:
-    lines = [f"{dataset} / {protocol}", rest_label(fixed), f"mean, 95% CI over {over}s{note}"]
+INTERVAL_NAMES = {"t": "Student t", "BCa": "BCa bootstrap", "percentile": "percentile bootstrap",
+                  "basic": "basic bootstrap"}
+
+
+def ci_words(table: pd.DataFrame, confidence: float = DEFAULT_CI.confidence) -> str:
+    """"95% CI (Student t; none at n < 3)": the interval methods the plotted summaries actually used."""
+    used = list(dict.fromkeys(table["interval"].dropna())) if "interval" in table.columns else []
+    names = [INTERVAL_NAMES.get(str(m), str(m)) for m in used if m != "none"]
+    if "none" in used:
+        names.append(f"none at n < {DEFAULT_CI.reliable_min_n}")
+    return f"{confidence:.0%} CI ({'; '.join(names)})" if names else f"{confidence:.0%} CI"
+
+
+def _title(fig: Figure, dataset: str, protocol: str, fixed: dict[str, object], over: str, note: str = "",
+           ci: str = "95% CI") -> None:
+    lines = [f"{dataset} / {protocol}", rest_label(fixed), f"mean, {ci} over {over}s{note}"]
     fig.suptitle("\n".join(line for line in lines if line))
 
 
@@ -191,7 +205,7 @@ def steps_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
             ax.set_xlabel("steps T")
             ax.set_ylabel(metric_label(metric))
             facets.ticks_for(ax, part[STEPS].astype(float))
-            _title(fig, dataset, protocol, fixed, over)
+            _title(fig, dataset, protocol, fixed, over, ci=ci_words(part))
             _legend_below(fig, ax)
             out.add(f"steps_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
@@ -243,7 +257,7 @@ def _steps_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], dataset: 
             page_text = f"page {page + 1} of {len(panel_pages)}" if len(panel_pages) > 1 else ""
             head = f"{dataset} / {protocol}: {metric_label(metric)} vs steps T"
             lines = [head, f"lines: {label} {span}" + "".join(f"; {t}" for t in (panel_text, page_text) if t),
-                     f"mean, 95% CI over {over}s"]
+                     f"mean, {ci_words(table)} over {over}s"]
             facets.finish_page(fig, axs, "\n".join(lines), xlabel="steps T", ylabel=metric_label(metric),
                                legend_title=None)
             name = (f"steps_{_tag(dataset, protocol, metric)}_{file_part(label)}-{file_part(value_text(chunk[0]))}"
@@ -286,7 +300,7 @@ def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
             ax.set_xlim(-0.5, len(order) - 0.5)
             ax.set_xlabel("energy terms")
             ax.set_ylabel(metric_label(metric))
-            _title(fig, dataset, protocol, fixed, over)
+            _title(fig, dataset, protocol, fixed, over, ci=ci_words(part))
             if len(models) > 1:
                 _legend_below(fig, ax)
             out.add(f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
@@ -338,7 +352,7 @@ def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
             fixed = {"model": key[0], **dict(zip(rest, key[1:], strict=True))}
             note = "" if annotate else f"; {rows_n}×{cols_n} cells: values in the results table" + \
                 ("" if means.notna().all().all() else ", × = no run")
-            _title(fig, dataset, protocol, fixed, over, note=note)
+            _title(fig, dataset, protocol, fixed, over, note=note, ci=ci_words(g))
             out.add(f"memory_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
 
@@ -375,7 +389,7 @@ def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CI
             style.cost_x(ax)
             ax.set_xlabel(label)
             ax.set_ylabel(metric_label(metric))
-        _title(fig, dataset, protocol, {}, over, note="; grey: Pareto front")
+        _title(fig, dataset, protocol, {}, over, note="; grey: Pareto front", ci=ci_words(table))
         handles, labels = axs[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), frameon=False)
         out.add(f"pareto_{_tag(dataset, protocol, metric)}", fig)
