@@ -343,19 +343,23 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
                 verbose=0,
             ),
         )
-        grid = tuner.fit()
-        for result in grid:
-            cfg = (result.config or {}).get("trial", {})
-            h = cfg.get("config_hash", "?")
-            m = result.metrics or {}
-            if result.error is not None:
-                res.failed[h] = str(result.error)
-            elif m.get("status") == "diverged":
-                res.failed[h] = m.get("error", "diverged")
-            elif m.get("status") == "skipped":
-                res.skipped.append(h)
-            else:
-                res.finished.append(h)
+        record_results(tuner.fit(), res)
     finally:
         if started:
             ray.shutdown()
+
+
+def record_results(grid: Any, res: Any) -> None:
+    """Sort a Tune ResultGrid of ``run_trial`` trials into ``res.finished`` / ``failed`` (errors and diverged
+    runs, with the reason) / ``skipped`` (already FINISHED in MLflow), by config hash."""
+    for result in grid:
+        h = ((result.config or {}).get("trial") or {}).get("config_hash", "?")
+        m = result.metrics or {}
+        if result.error is not None:
+            res.failed[h] = str(result.error)
+        elif m.get("status") == "diverged":
+            res.failed[h] = m.get("error", "diverged")
+        elif m.get("status") == "skipped":
+            res.skipped.append(h)
+        else:
+            res.finished.append(h)

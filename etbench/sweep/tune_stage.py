@@ -29,7 +29,7 @@ from typing import Any
 from etbench.logs import route_library_logs
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
-from etbench.sweep.runner import SweepError, SweepResult, init_ray, run_trial
+from etbench.sweep.runner import SweepError, SweepResult, init_ray, record_results, run_trial
 from etbench.tracking import schema as S
 
 SEARCH_DONE = "search_done.json"
@@ -384,17 +384,7 @@ def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str
                                           storage_path=str(root / spec.name / "final"), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
             )
-            for result in tuner.fit():
-                h = ((result.config or {}).get("trial") or {}).get("config_hash", "?")
-                m = result.metrics or {}
-                if result.error is not None:
-                    res.failed[h] = str(result.error)
-                elif m.get("status") == "diverged":
-                    res.failed[h] = m.get("error", "diverged")
-                elif m.get("status") == "skipped":
-                    res.skipped.append(h)
-                else:
-                    res.finished.append(h)
+            record_results(tuner.fit(), res)
     finally:
         if started:
             ray.shutdown()
