@@ -109,14 +109,84 @@ def _check(runs: pd.DataFrame, cols: Sequence[str]) -> None:
         raise KeyError(f"run table lacks column(s) {missing}; has {sorted(runs.columns)}")
 
 
+#: Bootstrap batches hold at most this many resampled values (rows × resamples × n), about 64 MiB of float64.
+BOOTSTRAP_BATCH_VALUES = 8_000_000
+
+
+def _row_means(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean over the last axis, row by row of the first: each row reduces exactly as the 1-D bootstrap's
+    ``np.mean`` does (numpy sums a 3-D block's last axis in another order, which moves the last bit)."""
+    if axis != -1:
+        raise ValueError(f"_row_means reduces the last axis only (axis={axis})")
+    return np.stack([np.mean(row, axis=-1) for row in x])
+
+
+def mean_ci_many(samples: Sequence[np.ndarray], cfg: CIConfig = DEFAULT_CI) -> pd.DataFrame:
+    """:func:`mean_ci` of every sample (rows in order, columns ``SUMMARY_COLUMNS``), computed in batches.
+
+    Samples of equal size (after dropping NaN) are stacked into one matrix and reduced along its rows: the same
+    numpy reductions, one scipy call (``t.interval``, ``sem``, ``bootstrap`` with ``axis=-1``) per size instead of
+    one per sample. Row reductions of a C-ordered matrix sum exactly like the 1-D call, and a bootstrap of k rows
+    draws the resample indices once for all rows from the same seeded generator that each single call would
+    reseed (its statistic reduces row by row, :func:`_row_means`), so every number equals the per-sample
+    :func:`mean_ci` bit for bit (tested).
+    """
+    clean = [x[~np.isnan(x)] for x in (np.asarray(v, dtype=float) for v in samples)]
+    n = np.array([x.size for x in clean], dtype=int)
+    mean, std, low, high = (np.full(len(clean), np.nan) for _ in range(4))
+    for size in np.unique(n[n > 0]):
+        idx = np.flatnonzero(n == size)
+        block = np.stack([clean[i] for i in idx])
+        mean[idx] = block.mean(axis=1)
+        if size < 2:
+            continue
+        std[idx] = block.std(axis=1, ddof=1)
+        method = cfg.method_for(int(size))
+        if method == "none":
+            continue
+        flat = np.ptp(block, axis=1) == 0
+        low[idx[flat]] = high[idx[flat]] = mean[idx[flat]]
+        spread, rows = idx[~flat], block[~flat]
+        if not spread.size:
+            continue
+        if method == "t":
+            lo, hi = stats.t.interval(cfg.confidence, size - 1, loc=rows.mean(axis=1), scale=stats.sem(rows, axis=1))
+            low[spread], high[spread] = lo, hi
+            continue
+        per_batch = max(1, BOOTSTRAP_BATCH_VALUES // (cfg.n_resamples * int(size)))
+        for start in range(0, len(spread), per_batch):
+            res = stats.bootstrap((rows[start:start + per_batch],), _row_means, confidence_level=cfg.confidence,
+                                  n_resamples=cfg.n_resamples, method=method, axis=-1, vectorized=True,
+                                  rng=np.random.default_rng(cfg.seed))
+            low[spread[start:start + per_batch]] = res.confidence_interval.low
+            high[spread[start:start + per_batch]] = res.confidence_interval.high
+    interval = [cfg.method_for(int(k)) for k in n]
+    return pd.DataFrame({"mean": mean, "std": std, "n": n, "ci_low": low, "ci_high": high,
+                         "interval": interval}, columns=list(SUMMARY_COLUMNS))
+
+
+def _grouped_values(frame: pd.DataFrame, value: str, keys: list[str]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The distinct ``keys`` rows (sorted, NaN keys kept, as ``groupby(sort=True, dropna=False)`` orders them) and
+    each group's ``value`` array in the frame's row order."""
+    codes = frame.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    values = frame[value].to_numpy(float)[order]
+    first = frame[keys].iloc[order[starts]]
+    # rebuilt from Python rows so the key columns get the dtypes a frame of group keys always had (a nullable
+    # integer axis with missing values comes out as object, as the per-group loop produced it)
+    key_rows = pd.DataFrame([dict(zip(keys, row, strict=True)) for row in first.itertuples(index=False)],
+                            columns=keys)
+    return key_rows, np.split(values, starts[1:])
+
+
 def _group_stats(frame: pd.DataFrame, value: str, keys: list[str], cfg: CIConfig) -> pd.DataFrame:
     """One row per distinct ``keys`` combination with the summary of ``value``."""
     if frame.empty:
         return pd.DataFrame(columns=[*keys, *SUMMARY_COLUMNS])
-    rows = []
-    for key, group in frame.groupby(keys, dropna=False, sort=True):
-        rows.append({**dict(zip(keys, key, strict=True)), **mean_ci(group[value].to_numpy(float), cfg)})
-    return pd.DataFrame(rows)
+    key_rows, samples = _grouped_values(frame, value, keys)
+    return pd.concat([key_rows, mean_ci_many(samples, cfg)], axis=1)
 
 
 def grid_cells(runs: pd.DataFrame, axes: Sequence[str], with_split: bool = True) -> pd.DataFrame:
@@ -196,33 +266,32 @@ def _pairs(runs: pd.DataFrame, value: str, axes: Sequence[str], reference: str, 
     return merged.assign(baseline=baseline)
 
 
-def _test(ref: np.ndarray, base: np.ndarray, cfg: CIConfig) -> dict[str, float | int | str]:
-    """Mean difference (ref − base) with its CI, paired effect size d_z, paired t-test p and Wilcoxon p (n ≥ 6).
-
-    d_z = mean(diff) / sd(diff) (Cohen's d for paired samples); NaN when the differences do not vary.
-    """
-    diff = ref - base
-    ci = mean_ci(diff, cfg)
-    out: dict[str, float | int | str] = {
-        "n": ci["n"],
-        "mean_diff": ci["mean"],
-        "std_diff": ci["std"],
-        "ci_low": ci["ci_low"],
-        "ci_high": ci["ci_high"],
-        "interval": ci["interval"],
-        "d_z": np.nan,
-        "p_ttest": np.nan,
-        "p_wilcoxon": np.nan,
-    }
-    if diff.size >= 2 and float(ci["std"]) > 1e-9 * abs(float(ci["mean"])):  # float noise is not a spread
-        out["d_z"] = float(ci["mean"]) / float(ci["std"])
-    if diff.size >= 2 and np.any(diff != 0):
-        out["p_ttest"] = float(stats.ttest_rel(ref, base).pvalue)
-        if diff.size >= 6:
+def _tests(refs: Sequence[np.ndarray], bases: Sequence[np.ndarray], cfg: CIConfig) -> pd.DataFrame:
+    """Per (ref, base) pair of arrays, one row each: mean difference (ref − base) with its CI, paired effect size
+    d_z = mean(diff) / sd(diff) (Cohen's d for paired samples; NaN when the differences do not vary), paired
+    t-test p (n ≥ 2, some difference ≠ 0) and Wilcoxon p (n ≥ 6). Batched: the intervals through
+    :func:`mean_ci_many`, the paired t-tests as one ``ttest_rel(axis=1)`` per pair count (the same numbers as one
+    call per pair: tested). Wilcoxon stays one call per pair, since scipy decides exact vs normal approximation
+    once for a whole batch (ties or zeros in any row switch every row)."""
+    diffs = [r - b for r, b in zip(refs, bases, strict=True)]
+    ci = mean_ci_many(diffs, cfg)
+    n = np.array([d.size for d in diffs], dtype=int)
+    mean, std = ci["mean"].to_numpy(float), ci["std"].to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread = (n >= 2) & (std > 1e-9 * np.abs(mean))  # float noise is not a spread
+        d_z = np.where(spread, mean / std, np.nan)
+    p_t, p_w = np.full(len(diffs), np.nan), np.full(len(diffs), np.nan)
+    testable = np.array([d.size >= 2 and bool(np.any(d != 0)) for d in diffs], dtype=bool)
+    for size in np.unique(n[testable]):
+        idx = np.flatnonzero(testable & (n == size))
+        p_t[idx] = stats.ttest_rel(np.stack([refs[i] for i in idx]), np.stack([bases[i] for i in idx]), axis=1).pvalue
+        if size >= 6:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out["p_wilcoxon"] = float(stats.wilcoxon(ref, base).pvalue)
-    return out
+                p_w[idx] = [float(stats.wilcoxon(refs[i], bases[i]).pvalue) for i in idx]
+    return pd.DataFrame({"n": ci["n"], "mean_diff": mean, "std_diff": std, "ci_low": ci["ci_low"],
+                         "ci_high": ci["ci_high"], "interval": ci["interval"], "d_z": d_z, "p_ttest": p_t,
+                         "p_wilcoxon": p_w})
 
 
 def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -255,15 +324,14 @@ def decide(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         raise ValueError(f"alpha {alpha} must lie in (0, 1)")
     table = table.copy()
     table["p_holm"] = holm(table["p_ttest"].to_numpy(float)) if len(table) else np.array([], dtype=float)
-    favours = []
-    for _, row in table.iterrows():
-        if int(row["n"]) < 2:
-            favours.append(f"no test (n={int(row['n'])})")
-        elif pd.notna(row["p_holm"]) and row["p_holm"] < alpha:
-            better = (row["mean_diff"] > 0) == higher_is_better(str(row["metric"]))
-            favours.append(str(row["reference"]) if better else str(row["baseline"]))
-        else:
-            favours.append(NO_DIFFERENCE)
+    n = table["n"].to_numpy().astype(int)
+    p_holm = table["p_holm"].to_numpy(float)
+    higher = np.array([higher_is_better(str(m)) for m in table["metric"]], dtype=bool)
+    better = (table["mean_diff"].to_numpy(float) > 0) == higher
+    named = np.where(better, table["reference"].astype(str).to_numpy(object),
+                     table["baseline"].astype(str).to_numpy(object))
+    favours = np.where(n < 2, np.array([f"no test (n={k})" for k in n], dtype=object),
+                       np.where(~np.isnan(p_holm) & (p_holm < alpha), named, NO_DIFFERENCE))
     table["favours"] = pd.Series(favours, index=table.index, dtype=object)
     return table
 
@@ -295,7 +363,9 @@ def compare(
                "over"]
     if value not in runs.columns:
         return pd.DataFrame(columns=columns)
-    rows = []
+    rows: list[dict[str, object]] = []
+    refs: list[np.ndarray] = []
+    bases: list[np.ndarray] = []
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         if not (block["model"] == reference).any():
             continue
@@ -309,12 +379,18 @@ def compare(
                 keys = ["split", *cell]
             if pairs.empty:
                 continue
-            for key, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
-                key = key if isinstance(key, tuple) else (key,)
-                row = {"dataset": dataset, "protocol": protocol, **dict(zip(keys, key, strict=True))}
-                row.update(reference=reference, baseline=baseline)
-                row.update(_test(group["ref"].to_numpy(float), group["base"].to_numpy(float), cfg))
-                rows.append(row)
-    table = pd.DataFrame(rows, columns=[c for c in columns if c not in ("p_holm", "favours", "metric", "over")])
+            head = {"dataset": dataset, "protocol": protocol}
+            if keys:
+                key_rows, ref_groups = _grouped_values(pairs, "ref", keys)
+                base_groups = _grouped_values(pairs, "base", keys)[1]
+                rows += [{**head, **key, "reference": reference, "baseline": baseline}
+                         for key in key_rows.to_dict("records")]
+            else:
+                ref_groups, base_groups = [pairs["ref"].to_numpy(float)], [pairs["base"].to_numpy(float)]
+                rows.append({**head, "reference": reference, "baseline": baseline})
+            refs += ref_groups
+            bases += base_groups
+    tested = pd.concat([pd.DataFrame(rows), _tests(refs, bases, cfg)], axis=1) if rows else pd.DataFrame()
+    table = pd.DataFrame(tested, columns=[c for c in columns if c not in ("p_holm", "favours", "metric", "over")])
     table = decide(table.assign(metric=metric), alpha)
     return table.assign(over=over)[columns]
