@@ -68,7 +68,7 @@ def _reliable_n(cfg: CIConfig) -> int:
 
 
 def _over_text(block: pd.DataFrame) -> str:
-    sources = set(block["source"])
+    sources = set(block["source"].unique())  # not set(column): that iterates every row in Python
     over = "samples and seeds" if sources == {"trace"} else "seeds" if sources == {"metrics"} else \
         "samples and seeds (trace) or seeds (energy/* metrics)"
     if "split" in block.columns and block.loc[block["split"] != -1, "split"].nunique() > 1:

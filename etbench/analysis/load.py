@@ -12,8 +12,10 @@ same frame (tested) in a fraction of the time at thousands of runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -85,19 +87,46 @@ def client_for(tracking_uri: str | None) -> MlflowClient:
     return LazyClient(tracking_uri)  # type: ignore[return-value]
 
 
-def _sql_experiment_id(tracking_uri: str, experiment: str) -> str | None:
-    """The id of the one experiment named ``experiment`` in a SQL store, read from MLflow's experiments table."""
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a plain ``sqlite:///path`` URI (read with the standard library's sqlite3, which
+    spares the SQLAlchemy import and its row processing); None for other SQL stores, in-memory or with options."""
+    if not tracking_uri.startswith("sqlite:///") or "?" in tracking_uri:
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    return path if path.name not in ("", ":memory:") and path.is_file() else None
+
+
+@contextmanager
+def _sql_reader(tracking_uri: str) -> Iterator[Callable[[str, dict[str, object]], pd.DataFrame]]:
+    """``read(query, params)`` → DataFrame on the store's database (named ``:param`` placeholders), read only."""
+    path = _sqlite_file(tracking_uri)
+    if path is not None:
+        import sqlite3
+
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            yield lambda query, params: pd.read_sql(query, conn, params=params)
+        finally:
+            conn.close()
+        return
     from sqlalchemy import create_engine, text
 
     engine = create_engine(tracking_uri)
     try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT experiment_id FROM experiments WHERE name = :n"), {"n": experiment}).all()
-    except Exception:
-        return None
+        with engine.connect() as sa_conn:
+            yield lambda query, params: pd.read_sql(text(query), sa_conn, params=params)
     finally:
         engine.dispose()
-    return str(rows[0][0]) if len(rows) == 1 else None
+
+
+def _sql_experiment_id(tracking_uri: str, experiment: str) -> str | None:
+    """The id of the one experiment named ``experiment`` in a SQL store, read from MLflow's experiments table."""
+    try:
+        with _sql_reader(tracking_uri) as read:
+            rows = read("SELECT experiment_id FROM experiments WHERE name = :n", {"n": experiment})
+    except Exception:
+        return None
+    return str(rows.iloc[0, 0]) if len(rows) == 1 else None
 
 
 def experiment_id(client: MlflowClient, experiment: str) -> str:
@@ -163,22 +192,15 @@ def sql_frame(tracking_uri: str, exp_id: str) -> pd.DataFrame:
     Rows come in ``search_runs``' default order (start_time descending, then run id); metrics are the
     latest_metrics values (NaN where MLflow stored is_nan), exactly what a ``Run`` object's ``data.metrics`` holds.
     """
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(tracking_uri)
     where = "r.experiment_id = :exp AND r.lifecycle_stage = 'active'"
-    args = {"exp": int(exp_id)}
-    try:
-        with engine.connect() as conn:
-            info = pd.read_sql(text(
-                "SELECT r.run_uuid AS run_id, r.name AS run_name, r.status, r.start_time, r.end_time, r.artifact_uri "
-                f"FROM runs r WHERE {where} ORDER BY r.start_time DESC, r.run_uuid"), conn, params=args)
-            parts = {kind: pd.read_sql(text(
-                f"SELECT t.run_uuid AS run_id, t.key, t.value{', t.is_nan' if kind == 'latest_metrics' else ''} "
-                f"FROM {kind} t JOIN runs r ON r.run_uuid = t.run_uuid WHERE {where}"), conn, params=args)
-                for kind in ("tags", "params", "latest_metrics")}
-    finally:
-        engine.dispose()
+    args: dict[str, object] = {"exp": int(exp_id)}
+    with _sql_reader(tracking_uri) as read:
+        info = read("SELECT r.run_uuid AS run_id, r.name AS run_name, r.status, r.start_time, r.end_time, "
+                    f"r.artifact_uri FROM runs r WHERE {where} ORDER BY r.start_time DESC, r.run_uuid", args)
+        parts = {kind: read(
+            f"SELECT t.run_uuid AS run_id, t.key, t.value{', t.is_nan' if kind == 'latest_metrics' else ''} "
+            f"FROM {kind} t JOIN runs r ON r.run_uuid = t.run_uuid WHERE {where}", args)
+            for kind in ("tags", "params", "latest_metrics")}
     metrics = parts["latest_metrics"]
     metrics["value"] = metrics["value"].astype(float).where(~metrics.pop("is_nan").astype(bool), float("nan"))
     tags = parts["tags"]
