@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from etbench.models.et_config import ETConfig
-from etbench.models.lean_grads import AttentionGrad, HopfieldReluGrad, HopfieldSoftmaxGrad
+from etbench.models.lean_grads import AttentionGrad, HopfieldReluGrad, HopfieldSoftmaxGrad, LayerNormGrad, normalise
 
 GAMMA_MIN = 1e-4  # γ is clamped to stay > 0 (the descent guarantee needs a positive-definite LN Hessian)
 
@@ -46,8 +46,11 @@ class EnergyLayerNorm(nn.Module):
         return self.gamma.clamp_min(GAMMA_MIN)
 
     def forward(self, x: Tensor) -> Tensor:
-        xc = x - x.mean(-1, keepdim=True)
-        return self.effective_gamma() * xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps) + self.delta
+        """g = γ x̂ + δ; when autograd records, through :class:`LayerNormGrad` (saves x̂ and rstd only)."""
+        gamma = self.effective_gamma()
+        if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or self.delta.requires_grad):
+            return LayerNormGrad.apply(x, gamma, self.delta, self.eps)
+        return torch.addcmul(self.delta, normalise(x, self.eps)[0], gamma)
 
     def lagrangian(self, x: Tensor) -> Tensor:
         """L(x) per token, shape (…, N)."""
@@ -130,7 +133,7 @@ class EnergyAttention(nn.Module):
     def grad(self, g: Tensor, mask: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]:
         """Closed-form (∂E^ATT/∂g (…, N, D), E^ATT (…)); the energy is detached (NaN when not ``need_energy``).
 
-        With autograd recording (training), the memory-lean :class:`AttentionGrad` keeps only g for backward.
+        With autograd recording (training), the memory-lean :class:`AttentionGrad` keeps g and [Q; K] for backward.
         """
         if torch.is_grad_enabled():
             allowed = attention_allowed(mask, g.shape[-2], self.self_attention, g.device)
@@ -180,7 +183,7 @@ class HopfieldNetwork(nn.Module):
     def grad(self, g: Tensor, need_energy: bool = True) -> tuple[Tensor, Tensor]:
         """Closed-form (∂E^HN/∂g, E^HN detached; NaN when not ``need_energy``).
 
-        With autograd recording (training), the memory-lean Functions keep only g for backward.
+        With autograd recording (training), the memory-lean Functions keep g and the activations for backward.
         """
         if torch.is_grad_enabled():
             if self.kind == "relu":

@@ -1,9 +1,13 @@
-"""Memory-lean closed-form gradients: ``torch.autograd.Function``s that keep only g between forward and backward.
+"""Memory-lean closed-form gradients: ``torch.autograd.Function``s that keep little between forward and backward.
 
 In training, the analytic ∂E/∂g is itself differentiated (first order) by backprop. Left to autograd, every descent
-step would keep its (B, N, M) Hopfield activations and (B, H, N, N) attention weights alive until the backward
-pass. These Functions save only g and recompute those in backward — the same trade activation checkpointing
-makes, but at the level of one gradient map, so each recomputation is a couple of matmuls.
+step would keep every intermediate of the energy's gradient — for attention the scores, ω, its products and
+their copies; for the Hopfield term h and its masks — until the backward pass. These Functions keep, per call, the
+intermediates whose recomputation would cost a wide GEMM: the Hopfield activations ReLU(g ξᵀ) (or softmax p) and
+the [Q; K] projection. The attention weights ω are recomputed from [Q; K] (a small batched GEMM and a softmax), and
+the energy LayerNorm keeps only x̂ and rstd. Keeping a and [Q; K] instead of recomputing them saves 13 + 6.5
+GFLOP of the bench step's 147 (issue 15; the step then does the FLOPs autograd and XLA do) for +150 MB at the bench
+config, still ≤ 0.5× the autograd step's peak memory (docs/bench_core.md).
 
 Backward formulas (U = ∂L/∂out, out = ∂E/∂g; per head for attention):
 
@@ -31,8 +35,45 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x̂, rstd): x̂ = (x − mean x) · rstd, rstd = 1/sqrt(var x + ε) over the last dim (rstd keeps it as size 1)."""
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return xc.mul_(rstd), rstd
+
+
+class LayerNormGrad(torch.autograd.Function):
+    """x, γ (scalar), δ → g = γ x̂ + δ, saving x̂ and rstd (autograd's own graph of the same ops keeps two (…, D)
+    tensors per call: x − mean x and γ (x − mean x)).
+
+    Backward (Ū = ∂L/∂g):  ∂L/∂x = γ rstd (Ū − mean Ū − x̂ mean(Ū ⊙ x̂)),  ∂L/∂γ = Σ Ū ⊙ x̂,  ∂L/∂δ = Σ_tokens Ū.
+    First order only (``once_differentiable``): nothing in etbench differentiates through the LayerNorm twice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gamma: Tensor, delta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        xhat, rstd = normalise(x, eps)
+        ctx.save_for_backward(xhat, rstd, gamma)
+        return torch.addcmul(delta, xhat, gamma)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xhat, rstd, gamma = ctx.saved_tensors
+        need_x, need_gamma, need_delta, _ = ctx.needs_input_grad
+        dx = dgamma = ddelta = None
+        if need_x:
+            proj = (u * xhat).mean(-1, keepdim=True)
+            dx = (u - u.mean(-1, keepdim=True)).sub_(xhat * proj).mul_(rstd * gamma)
+        if need_gamma:
+            dgamma = torch.linalg.vecdot(_flat(u), _flat(xhat)).sum().reshape(gamma.shape)
+        if need_delta:
+            ddelta = _flat(u).sum(0)
+        return dx, dgamma, ddelta, None
+
+
 class HopfieldReluGrad(torch.autograd.Function):
-    """g, ξ → ∂E^HN/∂g = −ReLU(g ξᵀ) ξ, saving only g and ξ.
+    """g, ξ → ∂E^HN/∂g = −ReLU(g ξᵀ) ξ, saving g, ξ and the activations a = ReLU(g ξᵀ).
 
     Signs are kept on the thin (…, D) side: with r = (U ξᵀ) ⊙ 1[h>0], ∂L/∂g = −r ξ and ∂L/∂ξ = −(aᵀU + rᵀg), so no
     pass over the wide (…, M) activations is spent on a negation.
@@ -40,38 +81,40 @@ class HopfieldReluGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, g: Tensor, xi: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(g, xi)
-        return mm(linear(g, xi).relu_(), xi).neg_()
+        a = linear(g, xi).relu_()
+        ctx.save_for_backward(g, xi, a)
+        return mm(a, xi).neg_()
 
     @staticmethod
     def backward(ctx: Any, u: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        g, xi = ctx.saved_tensors
-        a = linear(g, xi).relu_()  # a > 0 exactly where h > 0
-        r = torch.ops.aten.threshold_backward(linear(u, xi), a, 0)  # (U ξᵀ) ⊙ 1[h > 0]
+        g, xi, a = ctx.saved_tensors  # a > 0 exactly where h > 0
+        r = linear(u, xi)
+        r = torch.ops.aten.threshold_backward.grad_input(r, a, 0, grad_input=r)  # (U ξᵀ) ⊙ 1[h > 0], in place
         dg = mm(r, xi).neg_()
         dxi = (mm_tn(_flat(a), _flat(u)) + mm_tn(_flat(r), _flat(g))).neg_()
         return dg, dxi
 
 
 class HopfieldSoftmaxGrad(torch.autograd.Function):
-    """g, ξ, β → ∂E^HN/∂g = −softmax(β g ξᵀ) ξ, saving only g, ξ, β."""
+    """g, ξ, β → ∂E^HN/∂g = −softmax(β g ξᵀ) ξ, saving g, ξ, β and p = softmax(β g ξᵀ)."""
 
     @staticmethod
     def forward(ctx: Any, g: Tensor, xi: Tensor, beta: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(g, xi, beta)
-        return mm(torch.softmax(beta * linear(g, xi), -1), xi).neg_()
+        p = torch.softmax(beta * linear(g, xi), -1)
+        ctx.save_for_backward(g, xi, beta, p)
+        return mm(p, xi).neg_()
 
     @staticmethod
     def backward(ctx: Any, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        g, xi, beta = ctx.saved_tensors
-        h = linear(g, xi)
-        p = torch.softmax(beta * h, -1)
+        g, xi, beta, p = ctx.saved_tensors
         dp = linear(u, xi).neg_()
         core = p * (dp - (p * dp).sum(-1, keepdim=True))
         dh = beta * core
         dg = mm(dh, xi)
         dxi = mm_tn(_flat(dh), _flat(g)) - mm_tn(_flat(p), _flat(u))
-        dbeta = (core * h).sum().reshape(beta.shape)
+        # Σ core ⊙ h without keeping h: β h = log p + lse(row) and each row of core sums to 0, so
+        # Σ core ⊙ h = Σ core ⊙ log p / β (xlogy: core is exactly 0 where p underflows to 0)
+        dbeta = (torch.special.xlogy(core, p).sum() / beta).reshape(beta.shape)
         return dg, dxi, dbeta
 
 
@@ -101,17 +144,21 @@ def _flat_mask(allowed: Tensor | None, lead: torch.Size, n: int) -> Tensor | Non
 
 
 def _attention_weights(g: Tensor, wqk: Tensor, heads: int, beta: float, allowed: Tensor | None,
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """Q, K (L, H, N, Y) from one fused projection and the masked softmax ω (L, H, C, B); empty rows get ω = 0."""
+                       ) -> tuple[Tensor, Tensor]:
+    """[Q; K] (2, L, H, N, Y) from one fused projection and the masked softmax ω (L, H, C, B); empty rows get ω = 0."""
     qk = _split_heads(linear(g, wqk), heads)
-    q, k = qk[0], qk[1]
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(beta)
+    return qk, _softmax_scores(qk, beta, allowed)
+
+
+def _softmax_scores(qk: Tensor, beta: float, allowed: Tensor | None) -> Tensor:
+    """The masked softmax ω (L, H, C, B) of β Q Kᵀ from [Q; K]; empty rows get ω = 0."""
+    s = torch.matmul(qk[0], qk[1].transpose(-1, -2)).mul_(beta)
     if allowed is None:
-        return q, k, torch.softmax(s, -1)
+        return torch.softmax(s, -1)
     s = s.masked_fill(~allowed, -torch.inf)
     empty = ~allowed.any(-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)
-    return q, k, torch.softmax(s, -1).masked_fill(~allowed | empty, 0.0)
+    return torch.softmax(s, -1).masked_fill(~allowed | empty, 0.0)
 
 
 def _bmm3(t: Tensor) -> Tensor:
@@ -119,7 +166,7 @@ def _bmm3(t: Tensor) -> Tensor:
 
 
 class AttentionGrad(torch.autograd.Function):
-    """g, W^Q, W^K → ∂E^ATT/∂g (dense, optional (…, 1, N, N) admissibility mask), saving only g and the weights.
+    """g, W^Q, W^K → ∂E^ATT/∂g (dense, optional (…, 1, N, N) admissibility mask), saving g, the weights and [Q; K].
 
     Q and K come from one fused (…, N, D) @ (D, 2HY) projection and the read-out is one (…, N, 2HY) @ (2HY, D) GEMM;
     the backward works with the negated dA₁, dA₂, dω, dS, dQ, dK (P = U [W^Q; W^K]ᵀ = −[dA₁, dA₂]) so that every sign
@@ -131,18 +178,19 @@ class AttentionGrad(torch.autograd.Function):
                 allowed: Tensor | None) -> Tensor:
         heads, lead, n = wq.shape[0], g.shape[:-2], g.shape[-2]
         wqk = _fused_w(wq, wk)
-        q, k, w = _attention_weights(g, wqk, heads, beta, _flat_mask(allowed, lead, n))
-        a = torch.stack([torch.matmul(w, k), torch.matmul(w.transpose(-1, -2), q)])  # (2, L, H, N, Y)
-        ctx.save_for_backward(g, wq, wk, allowed)
+        qk, w = _attention_weights(g, wqk, heads, beta, _flat_mask(allowed, lead, n))
+        a = torch.stack([torch.matmul(w, qk[1]), torch.matmul(w.transpose(-1, -2), qk[0])])  # (2, L, H, N, Y)
+        ctx.save_for_backward(g, wq, wk, qk, allowed)
         ctx.beta = beta
         return mm(_merge_heads(a, lead), wqk).neg_()
 
     @staticmethod
     def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        g, wq, wk, allowed = ctx.saved_tensors
+        g, wq, wk, qk, allowed = ctx.saved_tensors
         beta, heads, lead, n = ctx.beta, wq.shape[0], g.shape[:-2], g.shape[-2]
         wqk = _fused_w(wq, wk)
-        q, k, w = _attention_weights(g, wqk, heads, beta, _flat_mask(allowed, lead, n))
+        q, k = qk[0], qk[1]
+        w = _softmax_scores(qk, beta, _flat_mask(allowed, lead, n))
         wt = w.transpose(-1, -2)
         a = torch.stack([torch.matmul(w, k), torch.matmul(wt, q)])  # A₁ = ωK, A₂ = ωᵀQ
         p = _split_heads(linear(u, wqk), heads)  # P₁ = −dA₁, P₂ = −dA₂
