@@ -298,6 +298,69 @@ def test_many_cells_become_readable_pages_that_keep_every_cell() -> None:
     assert plt.get_fignums() == []
 
 
+def _terms_frame() -> pd.DataFrame:
+    """et over energy terms (3) × memories (10 values) × steps {1, 4} × lr (7 values), 2 seeds, and a vit
+    (no terms axis, so not in the terms figures) over steps × lr."""
+    rows = []
+    for model, terms, mems in (("et", ("attn+hn", "attn", "hn"), tuple(16 * (i + 1) for i in range(10))),
+                               ("vit", (None,), (None,))):
+        for term in terms:
+            for mem in mems:
+                for steps in (1, 4):
+                    for lr in (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2):
+                        for seed in range(2):
+                            mse = 0.1 / steps + (mem or 300) * 1e-4 + 0.01 * (terms.index(term) if term else 5) \
+                                + lr + 0.001 * seed
+                            rows.append({"model": model, "axis.model.terms": term, MEM: mem, STEPS: steps,
+                                         "axis.train.lr": lr, "seed": seed, "metrics." + MSE: mse})
+    frame = pd.DataFrame(rows).assign(dataset="d", protocol="p", task="image", split=-1, paper_comparable=False)
+    frame[["split", "seed", STEPS, MEM]] = frame[["split", "seed", STEPS, MEM]].astype("Int64")
+    return frame
+
+
+def test_terms_figures_page_many_cells_and_keep_every_cell() -> None:
+    """140 (memories × steps × lr) slices: pages of small multiples with at most LINES_PER_PANEL series per panel
+    and PANELS_PER_PAGE panels per page, every cell's mean drawn exactly once at its energy-term variant."""
+    import matplotlib.pyplot as plt
+
+    from etbench.analysis import facets, style
+    from etbench.analysis.stats import CIConfig, summarize
+
+    frame, axes = _terms_frame(), ["axis.model.terms", MEM, STEPS, "axis.train.lr"]
+    made = figures.terms_figures(frame, MSE, axes, CIConfig(method="t"))
+    names = [n for n, _ in made.made]
+    assert names == ["terms_d_p_mse_masked_memories-16to80_page-1of2", "terms_d_p_mse_masked_memories-16to80_page-2of2",
+                     "terms_d_p_mse_masked_memories-96to160_page-1of2",
+                     "terms_d_p_mse_masked_memories-96to160_page-2of2"]
+    order = ["attn+hn", "attn", "hn"]
+    drawn: dict[tuple[object, ...], float] = {}
+    for name, fig in made.made:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert 1 <= len(panels) <= facets.PANELS_PER_PAGE
+        for ax in panels:
+            assert [t.get_text() for t in ax.get_xticklabels()] == order
+            assert len(ax.containers) <= facets.LINES_PER_PANEL, (name, len(ax.containers))
+            fixed = dict(part.split("=") for part in ax.get_title().split(", "))
+            for bars in ax.containers:
+                mem = int(bars.get_label().rsplit("=", 1)[1])
+                for x, y in zip(*bars.lines[0].get_data(), strict=True):
+                    key = (order[round(x)], mem, int(fixed["steps"]), float(fixed["lr"]))
+                    assert key not in drawn, key
+                    drawn[key] = y
+        assert style.label_problems(fig) == [], name
+        plt.close(fig)
+    table = summarize(frame[frame["model"] == "et"], MSE, axes, cfg=CIConfig(method="t"), complete=False)
+    want = {(r["axis.model.terms"], r[MEM], r[STEPS], r["axis.train.lr"]): r["mean"] for _, r in table.iterrows()}
+    assert drawn.keys() == want.keys() and len(want) == 3 * 10 * 2 * 7
+    assert all(drawn[k] == pytest.approx(want[k]) for k in want)
+    few = figures.terms_figures(frame[frame[MEM].isin([16, 32]) & (frame["axis.train.lr"] == 1e-3)
+                                      & (frame[STEPS] == 4)], MSE, axes, CIConfig(method="t"))
+    assert [n for n, _ in few.made] == ["terms_d_p_mse_masked_memories-16", "terms_d_p_mse_masked_memories-32"]
+    for _, fig in few.made:
+        plt.close(fig)
+    assert plt.get_fignums() == []
+
+
 def test_descent_bands_equal_mean_ci_and_energy_pages_cap_lines() -> None:
     import matplotlib.pyplot as plt
 

@@ -145,7 +145,8 @@ def _slices(table: pd.DataFrame, rest: Sequence[str]) -> list[tuple[dict[str, ob
     if not rest:
         return [({}, table)]
     out = []
-    for _, combo in slice_combos(table, rest).iterrows():
+    # records, not iterrows: a row Series of an int and a float axis would turn steps=1 into 1.0 (title, file name)
+    for combo in slice_combos(table, rest).to_dict("records"):
         mask = np.ones(len(table), dtype=bool)
         for a in rest:
             has = table[a].isna() | (table[a] == combo[a]) if pd.notna(combo[a]) else table[a].isna()
@@ -272,7 +273,8 @@ def _legend_below(fig: Any, ax: Any) -> None:
 
 def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
                   sink: Sink | None = None) -> FigureSet:
-    """Metric per energy-term variant (attn+hn / attn / hn) with 95% CI bars; one figure per other-axes value."""
+    """Metric per energy-term variant (attn+hn / attn / hn) with 95% CI bars; one figure per value of the other
+    axes, or — beyond ``facets.SEPARATE_MAX`` such values — pages of small multiples (:func:`_terms_pages`)."""
     out = FigureSet(sink=sink)
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         if TERMS not in axes or block[TERMS].dropna().nunique() < 2:
@@ -284,7 +286,11 @@ def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
         rest = [a for a in varying(block, present) if a != TERMS]
         values = set(table[TERMS])
         order = [t for t in style.TERMS_ORDER if t in values] + sorted(values - set(style.TERMS_ORDER))
-        for fixed, part in _slices(table, rest):
+        slices = _slices(table, rest)
+        if len(slices) > facets.SEPARATE_MAX:
+            _terms_pages(out, table, rest, order, str(dataset), str(protocol), metric, over)
+            continue
+        for fixed, part in slices:
             part = part.assign(x=part[TERMS].map({t: i for i, t in enumerate(order)}))
             fig, ax = style.new_figure()
             ax = ax[0, 0]
@@ -305,6 +311,51 @@ def terms_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIC
                 _legend_below(fig, ax)
             out.add(f"terms_{_tag(dataset, protocol, metric)}{_suffix(fixed)}", fig)
     return out
+
+
+def _terms_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], order: list[str], dataset: str,
+                 protocol: str, metric: str, over: str) -> None:
+    """Many slices, paged like :func:`_steps_pages`: the axis with the most values becomes the series (one
+    colour per value, side by side at each energy-term variant, at most ``LINES_PER_PANEL`` per panel over all
+    models), the other axes the panels (at most ``PANELS_PER_PAGE`` per page). File names carry the series
+    values' range and the page."""
+    line_axis = max(rest, key=lambda a: table[a].dropna().nunique())
+    panel_axes = [a for a in rest if a != line_axis]
+    panels = _slices(table, panel_axes)
+    values = sorted(table[line_axis].dropna().unique())
+    models = style.model_order(table["model"].unique())
+    per_chunk = max(1, facets.LINES_PER_PANEL // max(1, len(models)))
+    line_chunks, panel_pages = facets.chunks(values, per_chunk), facets.chunks(panels, facets.PANELS_PER_PAGE)
+    label = axis_label(line_axis, rest)
+    position = {t: i for i, t in enumerate(order)}
+    for chunk in line_chunks:
+        colours = facets.value_colours(chunk)
+        series = [(model, v) for model in models for v in chunk]
+        width = 0.7 / max(1, len(series))
+        for page, group in enumerate(panel_pages):
+            fig, axs = facets.page_figure(len(group), legend_entries=len(series))
+            for ax, (fixed, part) in zip(axs, group, strict=True):
+                for k, (model, v) in enumerate(series):
+                    g = part[(part["model"] == model) & (part[line_axis] == v)]
+                    g = g.assign(x=g[TERMS].map(position)).sort_values("x")
+                    err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).astype(float)
+                    ax.errorbar(g["x"] + (k - (len(series) - 1) / 2) * width, g["mean"], yerr=np.nan_to_num(err),
+                                fmt=MARKERS[models.index(model) % len(MARKERS)], color=colours[v], capsize=1.5,
+                                markersize=2.5, label=f"{model} {label}={value_text(v)}")
+                ax.set_xticks(range(len(order)), order)
+                ax.set_xlim(-0.5, len(order) - 0.5)
+                ax.set_title(rest_label(fixed) or "all cells")
+            span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}" if chunk else "–"
+            panel_text = f"panels: {', '.join(axis_label(a, rest) for a in panel_axes)}" if panel_axes else ""
+            page_text = f"page {page + 1} of {len(panel_pages)}" if len(panel_pages) > 1 else ""
+            lines = [f"{dataset} / {protocol}: {metric_label(metric)} per energy-term variant",
+                     f"series: {label} {span}" + "".join(f"; {t}" for t in (panel_text, page_text) if t),
+                     f"mean, {ci_words(table)} over {over}s"]
+            facets.finish_page(fig, axs, "\n".join(lines), xlabel="energy terms", ylabel=metric_label(metric),
+                               legend_title=None)
+            name = (f"terms_{_tag(dataset, protocol, metric)}_{file_part(label)}-{file_part(value_text(chunk[0]))}"
+                    f"to{file_part(value_text(chunk[-1]))}{facets.page_suffix(page, len(panel_pages))}")
+            out.add(name, fig)
 
 
 def memory_heatmaps(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfig = DEFAULT_CI,
