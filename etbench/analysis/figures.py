@@ -337,7 +337,9 @@ def _terms_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], order: li
             for ax, (fixed, part) in zip(axs, group, strict=True):
                 for k, (model, v) in enumerate(series):
                     g = part[(part["model"] == model) & (part[line_axis] == v)]
-                    g = g.assign(x=g[TERMS].map(position)).sort_values("x")
+                    if g.empty:  # this panel has no cell of that value
+                        continue
+                    g = g.assign(x=g[TERMS].map(position).astype(float)).sort_values("x")
                     err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).astype(float)
                     ax.errorbar(g["x"] + (k - (len(series) - 1) / 2) * width, g["mean"], yerr=np.nan_to_num(err),
                                 fmt=MARKERS[models.index(model) % len(MARKERS)], color=colours[v], capsize=1.5,
