@@ -77,7 +77,7 @@ def _bench_report(a: argparse.Namespace) -> int:
     from etbench.bench.report import run_report_bench
 
     rep = run_report_bench(Path(a.out), sizes=tuple(a.sizes), stores=Path(a.stores), legacy_max_runs=a.legacy_max,
-                           skip=frozenset(a.skip))
+                           skip=frozenset(a.skip), server_max_runs=a.server_max)
     print(json.dumps({"targets": rep["targets"], "memory": rep["memory"]}, indent=2, default=str))
     print(f"wrote {Path(a.out) / 'bench_report.json'}")
     return 0
@@ -171,11 +171,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     rp = bench.add_parser("report", help="etbench report, dedup lookup and sweep plan on generated stores of N runs")
     rp.add_argument("--out", default="results/bench")
     rp.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 30000],
-                    help="store sizes (runs); presets: 200, 1000, 5000, 30000")
+                    help="store sizes (runs); presets: 24 (smoke), 200, 1000, 5000, 30000")
     rp.add_argument("--stores", default="results/bench_report_stores", help="where generated stores are kept")
     rp.add_argument("--legacy-max", type=int, default=5000,
                     help="also time the old search_runs dedup lookup up to this many runs")
-    rp.add_argument("--skip", nargs="*", default=[], choices=["cold", "warm", "lookup", "plan"],
+    rp.add_argument("--server-max", type=int, default=1000,
+                    help="also time the report through an MLflow server on 127.0.0.1 up to this many runs")
+    rp.add_argument("--skip", nargs="*", default=[], choices=["cold", "warm", "lookup", "plan", "server"],
                     help="measurements to leave out (e.g. warm plan for a quick 30,000-run figure)")
     rp.set_defaults(func=_bench_report)
 

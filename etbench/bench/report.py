@@ -3,9 +3,11 @@
 Per store size (each store generated once by ``etbench.bench.report_store`` and reused): ``etbench report`` cold
 (fresh output and cache folder) and warm (again, same folders), the dedup lookup a sweep runs before it starts
 (``etbench.tracking.lookup.runs_by_hash``; beside it, up to ``legacy_max_runs``, the search_runs paging it
-replaced), and ``etbench sweep plan`` of the store's grid. Every measurement runs in its own process (as a user
-runs it: imports included) and records its wall time and peak RSS (``wait4``); the load average before and after
-each is recorded too — on a shared machine the times are only as good as the load they ran under.
+replaced), ``etbench sweep plan`` of the store's grid, and — up to ``server_max_runs`` — the report through an
+MLflow tracking server on 127.0.0.1 serving the same store (runs read page by page over REST, as on a cluster).
+Every measurement runs in its own process (as a user runs it: imports included) and records its wall time and peak
+RSS (``wait4``); the load average before and after each is recorded too — on a shared machine the times are only
+as good as the load they ran under.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import itertools
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +100,68 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
     return out
 
 
-STEPS = ("cold", "warm", "lookup", "plan")
+STEPS = ("cold", "warm", "lookup", "plan", "server")
+SERVER_START_TIMEOUT_S = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, log: Path) -> Iterator[tuple[str, float]]:
+    """An ``mlflow server`` on 127.0.0.1 (one worker, no job runner) over ``backend_uri``: yields (its URI, seconds
+    until /health answered). It runs in a session of its own and is stopped by that process group (SIGTERM, then
+    SIGKILL after 30 s): exactly the processes this call started."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode} before answering; "
+                                   f"{log}:\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - t0 > SERVER_START_TIMEOUT_S:
+                raise RuntimeError(f"mlflow server did not answer {url}/health within {SERVER_START_TIMEOUT_S:.0f} s; "
+                                   f"{log}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield url, round(time.perf_counter() - t0, 2)
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group ``proc`` leads (its own session), SIGKILL it if still there after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: Callable[[str], None],
-               skip: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Every measurement (``STEPS`` but those in ``skip``) on the store of ``size`` runs (generated when absent)."""
+               skip: frozenset[str] = frozenset(), server: bool = False) -> dict[str, Any]:
+    """Every measurement (``STEPS`` but those in ``skip``; "server" only with ``server``) on the store of ``size``
+    runs (generated when absent)."""
     t0 = time.perf_counter()
     info = generate_store(stores / str(size), size, progress=progress)
     row: dict[str, Any] = {"runs": info["runs"], "store": str(stores / str(size)),
@@ -130,14 +192,23 @@ def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: C
     if "plan" not in skip:
         progress(f"[bench report] {size} runs: sweep plan")
         row["sweep_plan"] = run_measured([sys.executable, "-m", "etbench.cli", "sweep", "plan", info["grid"]])
+    if server and "server" not in skip:
+        progress(f"[bench report] {size} runs: report through an MLflow server on 127.0.0.1 (cold, warm)")
+        served = work / f"report-{size}-server"
+        shutil.rmtree(served, ignore_errors=True)
+        with mlflow_server(uri, work / f"mlflow-server-{size}.log") as (url, start_s):
+            cmd = [*report[:report.index("--tracking-uri") + 1], url, "--out", str(served)]
+            row["server"] = {"start_s": start_s, "report_cold": run_measured(cmd), "report_warm": run_measured(cmd)}
     return row
 
 
 def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                      stores: Path = Path("results/bench_report_stores"), legacy_max_runs: int = 5000,
-                     skip: frozenset[str] = frozenset(), progress: Callable[[str], None] = print) -> dict[str, Any]:
+                     skip: frozenset[str] = frozenset(), progress: Callable[[str], None] = print,
+                     server_max_runs: int = 1000) -> dict[str, Any]:
     """Measure every size in ``sizes`` (ascending) and write ``out/bench_report.json``; what an earlier call into
-    the same ``out`` measured stays in the JSON (each with its own load averages) unless measured again."""
+    the same ``out`` measured stays in the JSON (each with its own load averages) unless measured again. The
+    MLflow-server report runs for sizes up to ``server_max_runs``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "bench_report.json"
@@ -149,7 +220,7 @@ def run_report_bench(out: Path, sizes: tuple[int, ...] = (1000, 5000, 30000),
                                       "process) is what wall_s would be on an idle core", "sizes": earlier}
     for size in sorted(sizes):
         row = bench_size(size, Path(stores), out / "bench_report_work", legacy=size <= legacy_max_runs,
-                         progress=progress, skip=skip)
+                         progress=progress, skip=skip, server=size <= server_max_runs)
         report["sizes"].setdefault(str(size), {}).update(row)  # measurements skipped now keep earlier values
         report["sizes"] = dict(sorted(report["sizes"].items(), key=lambda kv: int(kv[0])))
         _write(out, report)

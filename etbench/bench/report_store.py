@@ -59,6 +59,7 @@ class StoreShape:
 _STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20)
 _LRS = (3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2, 3e-2)
 SHAPES: dict[int, StoreShape] = {
+    24: StoreShape((1, 2), (16, 32), (1e-3,), tuple(range(4)), epochs=2, trace_samples=2),  # smoke / unit test
     200: StoreShape(_STEPS[:5], (16, 64, 128, 256), (5e-4, 1e-3), tuple(range(4))),
     1000: StoreShape(_STEPS[:5], (8, 16, 32, 64, 96, 128, 192, 256, 512), (5e-4, 1e-3, 2e-3, 5e-3), tuple(range(5))),
     5000: StoreShape(_STEPS, tuple(16 * (i + 1) for i in range(19)), (3e-4, 5e-4, 1e-3, 2e-3, 5e-3),
