@@ -53,8 +53,9 @@ def test_bench_report_cli_writes_every_measurement(tmp_path: Path, monkeypatch: 
     assert len(figures) >= 3 and len(tables) >= 2
     served = row["server"]
     assert served["start_s"] > 0
-    _measured(served["report_cold"])
-    _measured(served["report_warm"])
+    for key in ("report_cold", "report_warm"):
+        _measured(served[key])
+        assert served[key]["server_cpu_s"] > 0  # the server's own processes worked for the report
     over_rest = sorted(p.name for p in (out / "bench_report_work" / f"report-{SIZE}-server" / "figures").glob("*.pdf"))
     assert over_rest == [p.name for p in figures]  # the server's report holds the same figures
     assert doc["memory"]["cold_peak_rss_mib"] == {str(SIZE): row["report_cold"]["peak_rss_mib"]}

@@ -110,11 +110,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def group_cpu_s(pgid: int) -> float | None:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (from /proc; None elsewhere)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp, …, utime (12), stime (13)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 @contextmanager
-def mlflow_server(backend_uri: str, log: Path) -> Iterator[tuple[str, float]]:
+def mlflow_server(backend_uri: str, log: Path) -> Iterator[tuple[str, float, int]]:
     """An ``mlflow server`` on 127.0.0.1 (one worker, no job runner) over ``backend_uri``: yields (its URI, seconds
-    until /health answered). It runs in a session of its own and is stopped by that process group (SIGTERM, then
-    SIGKILL after 30 s): exactly the processes this call started."""
+    until /health answered, its process group). It runs in a session of its own and is stopped by that process
+    group (SIGTERM, then SIGKILL after 30 s): exactly the processes this call started."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
@@ -139,7 +156,7 @@ def mlflow_server(backend_uri: str, log: Path) -> Iterator[tuple[str, float]]:
             except OSError:
                 pass
             time.sleep(0.5)
-        yield url, round(time.perf_counter() - t0, 2)
+        yield url, round(time.perf_counter() - t0, 2), proc.pid
     finally:
         _stop_group(proc)
 
@@ -196,9 +213,18 @@ def bench_size(size: int, stores: Path, work: Path, *, legacy: bool, progress: C
         progress(f"[bench report] {size} runs: report through an MLflow server on 127.0.0.1 (cold, warm)")
         served = work / f"report-{size}-server"
         shutil.rmtree(served, ignore_errors=True)
-        with mlflow_server(uri, work / f"mlflow-server-{size}.log") as (url, start_s):
+        with mlflow_server(uri, work / f"mlflow-server-{size}.log") as (url, start_s, pgid):
             cmd = [*report[:report.index("--tracking-uri") + 1], url, "--out", str(served)]
-            row["server"] = {"start_s": start_s, "report_cold": run_measured(cmd), "report_warm": run_measured(cmd)}
+
+            def measured() -> dict[str, Any]:  # the report's process, plus what the server spent serving it
+                before = group_cpu_s(pgid)
+                m = run_measured(cmd)
+                after = group_cpu_s(pgid)
+                if before is not None and after is not None:
+                    m["server_cpu_s"] = round(after - before, 2)
+                return m
+
+            row["server"] = {"start_s": start_s, "report_cold": measured(), "report_warm": measured()}
     return row
 
 
