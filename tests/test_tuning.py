@@ -69,7 +69,7 @@ def _with(**tuning: Any) -> dict[str, Any]:
          "tuning.models.vit.space.train.seed"),
         (_with(models={**TINY["tuning"]["models"], "vit": {"space": {
             "train.lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}}}), "low < high"),
-        ({**_with(), "resources": {"workers": 2, "cpus_per_worker": 0.5}}, "tuning.scheduler.kind"),
+        (_with(scheduler={"kind": "asha", "grace_period": 5, "reduction_factor": 2}), "tuning.scheduler.grace_period"),
         (_with(algorithm="grid"), "tuning.algorithm"),
     ],
 )
@@ -288,3 +288,68 @@ def test_tuned_sweep_refuses_force_and_uri_storage_before_creating_anything(tmp_
     with pytest.raises(SweepError, match="POSIX"):
         run_sweep(path, results_dir="s3://bucket/x", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_configuration_is_a_failed_trial_that_counts_against_the_budget(tmp_path: Path) -> None:
+    """lr 1e12 sends the weights to ~1e12 after one AdamW step: the next loss is non-finite. That configuration is a
+    FAILED tuning run with its reason, still one of the model's configurations; the finite one is selected."""
+    from mlflow.tracking import MlflowClient
+
+    from etbench.sweep.runner import run_sweep
+
+    spec = {**TINY, "name": "tiny_diverging", "models": ["et"], "seeds": [0],
+            "tuning": {"algorithm": "random", "search_seed": 3, "budget": {"configurations": 2, "epochs": 1},
+                       "scheduler": {"kind": "none"},
+                       "models": {"et": {"space": {"train.lr": [1.0e12, 1.0e-3]}}}}}
+    res = run_sweep(write(tmp_path, spec), results_dir=tmp_path / "results", progress=False)
+    runs = _runs(res.tracking_uri, "tiny_diverging")
+    tune = _stage(runs, "tune", "et")
+    lrs = sorted(float(r.data.params["train.lr"]) for r in tune)
+    assert res.evaluated == {"et": 2}
+    assert lrs == [1.0e-3, 1.0e12], f"search seed 3 drew lr {lrs}; pick a seed that draws both values"
+    bad = next(r for r in tune if float(r.data.params["train.lr"]) == 1.0e12)
+    good = next(r for r in tune if float(r.data.params["train.lr"]) == 1.0e-3)
+    assert bad.info.status == "FAILED" and "non-finite training loss" in bad.data.tags["etbench.error"]
+    assert bad.data.tags["etbench.config_hash"] in res.failed
+    assert "non-finite" in res.failed[bad.data.tags["etbench.config_hash"]]
+    assert good.info.status == "FINISHED"
+    final = _stage(runs, "final", "et")
+    assert len(final) == 1 and final[0].data.tags["etbench.tuned_from"] == good.info.run_id
+    assert MlflowClient(res.tracking_uri).get_run(final[0].info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_asha_stops_a_distributed_trial_from_its_ranks_per_epoch_reports(tmp_path: Path) -> None:
+    """Two DeepSpeed ranks per trial (Ray Train inside the Tune trial): every epoch's validation metric reaches Tune
+    (etbench.engine.tune_bridge), ASHA stops the configuration that is worse after epoch 1, its Train workers and
+    placement group are freed (the next distributed trial gets its CPUs) and the selected one is re-run."""
+    from mlflow.tracking import MlflowClient
+
+    from etbench.sweep.runner import run_sweep
+
+    spec = {**TINY, "name": "tiny_dist_tuned", "models": ["et"], "seeds": [0],
+            "resources": {"workers": 2, "cpus_per_worker": 0.5},
+            "base": {**TINY["base"], "task": {**TINY["base"]["task"], "limit_train": 64},
+                     "train": {**TINY["base"]["train"], "checkpoint_every": 2}},
+            "tuning": {"algorithm": "random", "search_seed": 7, "budget": {"configurations": 3, "epochs": 3},
+                       "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                       "models": {"et": {"space": {"train.lr": {"distribution": "loguniform", "low": 1.0e-4,
+                                                                "high": 0.1}}}}}}
+    res = run_sweep(write(tmp_path, spec), results_dir=tmp_path / "results", progress=False)
+    assert not res.failed, res.failed
+    runs = _runs(res.tracking_uri, "tiny_dist_tuned")
+    tune = _stage(runs, "tune", "et")
+    assert len(tune) == 3 and all(r.info.status == "FINISHED" for r in tune)
+    client = MlflowClient(res.tracking_uri)
+    stopped = [r for r in tune if r.data.tags.get("etbench.stopped_early")]
+    assert stopped, "ASHA stopped no distributed configuration"
+    for r in stopped:  # stopped after an epoch before the last, from the ranks' per-epoch reports
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/mse_masked")]
+        assert steps and max(steps) < 3 and "best/val/mse_masked" in r.data.metrics
+    full = [r for r in tune if not r.data.tags.get("etbench.stopped_early")]
+    assert full and all(r.data.params["dist.workers"] == "2" for r in tune)
+    best = _oracle_best(runs, "et")
+    final = _stage(runs, "final", "et")
+    assert len(final) == 1 and final[0].info.status == "FINISHED"
+    assert final[0].data.tags["etbench.tuned_from"] == best.info.run_id

@@ -69,8 +69,10 @@ def ensure_ray(cfg: RunConfig, address: str | None, progress: bool = True) -> bo
                  **({} if progress else {"log_to_driver": False}))
         return True
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.dist.workers * cfg.dist.cpus_per_worker))
-    ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=progress, runtime_env={"env_vars": _worker_env(cfg)})
+    from etbench.ray_local import init_local_ray
+
+    init_local_ray(LOCAL_NODE_IP, _worker_env(cfg), num_cpus=num_cpus, include_dashboard=False,
+                   log_to_driver=progress)
     return True
 
 
@@ -84,7 +86,7 @@ def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path, resume: bool
     if resume and saved.exists():
         return replace(spec, run_id=json.loads(saved.read_text())["run_id"])
     tracker = spec.tracker()
-    run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes)
+    run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
     saved.write_text(json.dumps({"run_id": run_id, "uri": spec.uri, "experiment": spec.experiment}))
     return replace(spec, run_id=run_id)
 
@@ -133,9 +135,18 @@ def _check_cluster(cfg: RunConfig, out: Path, given: str, tracking: TrackingSpec
     return marker
 
 
+def _tune_callbacks(cfg: RunConfig, tune_report: dict[str, Any] | None) -> list[Any]:
+    if tune_report is None:
+        return []
+    from etbench.engine.tune_bridge import EpochsToTune
+
+    return [EpochsToTune(tune_report["metric"], tune_report["key"], tune_report["config_hash"], cfg.train.epochs)]
+
+
 def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resume: bool = False,
         address: str | None = None, progress: bool = True, fault: FaultInjection | None = None,
-        storage_path: str | None = None, extra_resources: dict[str, float] | None = None) -> dict[str, Any]:
+        storage_path: str | None = None, extra_resources: dict[str, float] | None = None,
+        tune_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` with results under ``out``; returns the rank-0 summary (also ``out/summary.json``).
 
     One worker without ``dist.deepspeed`` runs in this process (:func:`etbench.engine.tracked.run_tracked`);
@@ -143,6 +154,8 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     ``storage_path`` (default ``out/ray``; a URI such as ``s3://…`` works). With ``address`` on a cluster of more
     than one node, ``out`` and the tracking store are checked to be shared and a pre-flight task runs on every
     node (``etbench.storage``). ``extra_resources`` are custom Ray resources per worker. ``fault`` is a test hook.
+    ``tune_report`` (``metric``, ``key``, ``config_hash``; inside a Ray Tune trial only) makes the ranks report
+    every epoch and forwards the metric to Tune (:mod:`etbench.engine.tune_bridge`), for its early-stopping scheduler.
     """
     import ray
 
@@ -175,7 +188,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "tracking": spec,
-                               "fault": fault, "progress": progress},
+                               "fault": fault, "progress": progress, "epoch_reports": tune_report is not None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.dist.workers, use_gpu=gpu,
                 resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {}),
@@ -184,7 +197,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
                 name=run_name(cfg), storage_path=storage_path or str(out / "ray"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": _worker_env(cfg)}),
+                worker_runtime_env={"env_vars": _worker_env(cfg)}, callbacks=_tune_callbacks(cfg, tune_report)),
         )
         try:
             result = trainer.fit()

@@ -31,6 +31,7 @@ from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
 
 SUMMARY_KEY = "summary_json"
+EPOCH_REPORT_KEY = "etbench_epoch_report"  # a per-epoch report of a tuning trial (etbench.engine.tune_bridge)
 SHOWN = ("train/loss", "val/loss", "val/mse_masked", "val/psnr", "val/auroc", "val/macro_f1")
 
 
@@ -141,14 +142,21 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics = {"epoch": float(s.epoch), **_numeric(s.history[-1] if s.history else {}), **extra}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    every_epoch = bool(config.get("epoch_reports"))  # a tuning trial: Tune's scheduler needs every epoch
+
     def save(s: LoopState) -> None:
-        if s.epoch < cfg.train.epochs:  # the final checkpoint is reported after the epilogue, with the summary
-            report(s, {})
+        if s.epoch >= cfg.train.epochs:  # the final checkpoint is reported after the epilogue, with the summary
+            return
+        if s.epoch % cfg.train.checkpoint_every == 0:
+            report(s, {EPOCH_REPORT_KEY: 1.0} if every_epoch else {})
+        else:  # every rank reports (Ray Train gathers one report per rank), without a checkpoint
+            ray.train.report({"epoch": float(s.epoch), **_numeric(s.history[-1]), EPOCH_REPORT_KEY: 1.0})
 
     run_task = _FaultyTask(task, fault, rank) if fault is not None else task
     memory = StepMemory(device, lambda: state_tensors(backend.net, backend.inner_optimizer())) if rank == 0 else None
     state = train_loop(run_task, backend, cfg.train.epochs, state, checkpoint=save,
-                       checkpoint_every=cfg.train.checkpoint_every, on_epoch=on_epoch, progress=progress,
+                       checkpoint_every=1 if every_epoch else cfg.train.checkpoint_every, on_epoch=on_epoch,
+                       progress=progress,
                        step_probe=memory.measure if memory is not None else None)
     phases["train_s"] = time.perf_counter() - t_start - phases["data_s"] - phases["deepspeed_init_s"]
     full = backend.full_model()  # a collective under ZeRO-3: every rank

@@ -107,10 +107,13 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
     }
 
 
-def run_trial(payload: dict[str, Any], on_epoch: Any = None) -> dict[str, Any]:
+def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried.
 
-    ``on_epoch(epoch, row)`` is called after every epoch of a one-worker run (the tuning stage's reports to Tune)."""
+    The tuning stage's per-epoch reports to Tune: ``on_epoch(epoch, row)`` is called after every epoch of a
+    one-worker run; a distributed run forwards ``tune_report``'s metric from its ranks instead
+    (:func:`etbench.engine.launch.fit`)."""
     from etbench.config import RunConfig
     from etbench.engine.backend import DivergedError
     from etbench.engine.launch import has_started
@@ -141,7 +144,7 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None) -> dict[str, Any]:
             from etbench.engine.launch import fit
 
             summary = fit(cfg, out, tracking=spec, resume=resume, progress=False, storage_path=ray_storage,
-                          extra_resources=payload.get("custom") or None)
+                          extra_resources=payload.get("custom") or None, tune_report=tune_report)
     except DivergedError as e:
         return {"status": "diverged", "config_hash": cfg.hash(), "error": str(e)}
     best = {k.replace("/", "_"): v for k, v in summary.get("best", {}).items() if isinstance(v, int | float)}
@@ -157,8 +160,9 @@ def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
     return {**run_trial(config["trial"]), "finished_unix": time.time()}  # Tune's own stamp has 1 s resolution
 
 
-def init_ray(address: str | None, use_gpu: bool) -> bool:
-    """Attach to ``address`` or start a loopback-only local Ray; returns True when this call started Ray."""
+def init_ray(address: str | None, use_gpu: bool, state_api: bool = False) -> bool:
+    """Attach to ``address`` or start a loopback-only local Ray; returns True when this call started Ray.
+    ``state_api``: a local Ray also serves Ray's state API (see :func:`etbench.ray_local.init_local_ray`)."""
     import ray
 
     from etbench.storage import check_address, job_env_extra, worker_env_vars
@@ -175,8 +179,10 @@ def init_ray(address: str | None, use_gpu: bool) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", _node_ip_address=LOCAL_RAY_IP, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
+        from etbench.ray_local import init_local_ray
+
+        init_local_ray(LOCAL_RAY_IP, env, state_api=state_api, log_to_driver=False,
+                       **({} if state_api else {"include_dashboard": False}))
     return True
 
 

@@ -126,7 +126,8 @@ def search_trial(config: dict[str, Any]) -> None:
     short = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
     payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", ctx["axes"], tags,
                        _attach_or_close(ctx, h))
-    outcome = run_trial(payload, on_epoch=report)
+    outcome = run_trial(payload, on_epoch=report,
+                        tune_report={"metric": ctx["metric"], "key": key, "config_hash": h})
     final: dict[str, Any] = {"status": outcome["status"], "epoch": last, "config_hash": h}
     if outcome["status"] == "finished" and isinstance(outcome.get(key), int | float):
         final[key] = float(outcome[key])
@@ -155,6 +156,12 @@ def _resources(spec: GridSpec) -> dict[str, float]:
     if r.workers == 1:
         return {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
     return {"CPU": 0.1}  # the trial only drives a TorchTrainer whose workers reserve their own resources
+
+
+def _in_actor(spec: GridSpec) -> bool:
+    """One-worker trials train in their Tune actor, which is reused; a distributed trial's actor drives a Ray Train
+    controller and is replaced, so that a stopped trial's controller and workers end with it."""
+    return spec.resources.workers == 1 and not (spec.base.get("dist") or {}).get("deepspeed")
 
 
 def _searcher(spec: GridSpec, g: T.Group, conc: int) -> Any:
@@ -271,7 +278,7 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
             param_space={"ctx": ctx, "params": {k: d.to_tune() for k, d in g.dims.items()}},
             tune_config=tune.TuneConfig(metric=T.metric_key(g.metric), mode=g.mode, search_alg=_searcher(spec, g, conc),
                                         scheduler=_scheduler(spec, g), num_samples=g.budget.configurations,
-                                        reuse_actors=True),  # a stopped trial's thread ends at the reset
+                                        reuse_actors=_in_actor(spec)),  # a stopped trial's thread ends at the reset
             run_config=tune.RunConfig(name=g.gid, storage_path=str(base), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
@@ -351,7 +358,7 @@ def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str
 
     # the driver creates the store and experiment: concurrent trials must not both create the SQLite tables
     ensure_experiment(_client(uri), experiment, None if uri.startswith("http") else root / "artifacts")
-    started = init_ray(address, spec.resources.use_gpu)
+    started = init_ray(address, spec.resources.use_gpu, state_api=not _in_actor(spec))  # stopped Train trials
     try:
         for g in gs:
             ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "axes": g.axes, "metric": g.metric,

@@ -266,10 +266,6 @@ def validate(spec: Any, source: str = "grid") -> list[Group]:
     if t.metric is not None and not t.metric.startswith("val/"):
         raise _source_error(source, "tuning.metric", f"{t.metric!r}: selection uses validation metrics only "
                                                      f"(val/...)")
-    if t.scheduler.kind == "asha" and (spec.resources.workers > 1 or (spec.base.get("dist") or {}).get("deepspeed")):
-        raise _source_error(source, "tuning.scheduler.kind", "ASHA needs per-epoch reports, which etbench sends "
-                                                             "only from one-worker trials; use kind: none for "
-                                                             "multi-worker tuning")
     for m, b in budgets.items():
         if t.scheduler.kind == "asha" and t.scheduler.grace_period > b.epochs:
             raise _source_error(source, "tuning.scheduler.grace_period", f"{t.scheduler.grace_period} > the "
