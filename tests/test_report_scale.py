@@ -298,6 +298,28 @@ def test_many_cells_become_readable_pages_that_keep_every_cell() -> None:
     assert plt.get_fignums() == []
 
 
+def test_dense_pareto_keeps_its_front_visible() -> None:
+    """264 cells: small see-through points without caps, the front drawn above them (it was under the points)."""
+    import matplotlib.pyplot as plt
+
+    from etbench.analysis import style
+    from etbench.analysis.stats import CIConfig
+
+    frame = _big_frame()
+    cost = 400 - frame[MEM].fillna(300).astype(float)  # dearer = fewer memories = lower MSE: a real trade-off
+    frame = frame.assign(**{"metrics.cost/params": 1e3 * cost,
+                            "metrics.cost/flops_per_sample": 1e5 * cost * frame[STEPS].astype(float)})
+    (name, fig), = figures.pareto_figures(frame, MSE, [MEM, STEPS, "axis.train.lr"], CIConfig(method="t")).made
+    for ax in fig.axes[:2]:
+        points = [c.lines[0] for c in ax.containers]
+        (front,) = [line for line in ax.get_lines() if line not in points]
+        assert len(front.get_xdata()) >= 2 and front.get_zorder() > max(p.get_zorder() for p in points)
+        assert all(p.get_markersize() <= 2.0 and p.get_alpha() == 0.5 for p in points)
+        assert all(not c.lines[1] for c in ax.containers)  # no caps
+    assert style.label_problems(fig) == [], name
+    plt.close(fig)
+
+
 def _terms_frame() -> pd.DataFrame:
     """et over energy terms (3) × memories (10 values) × steps {1, 4} × lr (7 values), 2 seeds, and a vit
     (no terms axis, so not in the terms figures) over steps × lr."""

@@ -220,6 +220,8 @@ def _band_line(ax: Any, g: pd.DataFrame, colour: Any, label: str, marker: str = 
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
+#: Pareto panels with more cells than this draw small, see-through points without caps, so the front stays visible.
+PARETO_DENSE_POINTS = 60
 
 
 def _steps_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], dataset: str, protocol: str, metric: str,
@@ -431,14 +433,16 @@ def pareto_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CI
         for ax, c in zip(axs[0], have, strict=True):
             label, scale = COST_COLUMNS[c]
             pts = table[table[column(c)].notna()].assign(x=lambda t, c=c, s=scale: t[column(c)] * s)
+            dense = len(pts) > PARETO_DENSE_POINTS  # hundreds of cells: small, see-through points, capless bars
+            look = {"markersize": 2.0, "elinewidth": 0.4, "capsize": 0, "alpha": 0.5} if dense else {"capsize": 1.5}
             for model in style.model_order(pts["model"].unique()):
                 g = pts[pts["model"] == model]
                 err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).astype(float)
-                ax.errorbar(g["x"], g["mean"], yerr=np.nan_to_num(err), fmt="o", color=palette[model],
-                            capsize=1.5, label=model)
+                ax.errorbar(g["x"], g["mean"], yerr=np.nan_to_num(err), fmt="o", color=palette[model], label=model,
+                            **look)
             front = _pareto_front(pts["x"].to_numpy(float), pts["mean"].to_numpy(float), higher_is_better(metric))
             ax.step(pts["x"].to_numpy(float)[front], pts["mean"].to_numpy(float)[front], where="post",
-                    color="0.5", linewidth=0.8, zorder=0)
+                    color="0.25", linewidth=1.0, zorder=3)  # above the points: many cells would hide it
             style.cost_x(ax)
             ax.set_xlabel(label)
             ax.set_ylabel(metric_label(metric))
