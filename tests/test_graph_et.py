@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import require_file
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,7 +29,6 @@ from etbench.models.graph import (
 )
 from etbench.tasks.graph_sampling import KHopSampler, batch_size_for, has_neighbor_loader, khop_subgraph
 from etbench.tasks.graph_sampling import neighbor_batches as pyg_neighbor_batches
-from tests.conftest import require_file
 
 SMALL = dict(dim=12, heads=2, head_dim=4, memories=20, attn_init_std=0.4, mem_init_std=0.3)
 

@@ -28,6 +28,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from etbench.errors import EtbenchError
+
 ROOTS = ("pydantic", "deepspeed")  # what the GPU check imports beyond the image: etbench.config, the engine
 BUILD_FROM_SDIST = frozenset({"deepspeed"})  # PyPI has no wheel of these; built here as pure wheels
 SIZE_LIMIT_MIB = 64.0  # the device tool's transfer limit (working tree + carried paths)
@@ -75,7 +77,7 @@ TARGET_ENV: dict[str, str] = {**default_environment(), "python_version": "3.12",
                               "platform_machine": "x86_64", "extra": ""}
 
 
-class BundleError(RuntimeError):
+class BundleError(EtbenchError, RuntimeError):
     """The bundle is incomplete, has two versions of one distribution, or a wheel that cannot install there."""
 
 
