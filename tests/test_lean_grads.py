@@ -99,3 +99,21 @@ def test_analytic_step_keeps_x_hat_g_activations_and_qk_per_step() -> None:
     lean = _saved_bytes("analytic", cfg, batch, tokens)
     assert bound * 0.9 <= lean <= bound, (lean, bound)
     assert _saved_bytes("autograd", cfg, batch, tokens) > 1.5 * lean
+
+
+def test_analytic_training_step_does_the_closed_form_flops() -> None:
+    """FlopCounterMode on one training step = the closed form of what the lean forward + backward compute per
+    descent step and sample: Hopfield 12·NMD (2 forward, 4 backward GEMMs), attention 24·NDHY (projection and
+    read-out forward; P, ∂L/∂g and two weight-gradient GEMMs backward) + 24·HN²Y (scores, ωK, ωᵀQ forward; the same
+    recomputed, dω, dQ, dK backward). A recomputation coming back, or an accumulation the counter misses, fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from etbench.bench.core import make_step
+
+    cfg = ETConfig(dim=16, heads=2, head_dim=8, memories=40, steps=3)
+    batch, n, d, h, y, m = 2, 5, cfg.dim, cfg.heads, cfg.head_dim, cfg.num_memories
+    step = make_step(cfg, batch, n, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    per_sample_step = 12 * n * m * d + 24 * n * d * h * y + 24 * h * n * n * y
+    assert counter.get_total_flops() == per_sample_step * batch * cfg.steps

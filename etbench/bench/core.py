@@ -112,7 +112,10 @@ def _xla_runner(cfg: ETConfig, batch: int, tokens: int, device: str) -> tuple[Ca
         step = make_xla_step(cfg, batch, tokens, device)
     except RuntimeError as e:
         return None, {"skipped": str(e)}
-    info: dict[str, Any] = {"jax_device": str(step.device), "xla_memory": step.memory_analysis(),
+    import jax
+
+    info: dict[str, Any] = {"jax_device": str(step.device), "jax_version": jax.__version__,
+                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_memory": step.memory_analysis(),
                             "xla_cost_flops": step.cost_flops()}
     return step, info
 

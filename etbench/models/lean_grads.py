@@ -165,6 +165,15 @@ def _bmm3(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
+def _read_pair(w: Tensor, qk: Tensor) -> Tensor:
+    """[ωK; ωᵀQ] as one (2, L, H, N, Y) tensor, each half written by its bmm in place (no stacking copy)."""
+    out = torch.empty_like(qk)
+    w3 = _bmm3(w)
+    torch.bmm(w3, _bmm3(qk[1]), out=_bmm3(out[0]))
+    torch.bmm(w3.transpose(-1, -2), _bmm3(qk[0]), out=_bmm3(out[1]))
+    return out
+
+
 class AttentionGrad(torch.autograd.Function):
     """g, W^Q, W^K → ∂E^ATT/∂g (dense, optional (…, 1, N, N) admissibility mask), saving g, the weights and [Q; K].
 
@@ -179,10 +188,9 @@ class AttentionGrad(torch.autograd.Function):
         heads, lead, n = wq.shape[0], g.shape[:-2], g.shape[-2]
         wqk = _fused_w(wq, wk)
         qk, w = _attention_weights(g, wqk, heads, beta, _flat_mask(allowed, lead, n))
-        a = torch.stack([torch.matmul(w, qk[1]), torch.matmul(w.transpose(-1, -2), qk[0])])  # (2, L, H, N, Y)
         ctx.save_for_backward(g, wq, wk, qk, allowed)
         ctx.beta = beta
-        return mm(_merge_heads(a, lead), wqk).neg_()
+        return mm(_merge_heads(_read_pair(w, qk), lead), wqk).neg_()
 
     @staticmethod
     def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -191,18 +199,18 @@ class AttentionGrad(torch.autograd.Function):
         wqk = _fused_w(wq, wk)
         q, k = qk[0], qk[1]
         w = _softmax_scores(qk, beta, _flat_mask(allowed, lead, n))
-        wt = w.transpose(-1, -2)
-        a = torch.stack([torch.matmul(w, k), torch.matmul(wt, q)])  # A₁ = ωK, A₂ = ωᵀQ
+        a = _read_pair(w, qk)  # A₁ = ωK, A₂ = ωᵀQ
         p = _split_heads(linear(u, wqk), heads)  # P₁ = −dA₁, P₂ = −dA₂
-        p1, p2 = p[0], p[1]
-        shape = q.shape
-        dw = torch.baddbmm(_bmm3(torch.matmul(p1, k.transpose(-1, -2))), _bmm3(q), _bmm3(p2).transpose(-1, -2))
-        dw = dw.view(w.shape)  # −dω
-        ds = w * (dw - (w * dw).sum(-1, keepdim=True))  # −dS
-        dq = torch.baddbmm(_bmm3(torch.matmul(w, p2)), _bmm3(ds), _bmm3(k), alpha=beta).view(shape)  # −dQ
-        dk = torch.baddbmm(_bmm3(torch.matmul(wt, p1)), _bmm3(ds.transpose(-1, -2)), _bmm3(q),
-                           alpha=beta).view(shape)  # −dK
-        dqk = _merge_heads(torch.stack([dq, dk]), lead)  # −[dQ, dK] as (…, N, 2HY)
+        p1, p2, q3, k3, w3 = _bmm3(p[0]), _bmm3(p[1]), _bmm3(q), _bmm3(k), _bmm3(w)
+        # accumulations write into their input (baddbmm with out=input: FlopCounterMode counts it, unlike baddbmm_)
+        dw = torch.bmm(p1, k3.transpose(-1, -2))
+        dw = torch.baddbmm(dw, q3, p2.transpose(-1, -2), out=dw).view(w.shape)  # −dω
+        ds = _bmm3(w * (dw - (w * dw).sum(-1, keepdim=True)))  # −dS
+        d = torch.empty_like(qk)  # −[dQ; dK], each half written in place
+        dq, dk = _bmm3(d[0]), _bmm3(d[1])
+        torch.baddbmm(torch.bmm(w3, p2, out=dq), ds, k3, alpha=beta, out=dq)
+        torch.baddbmm(torch.bmm(w3.transpose(-1, -2), p1, out=dk), ds.transpose(-1, -2), q3, alpha=beta, out=dk)
+        dqk = _merge_heads(d, lead)  # −[dQ, dK] as (…, N, 2HY)
         dg = mm(dqk, wqk).neg_()
         dwqk = (mm_tn(_flat(_merge_heads(a, lead)), _flat(u)) + mm_tn(_flat(dqk), _flat(g))).neg_()
         dwq, dwk = dwqk.reshape(2, *wq.shape).unbind(0)
