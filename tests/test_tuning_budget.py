@@ -46,3 +46,14 @@ def test_budget_curve_of_a_search_with_a_failed_run() -> None:
     assert c["expected_best"].iloc[0] == pytest.approx(0.4)  # one draw: 0.5 or 0.3 (the failed one has none)
     assert c["expected_best"].iloc[2] == pytest.approx(expected_best([0.5, math.nan, 0.3], 3, "min")[0])
     assert c["expected_best"].iloc[2] < c["expected_best"].iloc[1] < c["expected_best"].iloc[0]
+
+
+def test_sensitivity_marks_only_the_runs_asha_stopped() -> None:
+    from etbench.analysis.tuning_report import sensitivity
+
+    df = pd.DataFrame([  # as tuned_runs builds it: the tag's text, or None (NaN once pandas holds the column)
+        {"stage": "tune", "group": "et", "model": "et", "status": "FINISHED", "metric": "val/m", "lr": 0.01,
+         "best/val/m": 0.4, "stopped_early": None},
+        {"stage": "tune", "group": "et", "model": "et", "status": "FINISHED", "metric": "val/m", "lr": 0.02,
+         "best/val/m": 0.5, "stopped_early": "asha at epoch 5"}])
+    assert list(sensitivity(df)["stopped_early"]) == [False, True]

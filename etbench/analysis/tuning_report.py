@@ -144,7 +144,7 @@ def sensitivity(df: pd.DataFrame) -> pd.DataFrame:
     """Every FINISHED tuning run's learning rate and validation metric."""
     tune = df[(df["stage"] == S.STAGE_TUNE) & (df["status"] == "FINISHED")]
     rows = [{"group": r["group"], "model": r["model"], "lr": r["lr"], "value": _float(r.get(f"best/{r['metric']}")),
-             "metric": r["metric"], "stopped_early": bool(r["stopped_early"])} for _, r in tune.iterrows()]
+             "metric": r["metric"], "stopped_early": isinstance(r["stopped_early"], str)} for _, r in tune.iterrows()]  # NaN if absent
     return pd.DataFrame(rows)
 
 
