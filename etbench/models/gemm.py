@@ -84,8 +84,11 @@ def mm(x: Tensor, w: Tensor) -> Tensor:
 
 
 def mm_tn(a: Tensor, b: Tensor) -> Tensor:
-    """aᵀ b for a (R, M), b (R, D): the weight-gradient GEMM, computed as (bᵀ a)ᵀ so that only the thin b is
-    transposed into a copy (oneDNN copies a non-contiguous input, and a is the wide one). Returns (M, D)."""
-    if _onednn_ok(b, a):
-        return linear(b.T, a.T).T
+    """aᵀ b for a (R, M), b (R, D): the weight-gradient GEMM, contracting over the rows of both. Returns (M, D).
+
+    Always ``aten`` (BLAS reads aᵀ through its transpose flag): oneDNN's linear contracts over the last dim of
+    its input, so it needed a transposed copy of b per call, and the bench step measured 3.5 % faster with this
+    GEMM on aten and the others on oneDNN (0.790 vs 0.818 s, interleaved, quiet machine; all-aten 0.861 s;
+    docs/bench_core.md).
+    """
     return a.T @ b
