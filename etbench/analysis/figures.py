@@ -115,6 +115,19 @@ def _summary(block: pd.DataFrame, metric: str, axes: Sequence[str], cfg: CIConfi
     return table[table["n"] > 0], over
 
 
+
+def _page_title_and_name(kind: str, head: str, role: str, label: str, chunk: list[Any], panels: list[str],
+                         page: int, pages: int, summary: str, tag: str) -> tuple[str, str]:
+    """A small-multiples page's title (what varies along lines/series, panels, page k of n) and its file name,
+    which keeps the range of the page's ``label`` values and the page number."""
+    span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}" if chunk else "–"
+    extra = [t for t in (f"panels: {', '.join(panels)}" if panels else "",
+                         f"page {page + 1} of {pages}" if pages > 1 else "") if t]
+    title = "\n".join([head, f"{role}: {label} {span}" + "".join(f"; {t}" for t in extra), summary])
+    name = (f"{kind}_{tag}_{file_part(label)}-{file_part(value_text(chunk[0]))}to{file_part(value_text(chunk[-1]))}"
+            f"{facets.page_suffix(page, pages)}")
+    return title, name
+
 def _tag(dataset: str, protocol: str, metric: str) -> str:
     return f"{dataset}_{protocol}_{metric.rsplit('/', 1)[-1]}"
 
@@ -255,16 +268,11 @@ def _steps_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], dataset: 
                         _band_line(ax, g, colours[v], f"{model} {label}={value_text(v)}", MARKERS[k % len(MARKERS)])
                 ax.set_title(rest_label(fixed) or "all cells")
                 facets.ticks_for(ax, part[STEPS].astype(float))
-            span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}" if chunk else "–"
-            panel_text = f"panels: {', '.join(axis_label(a, rest) for a in panel_axes)}" if panel_axes else ""
-            page_text = f"page {page + 1} of {len(panel_pages)}" if len(panel_pages) > 1 else ""
-            head = f"{dataset} / {protocol}: {metric_label(metric)} vs steps T"
-            lines = [head, f"lines: {label} {span}" + "".join(f"; {t}" for t in (panel_text, page_text) if t),
-                     f"mean, {ci_words(table)} over {over}s"]
-            facets.finish_page(fig, axs, "\n".join(lines), xlabel="steps T", ylabel=metric_label(metric),
-                               legend_title=None)
-            name = (f"steps_{_tag(dataset, protocol, metric)}_{file_part(label)}-{file_part(value_text(chunk[0]))}"
-                    f"to{file_part(value_text(chunk[-1]))}{facets.page_suffix(page, len(panel_pages))}")
+            title, name = _page_title_and_name(
+                "steps", f"{dataset} / {protocol}: {metric_label(metric)} vs steps T", "lines", label, chunk,
+                [axis_label(a, rest) for a in panel_axes], page, len(panel_pages), f"mean, {ci_words(table)} over "
+                f"{over}s", _tag(dataset, protocol, metric))
+            facets.finish_page(fig, axs, title, xlabel="steps T", ylabel=metric_label(metric), legend_title=None)
             out.add(name, fig)
 
 
@@ -349,16 +357,12 @@ def _terms_pages(out: FigureSet, table: pd.DataFrame, rest: list[str], order: li
                 ax.set_xticks(range(len(order)), order)
                 ax.set_xlim(-0.5, len(order) - 0.5)
                 ax.set_title(rest_label(fixed) or "all cells")
-            span = f"{value_text(chunk[0])}–{value_text(chunk[-1])}" if chunk else "–"
-            panel_text = f"panels: {', '.join(axis_label(a, rest) for a in panel_axes)}" if panel_axes else ""
-            page_text = f"page {page + 1} of {len(panel_pages)}" if len(panel_pages) > 1 else ""
-            lines = [f"{dataset} / {protocol}: {metric_label(metric)} per energy-term variant",
-                     f"series: {label} {span}" + "".join(f"; {t}" for t in (panel_text, page_text) if t),
-                     f"mean, {ci_words(table)} over {over}s"]
-            facets.finish_page(fig, axs, "\n".join(lines), xlabel="energy terms", ylabel=metric_label(metric),
+            title, name = _page_title_and_name(
+                "terms", f"{dataset} / {protocol}: {metric_label(metric)} per energy-term variant", "series", label,
+                chunk, [axis_label(a, rest) for a in panel_axes], page, len(panel_pages),
+                f"mean, {ci_words(table)} over {over}s", _tag(dataset, protocol, metric))
+            facets.finish_page(fig, axs, title, xlabel="energy terms", ylabel=metric_label(metric),
                                legend_title=None)
-            name = (f"terms_{_tag(dataset, protocol, metric)}_{file_part(label)}-{file_part(value_text(chunk[0]))}"
-                    f"to{file_part(value_text(chunk[-1]))}{facets.page_suffix(page, len(panel_pages))}")
             out.add(name, fig)
 
 
