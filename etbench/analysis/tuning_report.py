@@ -143,8 +143,9 @@ def budget_curves(df: pd.DataFrame) -> pd.DataFrame:
 def sensitivity(df: pd.DataFrame) -> pd.DataFrame:
     """Every FINISHED tuning run's learning rate and validation metric."""
     tune = df[(df["stage"] == S.STAGE_TUNE) & (df["status"] == "FINISHED")]
+    # the stopped-early tag is a string where set and NaN (truthy) where absent
     rows = [{"group": r["group"], "model": r["model"], "lr": r["lr"], "value": _float(r.get(f"best/{r['metric']}")),
-             "metric": r["metric"], "stopped_early": isinstance(r["stopped_early"], str)} for _, r in tune.iterrows()]  # NaN if absent
+             "metric": r["metric"], "stopped_early": isinstance(r["stopped_early"], str)} for _, r in tune.iterrows()]
     return pd.DataFrame(rows)
 
 
