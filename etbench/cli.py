@@ -21,6 +21,7 @@ def _bench_core(a: argparse.Namespace) -> int:
         Path(a.out), device=a.device, peer=a.peer, dim=a.dim, heads=a.heads, head_dim=a.head_dim,
         memories=a.memories, tokens=a.tokens, batch=a.batch, steps=a.steps, repeats=a.repeats,
         peak_gflops=a.peak_gflops, profile=not a.no_profile, measure_memory=not a.no_memory, threads=a.threads,
+        compile=a.compile,
     )
     print(json.dumps({"results": {m: {k: v for k, v in r.items() if k != "times_s"} for m, r in rep["results"].items()},
                       "ratios": rep["ratios"], "targets": rep["targets"], "load_average": rep["load_average"]},
@@ -127,6 +128,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--no-profile", action="store_true", help="skip the per-op profile and GEMM-rate probes")
     core.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     core.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the run (default: torch's)")
+    core.add_argument("--compile", action="store_true",
+                      help="also time the default mode with its forward under torch.compile (about 1 min to compile)")
     core.set_defaults(func=_bench_core)
     img = bench.add_parser("image", help="ET vs ViT baselines: train/inference throughput, peak memory")
     img.add_argument("--out", default="results/bench")

@@ -46,3 +46,20 @@ def test_profile_categories() -> None:
     assert categorize("aten::copy_") == "copies"
     assert categorize("aten::threshold_backward") == "elementwise"
     assert categorize("aten::some_new_op") == "other"
+
+
+def test_run_core_compile_lever(tmp_path: Path) -> None:
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    try:
+        rep = run_core(tmp_path, "cpu", None, measure_memory=False, profile=False, compile=True, **TINY)
+    finally:
+        dynamo.reset()
+    lever = rep["levers"]["compile"]
+    assert rep["results"]["analytic[compile]"]["median_s"] > 0
+    assert lever["graph_breaks"] == 0 and lever["recompiles"] == 0 and lever["loss_rel_diff"] < 1e-5
+    assert lever["speedup_over_eager"] == pytest.approx(
+        rep["results"]["analytic"]["median_s"] / rep["results"]["analytic[compile]"]["median_s"])
+    assert lever["autograd_mode_trace"]["graph_breaks"] > 0
+    assert json.loads((tmp_path / "bench_core.json").read_text())["levers"]["compile"]["compile_s"] > 0

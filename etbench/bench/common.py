@@ -15,8 +15,21 @@ from typing import Any
 import torch
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name and its AVX-512 feature count from /proc/cpuinfo (machines of one pool differ)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    avx512 = sum(f.startswith("avx512") for f in flags)
+    return f"{name} (avx512 features: {avx512})" if name else None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),

@@ -138,6 +138,7 @@ def run_core(
     measure_memory: bool = True,
     levers: bool = True,
     threads: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time both gradient modes (and the ``peer``) interleaved; write ``out_dir/bench_core.json`` and return it.
 
@@ -145,7 +146,9 @@ def run_core(
     or its GPU backend is absent). ``peak_gflops`` overrides the device peak used for the MFU-style figures.
     ``levers`` (CPU) also times the default mode with each speed lever switched the other way (the GEMM backend, one
     torch thread), in the same rotation: the recorded measurement behind each default. ``threads`` sets torch's
-    intra-op threads for the run (restored afterwards); jax keeps its own thread pool.
+    intra-op threads for the run (restored afterwards); jax keeps its own thread pool. ``compile`` adds the default
+    mode with its forward under ``torch.compile`` (:mod:`etbench.bench.core_compile`: graph breaks, recompiles,
+    compile seconds, break-even steps; costs about a minute of compilation on 2 cores).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -155,14 +158,14 @@ def run_core(
     try:
         return _run_core(Path(out_dir), device, peer, dim=dim, heads=heads, head_dim=head_dim, memories=memories,
                          tokens=tokens, batch=batch, steps=steps, repeats=repeats, peak_gflops=peak_gflops,
-                         profile=profile, measure_memory=measure_memory, levers=levers)
+                         profile=profile, measure_memory=measure_memory, levers=levers, compile=compile)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: int, head_dim: int, memories: int,
               tokens: int, batch: int, steps: int, repeats: int, peak_gflops: float | None, profile: bool,
-              measure_memory: bool, levers: bool) -> dict[str, Any]:
+              measure_memory: bool, levers: bool, compile: bool = False) -> dict[str, Any]:
     if peer is not None and peer not in PEERS:
         raise ValueError(f"peer must be one of {PEERS} or None, got {peer!r}")
     if repeats < 1:
@@ -177,6 +180,12 @@ def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: 
     runners: dict[str, Callable[[], float]] = {m: make_step(cfgs[m], batch, tokens, device) for m in MODES}
     if levers and device == "cpu":
         runners.update(_lever_runners(cfgs[base.grad_mode], batch, tokens))
+    compiled: Any = None
+    if compile:
+        from etbench.bench.core_compile import compiled_runner
+
+        compiled, compile_info = compiled_runner(cfgs[base.grad_mode], batch, tokens, device)
+        runners[f"{base.grad_mode}[compile]"] = compiled
     peer_info: dict[str, Any] = {}
     if peer == "xla":
         xla_step, peer_info = _xla_runner(base, batch, tokens, device)
@@ -230,6 +239,13 @@ def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: 
             ratios[f"speed_{m}_over_xla"] = results["xla"]["median_s"] / results[m]["median_s"]
             ratios[f"cpu_efficiency_{m}_over_xla"] = results["xla"]["median_cpu_s"] / results[m]["median_cpu_s"]
     lever_report = _lever_report(results, base.grad_mode)
+    if compiled is not None:
+        from etbench.bench.core_compile import compile_report, explain_mode
+
+        lever_report["compile"].update(compile_report(compile_info, compiled, results, base.grad_mode,
+                                                      f"{base.grad_mode}[compile]"))
+        other = next(m for m in MODES if m != base.grad_mode)
+        lever_report["compile"][f"{other}_mode_trace"] = explain_mode(cfgs[other], batch, tokens, device)
     report: dict[str, Any] = {
         "benchmark": "core",
         "what": "one training step: forward T descent steps + backward + AdamW, MSE loss",

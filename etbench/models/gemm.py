@@ -59,10 +59,11 @@ def _onednn_ok(x: Tensor, w: Tensor) -> bool:
         _backend == "onednn" and _HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
         and w.dtype == torch.float32 and w.dim() == 2 and x.dim() >= 2
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        # FlopCounterMode & co. see the aten GEMMs they know how to count (not asked under torch.compile, where
-        # the query would break the graph); a mode that only observes (``observes_any_op``, e.g. the step-memory
-        # probe) must not change which kernel runs, or a measured step would compute different bits
-        and (torch.compiler.is_compiling() or _mode_allows_onednn())
+        # under torch.compile inductor picks the GEMM (it cannot lower oneDNN's linear with a non-constant
+        # weight); FlopCounterMode & co. see the aten GEMMs they know how to count; a mode that only observes
+        # (``observes_any_op``, e.g. the step-memory probe) must not change which kernel runs, or a measured
+        # step would compute different bits
+        and not torch.compiler.is_compiling() and _mode_allows_onednn()
     )
 
 
