@@ -169,6 +169,20 @@ def test_blocker_bites_without_a_bundled_distribution(tmp_path: Path) -> None:
         == ["mlflow <- /r/etbench/a.py:3"]  # DeepSpeed's optional probe is fine, etbench needing mlflow is not
 
 
+def test_blocked_set_ignores_vendored_copies_a_library_put_on_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # importing setuptools (torch.compile does) puts setuptools/_vendor on sys.path: its vendored jaraco /
+    # more_itertools must not join the blocked set, or a child that imports setuptools fails the import check
+    import setuptools
+
+    allowed = [*gb.IMAGE_VERSIONS, *gb.closure()]
+    vendor = Path(setuptools.__file__).parent / "_vendor"
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "_vendor" not in Path(p).parts])
+    baseline = gb.blocked_modules(allowed)
+    monkeypatch.syspath_prepend(str(vendor))
+    assert gb.blocked_modules(allowed) == baseline
+    assert str(vendor) in sys.path  # the caller's sys.path is left as it was
+
+
 def test_built_bundle_verifies() -> None:
     """After ``make gpu-bundle``: one target wheel per need at the venv's version, far under the transfer limit."""
     if not (REPO / ".whl").is_dir():

@@ -353,11 +353,23 @@ _sys.meta_path.insert(0, _ImageImportSet())
 """
 
 
+def _installed_packages() -> Mapping[str, list[str]]:
+    """Top-level module -> distributions on sys.path, leaving out the copies a library vendors and puts on sys.path
+    when imported (setuptools adds its ``_vendor`` directory), so the answer does not depend on what this process
+    happened to import before (torch.compile imports setuptools)."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if "_vendor" not in Path(p).parts]
+    try:
+        return md.packages_distributions()
+    finally:
+        sys.path[:] = saved
+
+
 def blocked_modules(allowed: Iterable[str]) -> list[str]:
     """Top-level modules installed here whose distributions are all outside ``allowed`` (canonical names)."""
     ok = {canonicalize_name(a) for a in allowed} | {"etbench"}
     out = []
-    for module, dists in md.packages_distributions().items():
+    for module, dists in _installed_packages().items():
         if module in sys.stdlib_module_names or module.startswith("__"):
             continue
         if not any(canonicalize_name(d) in ok for d in dists):

@@ -304,7 +304,8 @@ def _templates(trials: list[Trial], grid: str) -> dict[str, dict[str, str]]:
 
 def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = None, batch: int = 250,
                    progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the store under ``dest`` (mlflow.db, artifacts/, grid.yaml, store.json); reuse a complete one.
+    """Write the store under ``dest`` (mlflow.db, artifacts/, grid.yaml, store.json); reuse a complete one
+    (``reused`` in the returned info says which).
 
     An interrupted generation leaves no store.json; the next call starts that store afresh.
     """
@@ -320,7 +321,7 @@ def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = No
         info = json.loads(done.read_text())
         if info.get("runs") == shape.runs and info.get("experiment") == name:
             progress(f"[store] reusing {dest} ({shape.runs} runs)")
-            return info
+            return {**info, "reused": True}
     if dest.exists():
         progress(f"[store] {dest} is incomplete or of another size: starting it afresh")
         shutil.rmtree(dest)
@@ -367,4 +368,4 @@ def generate_store(dest: Path, shape: StoreShape | int, *, name: str | None = No
             "generate_s": round(time.perf_counter() - t0, 2), "expand_s": round(t_expand, 2)}
     done.write_text(json.dumps(info, indent=2))
     progress(f"[store] {len(trials)} runs in {info['generate_s']} s → {dest}")
-    return info
+    return {**info, "reused": False}
