@@ -174,40 +174,51 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
     md.write_text("\n".join(lines) + "\n")
     rep.tables += [csv, md]
     curves, sens = budget_curves(df), sensitivity(df)
-    fig, ax = plt.subplots(figsize=(6, 4))
     labels = table.set_index("group")["dataset"].to_dict() if len(table) else {}
-    for gid, block in curves.groupby("group", sort=True):  # one search per line: a model on one dataset/axes
-        name = f"{block['model'].iloc[0]} ({labels[gid]})" if labels.get(gid) and len(set(labels.values())) > 1 \
-            else str(block["model"].iloc[0])
-        line, = ax.plot(block["configurations"], block["best_so_far"], marker="o", label=name)
-        mean, sd = block["expected_best"], block["expected_sd"]
-        ax.plot(block["configurations"], mean, ls="--", color=line.get_color())
-        ax.fill_between(block["configurations"], mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="configurations tried", ylabel=f"best validation {metric} so far",
-           title="Tuning budget: best validation metric vs configurations")
-    ax.legend(title="search (dashed: expected best ± sd over random orders)", fontsize="small",
-              title_fontsize="small")
-    fig.tight_layout()
-    for path in (out / "figures" / "tuning_budget.png",):
-        fig.savefig(path, dpi=120)
+    datasets = sorted({str(v) for v in labels.values()}) or [""]
+    models = sorted({str(m) for m in df["model"]})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(models)}  # one colour per model in every panel
+
+    def panels(title: str) -> tuple[Any, dict[str, Any]]:
+        """One panel per dataset (a search's metric is only comparable within its dataset), legend outside."""
+        fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 1.8, 4), squeeze=False)
+        fig.suptitle(title)
+        return fig, {d: ax for d, ax in zip(datasets, axes[0], strict=True)}
+
+    def finish(fig: Any, axes: dict[str, Any], legend_title: str, path: Path) -> None:
+        for d, ax in axes.items():
+            if len(datasets) > 1:
+                ax.set_title(d)
+        handles = [plt.Line2D([], [], color=colour[m], marker="o", label=m) for m in models]
+        fig.legend(handles=handles, title=legend_title, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize="small", title_fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
         rep.figures.append(path)
-    plt.close(fig)
+
+    fig, axes = panels("Tuning budget: best validation metric vs configurations")
+    for gid, block in curves.groupby("group", sort=True):  # one search per line: a model on one dataset/axes
+        ax, c = axes[str(labels.get(gid, datasets[0]))], colour[str(block["model"].iloc[0])]
+        ax.plot(block["configurations"], block["best_so_far"], marker="o", color=c)
+        mean, sd = block["expected_best"], block["expected_sd"]
+        ax.plot(block["configurations"], mean, ls="--", color=c)
+        ax.fill_between(block["configurations"], mean - sd, mean + sd, color=c, alpha=0.15)
+    for ax in axes.values():
+        ax.set(xlabel="configurations tried", ylabel=f"best validation {metric} so far")
+    finish(fig, axes, "model (solid: as searched;\ndashed: expected best ± sd\nover random orders)",
+           out / "figures" / "tuning_budget.png")
     curves.to_csv(out / "figures" / "tuning_budget.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (model, block) in enumerate(sens.groupby("model", sort=True)):
-        colour = f"C{i}"
+    fig, axes = panels("Sensitivity to the learning rate")
+    for (gid, model), block in sens.groupby(["group", "model"], sort=True):
+        ax, c = axes[str(labels.get(gid, datasets[0]))], colour[str(model)]
         full, cut = block[~block["stopped_early"]], block[block["stopped_early"]]
-        ax.scatter(full["lr"], full["value"], label=str(model), alpha=0.85, color=colour)
-        ax.scatter(cut["lr"], cut["value"], marker="x", alpha=0.85, color=colour)  # at the epoch ASHA stopped it
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric} (tuning runs; x = stopped early)",
-           title="Sensitivity to the learning rate")
-    ax.legend(title="model")
-    fig.tight_layout()
-    path = out / "figures" / "tuning_sensitivity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.scatter(full["lr"], full["value"], alpha=0.85, color=c)
+        ax.scatter(cut["lr"], cut["value"], marker="x", alpha=0.85, color=c)  # at the epoch ASHA stopped it
+    for ax in axes.values():
+        ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric} (tuning runs)")
+    finish(fig, axes, "model (x = stopped early)", out / "figures" / "tuning_sensitivity.png")
     sens.to_csv(out / "figures" / "tuning_sensitivity.csv", index=False)
-    rep.figures.append(path)
     n_tune = int((df["stage"] == S.STAGE_TUNE).sum())
     stopped = int(df["stopped_early"].notna().sum())
     rep.section = "\n".join([
