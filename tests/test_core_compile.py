@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from etbench.bench.core import make_problem
-from etbench.bench.core_compile import CompiledStep, explain_mode
+from etbench.bench.core_compile import CompiledStep, explain_mode, forward_loss
 from etbench.models.et_config import ETConfig
 
 CFG = ETConfig(dim=16, heads=2, head_dim=8, memories=32, steps=3)
@@ -24,7 +24,7 @@ def _fresh_dynamo():
 
 def _eager_grads(cfg: ETConfig) -> tuple[float, dict[str, torch.Tensor]]:
     model, _, x, target = make_problem(cfg, 2, 5, "cpu")
-    loss = torch.nn.functional.mse_loss(model.descend(x, trace=False)[0], target)
+    loss = forward_loss(model)(x, target)
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -41,7 +41,7 @@ def test_compiled_analytic_step_is_one_graph_and_matches_eager() -> None:
     # gradients: the same forward compiled on a fresh copy of the problem (CompiledStep's first call already
     # took an AdamW step), against the eager ones
     model, _, x, target = make_problem(CFG, 2, 5, "cpu")
-    compiled = torch.compile(lambda x, t: torch.nn.functional.mse_loss(model.descend(x, trace=False)[0], t))
+    compiled = torch.compile(forward_loss(model))
     compiled(x, target).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,6 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from etbench.bench.common import machine_info, peak_memory_mb, summary, timed, write_json
 from etbench.models.energy import EnergyTransformer
 from etbench.models.et_config import ETConfig
+
+if TYPE_CHECKING:
+    from etbench.bench.core_compile import CompiledStep
 
 MODES = ("analytic", "autograd")
 PEERS = ("xla",)
@@ -180,11 +183,11 @@ def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: 
     runners: dict[str, Callable[[], float]] = {m: make_step(cfgs[m], batch, tokens, device) for m in MODES}
     if levers and device == "cpu":
         runners.update(_lever_runners(cfgs[base.grad_mode], batch, tokens))
-    compiled: Any = None
+    compiled: CompiledStep | None = None
     if compile:
-        from etbench.bench.core_compile import compiled_runner
+        from etbench.bench.core_compile import CompiledStep
 
-        compiled, compile_info = compiled_runner(cfgs[base.grad_mode], batch, tokens, device)
+        compiled = CompiledStep(cfgs[base.grad_mode], batch, tokens, device)
         runners[f"{base.grad_mode}[compile]"] = compiled
     peer_info: dict[str, Any] = {}
     if peer == "xla":
@@ -240,10 +243,9 @@ def _run_core(out_dir: Path, device: str, peer: str | None, *, dim: int, heads: 
             ratios[f"cpu_efficiency_{m}_over_xla"] = results["xla"]["median_cpu_s"] / results[m]["median_cpu_s"]
     lever_report = _lever_report(results, base.grad_mode)
     if compiled is not None:
-        from etbench.bench.core_compile import compile_report, explain_mode
+        from etbench.bench.core_compile import explain_mode
 
-        lever_report["compile"].update(compile_report(compile_info, compiled, results, base.grad_mode,
-                                                      f"{base.grad_mode}[compile]"))
+        lever_report["compile"].update(compiled.report(results, base.grad_mode, f"{base.grad_mode}[compile]"))
         other = next(m for m in MODES if m != base.grad_mode)
         lever_report["compile"][f"{other}_mode_trace"] = explain_mode(cfgs[other], batch, tokens, device)
     report: dict[str, Any] = {

@@ -19,34 +19,49 @@ from etbench.bench.core import make_problem
 from etbench.models.et_config import ETConfig
 
 
+def forward_loss(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The step's forward: T descent steps of ``model`` (no trace) and the MSE loss against the target."""
+
+    def fn(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model.descend(x, trace=False)[0], target)
+
+    return fn
+
+
+def trace_report(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """Graphs and break reasons of ``fn(*args)`` under TorchDynamo (a dry trace, nothing compiled)."""
+    import torch._dynamo as dynamo
+
+    ex = dynamo.explain(fn)(*args)
+    dynamo.reset()
+    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
+            "break_reasons": sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})}
+
+
 class CompiledStep:
-    """One bench training step with the forward + loss under ``torch.compile``; call to run a step."""
+    """One bench training step with the forward + loss under ``torch.compile``; call to run a step.
+
+    Construction compiles it (the first call, timed in ``info['compile_s']``) after taking the eager forward's
+    loss on the same parameters and inputs as the oracle (``info['loss_rel_diff']``).
+    """
 
     def __init__(self, cfg: ETConfig, batch: int, tokens: int, device: str = "cpu", seed: int = 0,
                  explain: bool = True) -> None:
-        import torch._dynamo as dynamo
-
         self.model, self.opt, self.x, self.target = make_problem(cfg, batch, tokens, device, seed)
-        model = self.model
-
-        def forward_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            out = model.descend(x, trace=False)[0]
-            return torch.nn.functional.mse_loss(out, target)
-
-        self.eager = forward_loss
+        eager = forward_loss(self.model)
         self.info: dict[str, Any] = {"backend": "inductor", "grad_mode": cfg.grad_mode, "steps": cfg.steps}
-        if explain:  # a dry trace (no compilation) that lists graphs and break reasons
-            ex = dynamo.explain(forward_loss)(self.x, self.target)
-            self.info.update(graphs=ex.graph_count, graph_breaks=ex.graph_break_count,
-                             break_reasons=[str(b.reason)[:300] for b in ex.break_reasons])
-            dynamo.reset()
-        self.compiled = torch.compile(forward_loss, backend="inductor")
+        if explain:
+            self.info.update(trace_report(eager, self.x, self.target))
+        with torch.no_grad():
+            eager_loss = float(eager(self.x, self.target))
+        self.compiled = torch.compile(eager, backend="inductor")
         frames_before = _frames_compiled()
         t0 = time.perf_counter()
         self.first_loss = self()
         self.info["compile_s"] = time.perf_counter() - t0  # first call: trace + Inductor codegen + one step
         self._frames_after_first = _frames_compiled()
         self.info["frames_compiled_first_call"] = self._frames_after_first - frames_before
+        self.info["loss_rel_diff"] = abs(self.first_loss - eager_loss) / max(abs(eager_loss), 1e-30)
 
     def __call__(self) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -59,6 +74,15 @@ class CompiledStep:
         """Frames compiled since the first call (0: every timed call reused the first graph)."""
         return _frames_compiled() - self._frames_after_first
 
+    def report(self, results: dict[str, Any], mode: str, name: str) -> dict[str, Any]:
+        """The lever's verdict inputs: speed-up over the eager ``mode`` (results key ``name`` is this step),
+        recompiles while timed, break-even steps for the compile cost."""
+        eager, compiled = results[mode]["median_s"], results[name]["median_s"]
+        saved = eager - compiled
+        return {**self.info, "recompiles": self.recompiles(), "eager_median_s": eager,
+                "compiled_median_s": compiled, "speedup_over_eager": eager / compiled,
+                "break_even_steps": (self.info["compile_s"] - compiled) / saved if saved > 0 else None}
+
 
 def _frames_compiled() -> int:
     """Python frames TorchDynamo has compiled in this process so far."""
@@ -68,38 +92,6 @@ def _frames_compiled() -> int:
 
 
 def explain_mode(cfg: ETConfig, batch: int, tokens: int, device: str = "cpu") -> dict[str, Any]:
-    """Graphs and break reasons of another mode's forward under TorchDynamo (a dry trace, nothing compiled)."""
-    import torch._dynamo as dynamo
-
+    """:func:`trace_report` of another gradient mode's step forward."""
     model, _, x, target = make_problem(cfg, batch, tokens, device)
-
-    def forward_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(model.descend(x, trace=False)[0], target)
-
-    ex = dynamo.explain(forward_loss)(x, target)
-    dynamo.reset()
-    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
-            "break_reasons": sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})}
-
-
-def compiled_runner(cfg: ETConfig, batch: int, tokens: int, device: str = "cpu",
-                    ) -> tuple[Callable[[], float], dict[str, Any]]:
-    """The compiled step (already compiled: its first call is in ``info['compile_s']``) and its trace report,
-    with the eager step's loss on the same parameters and inputs as the oracle."""
-    eager_model, _, x, target = make_problem(cfg, batch, tokens, device)
-    with torch.no_grad():
-        eager_loss = float(torch.nn.functional.mse_loss(eager_model.descend(x, trace=False)[0], target))
-    step = CompiledStep(cfg, batch, tokens, device)
-    step.info["loss_rel_diff"] = abs(step.first_loss - eager_loss) / max(abs(eager_loss), 1e-30)
-    return step, step.info
-
-
-def compile_report(info: dict[str, Any], step: CompiledStep, results: dict[str, Any], mode: str, name: str,
-                   ) -> dict[str, Any]:
-    """The lever's verdict inputs: speed-up over the eager default, recompiles while timed, break-even steps."""
-    eager, compiled = results[mode]["median_s"], results[name]["median_s"]
-    saved = eager - compiled
-    out = {**info, "recompiles": step.recompiles(), "eager_median_s": eager, "compiled_median_s": compiled,
-           "speedup_over_eager": eager / compiled,
-           "break_even_steps": (info["compile_s"] - compiled) / saved if saved > 0 else None}
-    return out
+    return trace_report(forward_loss(model), x, target)
