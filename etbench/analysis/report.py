@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,7 @@ def make_report(
     reference_model: str = "et",
     references: Path | None = None,
     ci: CIConfig = DEFAULT_CI,
+    margins: Mapping[str, float] | None = None,
     progress: Callable[[str], None] = print,
 ) -> ReportResult:
     """Build the full report of ``experiment`` into ``out``.
@@ -81,6 +82,7 @@ def make_report(
     ``metrics`` overrides the headline metrics (default: per task, those logged among best/test/*);
     figures use the first. ``cache_dir`` (default ``out/.etbench-cache``) keeps downloaded artifacts and
     metric histories per run. ``references`` is a reference_results.yaml to set published numbers beside ours.
+    ``margins`` (metric → equivalence margin in its units) adds a TOST column to the comparison tables.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def make_report(
     table.excluded.to_csv(out / "excluded_runs.csv", index=False)
     every = int(pd.util.hash_pandas_object(table.runs[["run_id", "status", "end_time"]], index=False).sum())
     fingerprint = _fingerprint(out, experiment, tracking_uri, include_failed, metrics, reference_model, every,
-                               ci, references)
+                               ci, sorted((margins or {}).items()), references)  # references last: read back
     kept = _unchanged(out, fingerprint, result)
     if kept is not None:
         progress(f"[report] nothing changed since the report already in {out} (same runs, options and analysis "
@@ -124,7 +126,8 @@ def make_report(
             result.skipped.append(f"{task}: no headline metric (best/test/*) logged; no tables or figures")
             continue
         progress(f"[report] {task}: metrics {chosen}")
-        sections += _tables(block, chosen, axes, reference_model, ci, refs, out / "tables", result, progress)
+        sections += _tables(block, chosen, axes, reference_model, ci, refs, out / "tables", result, progress,
+                            margins)
         _figures(block, chosen[0], axes, ci, out / "figures", result, progress)
         _images(block, chosen[0], cache, out / "images", result)
     progress("[report] energy descent")
@@ -213,13 +216,15 @@ def _write_manifest(out: Path, fingerprint: str, result: ReportResult) -> None:
 
 
 def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: str, ci: CIConfig,
-            refs: pd.DataFrame, folder: Path, result: ReportResult, progress: Callable[[str], None]) -> list[str]:
+            refs: pd.DataFrame, folder: Path, result: ReportResult, progress: Callable[[str], None],
+            margins: Mapping[str, float] | None = None) -> list[str]:
     """Results and comparison tables, per split and (graph protocols with stored splits) over splits."""
     sections = []
     for over in ("seed", "split") if _splits_vary(block) else ("seed",):
         progress(f"[report]   tables over {over}s")
         made = tables.results_tables(block, chosen, axes, over=over, cfg=ci, references=refs)
-        made += tables.comparison_tables(block, chosen, axes, reference=reference, over=over, cfg=ci)
+        made += tables.comparison_tables(block, chosen, axes, reference=reference, over=over, cfg=ci,
+                                         margins=margins)
         for t in made:
             result.tables += tables.write_table(t, folder)
             sections.append(tables.to_markdown(t))

@@ -10,7 +10,7 @@ paper-comparability.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pandas as pd
 
 from etbench.analysis import references as refs_mod
 from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
+from etbench.analysis.power import power_columns
 from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, CIConfig, compare, decide
 from etbench.analysis.style import model_order
 from etbench.analysis.summary_cache import cached_summarize
@@ -257,10 +258,14 @@ def comparison_tables(
     over: str = "seed",
     cfg: CIConfig = DEFAULT_CI,
     alpha: float = 0.05,
+    power: float = 0.8,
+    margins: Mapping[str, float] | None = None,
 ) -> list[Table]:
     """One table per (dataset, protocol): ``reference`` − each baseline, paired, with CI, effect size and
     p-values; the paired-t p are Holm-adjusted over all rows of the table (one family), and "favours" names a
-    model only when the adjusted p < ``alpha``."""
+    model only when the adjusted p < ``alpha``. Beside each "no difference shown" the minimum detectable effect
+    at ``power`` (:mod:`etbench.analysis.power`); for metrics with an equivalence margin in ``margins`` (metric
+    name → margin in its units), the TOST verdict."""
     tables = []
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         present, keys = _key_columns(block, axes, over)
@@ -269,6 +274,7 @@ def comparison_tables(
         if not parts:
             continue
         data = decide(pd.concat(parts, ignore_index=True), alpha)  # one Holm family: every row of this table
+        data = power_columns(data, alpha, power, margins)
         row_keys = [k for k in keys if k != "model" and k in data.columns]
         display = _to_text(data, ["metric", *row_keys, "baseline"])
         display["metric"] = data["metric"].map(short_name)
@@ -283,6 +289,10 @@ def comparison_tables(
         display["p (Holm)"] = data["p_holm"].map(fmt_p)
         display["p (Wilcoxon, n≥6)"] = data["p_wilcoxon"].map(fmt_p)
         display["favours"] = data["favours"]
+        display[f"MDE ({power:.0%} power)"] = [_mde_text(r) for _, r in data.iterrows()]
+        with_margin = bool(data["margin"].notna().any())
+        if with_margin:
+            display["TOST (equivalence)"] = [_tost_text(r) for _, r in data.iterrows()]
         bold = pd.DataFrame(False, index=display.index, columns=display.columns)
         family = len(data["p_holm"].dropna())
         caption = (
@@ -291,12 +301,33 @@ def comparison_tables(
             f"({ci_text(cfg)}), paired effect size d_z = mean/sd of the differences, paired t-test p, "
             f"Holm-adjusted paired-t p over the {family} comparisons of this table, Wilcoxon signed-rank p "
             f"(only n ≥ 6). 'favours' names the better model ({_direction_text(metrics)}) only when the Holm p < "
-            f"{alpha:g}; otherwise '{NO_DIFFERENCE}'. Comparability: {_comparability(block)}."
+            f"{alpha:g}; otherwise '{NO_DIFFERENCE}', with the minimum detectable effect (MDE): the smallest |Δ| "
+            f"the two-sided paired t-test at α = {alpha:g} detects with {power:.0%} power at this n (exact, noncentral "
+            f"t; d_z, and metric units via the observed sd of the differences; larger still at the Holm level)."
+            + (f" TOST: two one-sided paired t-tests at α = {alpha:g} (not Holm-adjusted) against the declared "
+               f"equivalence margin ±δ; 'equivalent' when both reject." if with_margin else "")
+            + f" Comparability: {_comparability(block)}."
         )
         name = f"compare_{dataset}_{protocol}_{'per-split' if over == 'seed' else 'over-splits'}"
         title = f"{dataset} / {protocol} — {reference} vs baselines ({_over_text(over, block)})"
         tables.append(Table(name, title, caption, display, display.map(latex_escape), bold, data))
     return tables
+
+
+def _mde_text(row: pd.Series) -> str:
+    """The MDE beside a "no difference shown" ("–" beside any other verdict)."""
+    if row["favours"] != NO_DIFFERENCE or pd.isna(row["mde_dz"]):
+        return NA_AXIS
+    units = "" if pd.isna(row["mde"]) else f"{row['mde']:.2g}, "
+    return f"{units}d_z {row['mde_dz']:.2f}"
+
+
+def _tost_text(row: pd.Series) -> str:
+    """The TOST verdict of a row whose metric has a margin ("–" without a margin or a test)."""
+    if pd.isna(row["p_tost"]):
+        return NA_AXIS
+    word = "equivalent" if row["equivalent"] else "not shown equivalent"
+    return f"{word} within ±{row['margin']:.2g} (p {fmt_p(row['p_tost'])})"
 
 
 def to_markdown(table: Table) -> str:

@@ -3,9 +3,10 @@
 - ``tables/tuned_comparison.{csv,md}``: per model (and axis combination), the final runs' test and validation
   metric (mean ± std over seeds/splits, n) with the chosen hyper-parameters and the tuning run they came from.
   Only final-stage runs enter it: test metrics of tuning runs are never compared.
-- ``figures/tuning_budget.{png,csv}``: best validation metric found vs configurations tried, one line per search
-  (a model on one dataset / axis combination), with the expected best over random orders ± sd — was the budget
-  enough, and how much could another search seed have changed it?
+- ``figures/tuning_budget.{png,csv}``, ``tuning_budget_spread.csv``: best full-budget validation metric found vs
+  configurations tried, per search (a model on one dataset / axis combination, per search seed), with the expected
+  best over random orders without replacement (:mod:`etbench.analysis.budget`) and, for groups searched with
+  several seeds, the range across searches — how much did another search seed change?
 - ``figures/tuning_sensitivity.{png,csv}``: validation metric of every tuning run vs its learning rate, coloured
   by model (log x-axis).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from etbench.analysis.budget import budget_curves, budget_spread, draw_group
 from etbench.tracking import schema as S
 
 UNTUNED_NOTE = ("Hyper-parameters (learning rate, init) were fixed by this grid, not tuned per model: a comparison "
@@ -53,7 +55,8 @@ def tuned_runs(client: Any, experiment: str) -> pd.DataFrame:
                          "model": t.get(S.TAG_MODEL), "dataset": t.get(S.TAG_DATASET), "seed": t.get(S.TAG_SEED),
                          "split": t.get(S.TAG_SPLIT), "status": r.info.status, "start": r.info.start_time,
                          "params": json.loads(t.get(S.TAG_TUNE_PARAMS, "{}")), "tuned_from": t.get(S.TAG_TUNED_FROM),
-                         "stopped_early": t.get(S.TAG_STOPPED_EARLY), "metric": metric, "mode": mode or "min",
+                         "stopped_early": t.get(S.TAG_STOPPED_EARLY), "search": t.get(S.TAG_TUNE_SEARCH_SEED),
+                         "metric": metric, "mode": mode or "min",
                          "lr": _float(r.data.params.get("train.lr")),
                          **{k: v for k, v in r.data.metrics.items() if k.startswith("best/")}})
         token = page.token
@@ -97,46 +100,6 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
         row["chosen"] = _fmt_params(block["params"].iloc[0])
         row["tuned_from"] = block["tuned_from"].iloc[0]
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def expected_best(values: list[float], k: int, mode: str) -> tuple[float, float]:
-    """Mean and standard deviation of the best of ``k`` configurations drawn at random (with replacement) from the
-    ``values`` a search evaluated: the expected validation performance of Dodge et al. (2019, "Show Your Work"),
-    ``E[best_k] = Σ_i v_(i) · (P(best ≤ v_(i)) − P(best ≤ v_(i−1)))`` over the sorted values. A configuration
-    without a value (NaN: diverged or crashed) is drawn like any other but never the best; the result is
-    conditioned on at least one of the k draws having a value."""
-    n = len(values)
-    v = sorted((x for x in values if math.isfinite(x)), reverse=(mode == "max"))  # best first; no value ranks last
-    if not v:
-        return math.nan, math.nan
-    # P(best of k is v_(i)) = P(all k draws at rank ≥ i) − P(all at rank ≥ i+1), ranks 0..n-1 from the best;
-    # conditioned on at least one draw having a value
-    p = [((n - i) / n) ** k - ((n - i - 1) / n) ** k for i in range(len(v))]
-    some = sum(p)
-    mean = sum(pi * vi for pi, vi in zip(p, v, strict=True)) / some
-    var = sum(pi * (vi - mean) ** 2 for pi, vi in zip(p, v, strict=True)) / some
-    return mean, math.sqrt(max(var, 0.0))
-
-
-def budget_curves(df: pd.DataFrame) -> pd.DataFrame:
-    """Per group: after k configurations (in start order), the best validation metric found so far, and the
-    expected best of k configurations over random orders of the same search (:func:`expected_best`, with its
-    standard deviation): the spread a different search seed could have given, from the configurations evaluated.
-    Runs that did not finish (diverged, crashed) have no value: drawn, but never the best."""
-    tune = df[df["stage"] == S.STAGE_TUNE].sort_values("start")
-    rows = []
-    for gid, block in tune.groupby("group", sort=True):
-        metric, mode = str(block["metric"].iloc[0]), str(block["mode"].iloc[0])
-        values = [_float(r.get(f"best/{metric}")) if r["status"] == "FINISHED" else math.nan
-                  for _, r in block.iterrows()]
-        best = math.nan
-        for k, ((_, r), v) in enumerate(zip(block.iterrows(), values, strict=True), start=1):
-            if math.isfinite(v) and (math.isnan(best) or (v < best if mode == "min" else v > best)):
-                best = v
-            mean, sd = expected_best(values, k, mode)
-            rows.append({"group": gid, "model": r["model"], "configurations": k, "best_so_far": best,
-                         "expected_best": mean, "expected_sd": sd, "metric": metric})
     return pd.DataFrame(rows)
 
 
@@ -198,17 +161,16 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
         rep.figures.append(path)
 
     fig, axes = panels("Tuning budget: best validation metric vs configurations")
-    for gid, block in curves.groupby("group", sort=True):  # one search per line: a model on one dataset/axes
-        ax, c = axes[str(labels.get(gid, datasets[0]))], colour[str(block["model"].iloc[0])]
-        ax.plot(block["configurations"], block["best_so_far"], marker="o", color=c)
-        mean, sd = block["expected_best"], block["expected_sd"]
-        ax.plot(block["configurations"], mean, ls="--", color=c)
-        ax.fill_between(block["configurations"], mean - sd, mean + sd, color=c, alpha=0.15)
+    spread = budget_spread(curves)
+    for gid, block in curves.groupby("group", sort=True):  # a model on one dataset/axes: its search(es)
+        draw_group(axes[str(labels.get(gid, datasets[0]))], block, spread[spread["group"] == gid],
+                   colour[str(block["model"].iloc[0])])
     for ax in axes.values():
-        ax.set(xlabel="configurations tried", ylabel=f"best validation {metric} so far")
-    finish(fig, axes, "model (solid: as searched;\ndashed: expected best ± sd\nover random orders)",
-           out / "figures" / "tuning_budget.png")
+        ax.set(xlabel="configurations tried", ylabel=f"best full-budget validation {metric} so far")
+    finish(fig, axes, "model (solid: as searched,\nx: stopped early;\ndashed: expected best over\nrandom orders ± sd;"
+           "\nseveral searches: band =\nrange across searches)", out / "figures" / "tuning_budget.png")
     curves.to_csv(out / "figures" / "tuning_budget.csv", index=False)
+    spread.to_csv(out / "figures" / "tuning_budget_spread.csv", index=False)
     fig, axes = panels("Sensitivity to the learning rate")
     for (gid, model), block in sens.groupby(["group", "model"], sort=True):
         ax, c = axes[str(labels.get(gid, datasets[0]))], colour[str(model)]
@@ -226,8 +188,12 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
         f"Each model's hyper-parameters were chosen on the validation metric from {n_tune} tuning runs "
         f"({stopped} stopped early by ASHA); the table shows only the final re-runs of the chosen configuration "
         f"over fresh seeds. Tuning runs' test metrics are not shown anywhere.", "", *lines, "",
-        "Figures: figures/tuning_budget.png (best validation metric vs configurations tried, as the search ran "
-        "(solid) and as expected over random orders of the same configurations ± sd (dashed, Dodge et al. 2019); "
-        "for a model-based search the orders are not exchangeable and the dashed line is only indicative), "
+        "Figures: figures/tuning_budget.png (best full-budget validation metric vs configurations tried, as the "
+        "search ran (solid) and as expected over random orders of the same configurations, drawn without "
+        "replacement ± sd (dashed, the unbiased estimator of Tang et al. 2020); failed and early-stopped runs count "
+        "as drawn but never best; the dashed line meets the observed best at the last configuration by "
+        "construction, so only a second search seed (band: range of the expected best across searches, "
+        "figures/tuning_budget_spread.csv) shows what another search would change; under ASHA or a model-based "
+        "search the orders are not exchangeable and the dashed line is only indicative), "
         "figures/tuning_sensitivity.png (validation metric vs learning rate, by model).", ""])
     return rep

@@ -26,6 +26,8 @@ Tags (all strings):
     etbench.tune.metric       "<validation metric>:<min|max>" the search selected on
     etbench.tuned_from        run id of the tuning run whose configuration a final run re-runs
     etbench.stopped_early     "<scheduler> at epoch <k>" when a tuning run was stopped early (e.g. by ASHA)
+    etbench.tune.search_seed  the grid's search seed of a tuning run (tells independent searches of one group
+                              apart; absent on runs of one search)
 
 Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
 
@@ -70,6 +72,7 @@ TAG_TUNE_PARAMS = "etbench.tune.params"
 TAG_TUNE_METRIC = "etbench.tune.metric"
 TAG_TUNED_FROM = "etbench.tuned_from"
 TAG_STOPPED_EARLY = "etbench.stopped_early"
+TAG_TUNE_SEARCH_SEED = "etbench.tune.search_seed"
 STAGE_TUNE, STAGE_FINAL = "tune", "final"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
