@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,14 +48,19 @@ def write_config(cfg: RunConfig, out: Path) -> None:
 
 
 def write_metrics(history: list[dict[str, float]], out: Path) -> None:
-    (out / "metrics.json").write_text(json.dumps(history, indent=2))
+    """metrics.json and metrics.csv, each replaced atomically: a trial killed mid-write (a scheduler's stop, a lost
+    node) leaves the previous epoch's complete file, never a truncated one that the stage driver cannot read."""
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    with (out / "metrics.csv").open("w", newline="") as f:
+    tmp_json, tmp_csv = out / ".metrics.json.tmp", out / ".metrics.csv.tmp"
+    tmp_json.write_text(json.dumps(history, indent=2))
+    with tmp_csv.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
+    os.replace(tmp_csv, out / "metrics.csv")
+    os.replace(tmp_json, out / "metrics.json")
 
 
 def write_trace(trace: EnergyTrace, path: Path) -> None:

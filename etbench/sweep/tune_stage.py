@@ -41,6 +41,8 @@ class TunedResult(SweepResult):
 
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluated: dict[str, int] = field(default_factory=dict)
+    stopped: dict[str, int | None] = field(default_factory=dict)  # config hash → epochs recorded when cut short
+    # (None: the scheduler stopped it, but only after its last epoch — a full run, not tagged stopped_early)
 
 
 def storage_root(storage: str | Path | None, spec: GridSpec) -> Path:
@@ -214,29 +216,41 @@ class _SearchProgress:
         return Lines()
 
 
-def _close_stopped_run(ctx: dict[str, Any], config_hash: str, epoch: int | None) -> None:
-    """Close the run of an early-stopped trial from the epochs it finished (its metrics.json): best/* at the best
-    validation epoch, tag etbench.stopped_early, status FINISHED. Idempotent: only a RUNNING run is touched."""
+def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int) -> int | None:
+    """Close the run of a trial the scheduler stopped, from the epochs it recorded (its metrics.json): any recorded
+    epoch MLflow lacks, best/* at the best validation epoch, status FINISHED, and tag etbench.stopped_early only when
+    fewer than ``budget_epochs`` epochs were recorded (:func:`etbench.sweep.tuning.stopped_at`; a stop that arrived
+    after the last epoch leaves a full run). Idempotent: only a RUNNING run is touched. Returns the epochs recorded
+    when cut short, else None."""
     from mlflow.entities import Metric
 
-    running = _runs_with_hash(ctx, config_hash, "RUNNING")
     path = Path(ctx["trials"]) / config_hash / "metrics.json"
-    if not running or not path.exists():
-        return
-    rows = json.loads(path.read_text())
+    rows = json.loads(path.read_text()) if path.exists() else []
+    cut = T.stopped_at(rows, budget_epochs)
+    running = _runs_with_hash(ctx, config_hash, "RUNNING")
+    if not running or not rows:
+        return cut
     metric, sign = ctx["metric"], 1.0 if ctx["mode"] == "min" else -1.0
     scored = [(i, r) for i, r in enumerate(rows) if isinstance(r.get(metric), int | float)
               and math.isfinite(r[metric])]
     client = _client(ctx["uri"])
+    ts = int(time.time() * 1000)
     for run in running:
+        # epochs the trial recorded but never reached MLflow (stopped between writing metrics.json and logging)
+        logged = {m.step for m in client.get_metric_history(run.info.run_id, metric)}
+        missing = [Metric(k, float(v), ts, i + 1) for i, row in enumerate(rows) if i + 1 not in logged
+                   for k, v in row.items() if k != "epoch" and isinstance(v, int | float) and math.isfinite(v)]
+        for j in range(0, len(missing), 1000):
+            client.log_batch(run.info.run_id, metrics=missing[j : j + 1000])
         if scored:
             i, best = min(scored, key=lambda ir: (sign * ir[1][metric], ir[0]))
-            ts = int(time.time() * 1000)
             pts = [Metric(f"best/{k}", float(v), ts, 0) for k, v in best.items()
                    if "/" in k and isinstance(v, int | float) and math.isfinite(v)]
             client.log_batch(run.info.run_id, metrics=[*pts, Metric("best/epoch", float(i + 1), ts, 0)])
-        client.set_tag(run.info.run_id, S.TAG_STOPPED_EARLY, f"asha at epoch {epoch or len(rows)}")
+        if cut is not None:
+            client.set_tag(run.info.run_id, S.TAG_STOPPED_EARLY, f"asha at epoch {cut}")
         client.set_terminated(run.info.run_id, status="FINISHED")
+    return cut
 
 
 def _close_orphans(ctx: dict[str, Any], seen: set[str]) -> None:
@@ -295,7 +309,7 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
         elif m.get("status") == "diverged":
             res.failed[h] = m.get("error", "diverged")
         elif m.get("status") is None:  # stopped by the scheduler between epochs
-            _close_stopped_run(ctx, h, m.get("epoch"))
+            res.stopped[h] = _close_stopped_run(ctx, h, g.budget.epochs)
             res.finished.append(h)
         elif m.get("status") == "skipped":
             res.skipped.append(h)

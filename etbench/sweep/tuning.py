@@ -297,6 +297,17 @@ def select_best(runs: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return min(ok, key=lambda r: (sign * float(r["value"]), r.get("start", 0)))
 
 
+def stopped_at(history: list[dict[str, Any]], budget_epochs: int) -> int | None:
+    """The epoch a scheduler's stop cut a tuning run short at, or ``None`` when the run reached its budget.
+
+    Decided from the run's recorded epoch history (``metrics.json``), never from when the stop arrived: a stop
+    reaches a distributed (Ray Train) trial asynchronously, so its ranks may finish the last epoch first — such a run
+    is a full run and is not tagged ``etbench.stopped_early``.
+    """
+    done = len(history)
+    return done if done < budget_epochs else None
+
+
 def params_json(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
