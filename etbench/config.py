@@ -119,13 +119,11 @@ class RunConfig(_Strict):
 
 
 def allowed_models(kind: str) -> tuple[str, ...]:
-    from etbench.models.registry import IMAGE_MODELS
+    """The registry's model names for a task kind (imported here, not at the top: the registry loads torch and
+    torch_geometric, which a config-only command does not need)."""
+    from etbench.models.registry import names
 
-    if kind == "image":
-        return IMAGE_MODELS
-    from etbench.models.baselines.gnn import GNN_MODELS
-
-    return ("et", *GNN_MODELS)
+    return names(kind)
 
 
 def _matches_paper(cfg: RunConfig) -> bool:

@@ -13,7 +13,7 @@ from etbench.config import ConfigError, resolve_run_config
 from etbench.engine.backend import DivergedError
 from etbench.engine.run import RunExistsError, run_single
 from etbench.engine.tracked import TrackingSpec, run_tracked
-from etbench.models.registry import IMAGE_MODELS, IMAGE_PRESETS, ImageModelSpec, build_image_model
+from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model, names
 from etbench.tasks.image_task import ImageTask
 
 TINY = {
@@ -80,7 +80,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
         run_single(tiny(), tmp_path / "nan", progress=False)
 
 
-@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("name", names("image"))
 def test_every_registered_model_runs_forward_backward(name: str) -> None:
     p = IMAGE_PRESETS["digits"]
     model = build_image_model(ImageModelSpec(name=name, image_shape=p.image_shape, patch=p.patch,

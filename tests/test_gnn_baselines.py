@@ -11,8 +11,19 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.utils import to_undirected
 
+from etbench.models import registry
 from etbench.models.baselines.bwgnn import beta_wavelet_coefficients, beta_wavelet_filter_bank
-from etbench.models.baselines.gnn import GNN_MODELS, GNNConfig, build_gnn, gnn_flops_per_node
+from etbench.models.baselines.gnn import GNNConfig
+
+GNN_MODELS = registry.names("graph", family="gnn")
+
+
+def build_gnn(name: str, cfg: GNNConfig) -> torch.nn.Module:
+    return registry.build("graph", name, **cfg.model_dump())
+
+
+def gnn_flops_per_node(name: str, cfg: GNNConfig, n: int, e: int) -> float:
+    return registry.flops("graph", name, num_nodes=n, num_edges=e, **cfg.model_dump())
 
 
 def random_graph(n: int, avg_degree: float, seed: int) -> torch.Tensor:
@@ -123,7 +134,7 @@ def test_bwgnn_hetero_three_relations() -> None:
 
 
 def test_config_and_name_errors() -> None:
-    with pytest.raises(ValueError, match="allowed: mlp, gcn, sage, gat, gin, bwgnn"):
+    with pytest.raises(ValueError, match="allowed: et, mlp, gcn, sage, gat, gin, bwgnn"):
         build_gnn("gcnn", GNNConfig(in_dim=3))
     for bad, field in (({"hidden": 0}, "hidden"), ({"dropout": 1.0}, "dropout"), ({"num_classes": 1}, "num_classes")):
         with pytest.raises(ValidationError, match=field):

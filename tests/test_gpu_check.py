@@ -17,7 +17,7 @@ from etbench.bench import gpu_bundle, gpu_check
 from etbench.bench.gpu_train import MODELS, StepSettings, run_image_section
 from etbench.models.baselines.vit import build_vit
 from etbench.models.image import ImageET
-from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec
+from etbench.models.registry import IMAGE_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,10 +87,9 @@ def test_default_output_follows_out(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_the_vit_beside_the_paper_scale_et_is_flop_matched() -> None:
     """ViT-B/16 (depth T = 12, the ET's width and heads, MLP ratio 4) does the ET's forward FLOPs within 5 %."""
     preset = IMAGE_PRESETS["imagenet"]
-    spec = ImageModelSpec(name="vit", image_shape=preset.image_shape, patch=preset.patch, et=preset.et)
     with torch.device("meta"):
         et = ImageET(preset.image_shape, preset.patch, preset.et)
-        vit = build_vit(spec)
+        vit = build_vit(preset.image_shape, preset.patch, preset.et)
     assert (et.num_tokens, et.dim, preset.et.heads, preset.et.head_dim, preset.et.num_memories, preset.et.steps) \
         == (197, 768, 12, 64, 3072, 12)
     assert 0.95 < et.flops_per_image() / vit.flops_per_image() < 1.05

@@ -14,18 +14,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.utils import to_undirected
 
-from etbench.models.baselines.gnn import GNN_MODELS, MessagePassingNet
+from etbench.models import registry
+from etbench.models.baselines.gnn import MessagePassingNet
 from etbench.models.edge_csr import CSRAttentionGrad
 from etbench.models.energy import EnergyAttention
 from etbench.models.et_config import ETConfig
 from etbench.models.graph import (
     GAD_ET_DEFAULTS,
-    GRAPH_MODELS,
     GraphET,
     GraphETConfig,
     SparseEnergyAttention,
-    build_graph_model,
-    graph_flops_per_node,
 )
 from etbench.tasks.graph_sampling import KHopSampler, batch_size_for, has_neighbor_loader, khop_subgraph
 from etbench.tasks.graph_sampling import neighbor_batches as pyg_neighbor_batches
@@ -265,7 +263,8 @@ def test_flops_match_the_flop_counter_and_parameter_count() -> None:
     edges_with_loops = ei.shape[1] + n
     expect = model.flops_per_node(n, ei.shape[1]) * n - 3 * 6 * edges_with_loops * 2 * 8
     assert counter.get_total_flops() == pytest.approx(expect, rel=1e-9)
-    assert graph_flops_per_node("et", 7, n, ei.shape[1], et=cfg.et) == model.flops_per_node(n, ei.shape[1])
+    assert registry.flops("graph", "et", in_dim=7, num_nodes=n, num_edges=ei.shape[1], et=cfg.et) \
+        == model.flops_per_node(n, ei.shape[1])
     d, m = 16, 40
     assert model.num_parameters() == (7 * d + d) + (1 + d + 2 * 2 * 8 * d + m * d) + (2 * d * 2 + 2)
 
@@ -281,15 +280,14 @@ def test_config_merges_gad_defaults_and_rejects_bad_fields() -> None:
             GraphETConfig(**kw)
 
 
-def test_build_graph_model_is_the_single_entry_point() -> None:
-    assert GRAPH_MODELS == ("et", *GNN_MODELS)
-    et = build_graph_model("et", 9, et={"dim": 8, "heads": 2, "head_dim": 4}, dropout=0.1)
+def test_the_registry_builds_graph_models() -> None:
+    et = registry.build("graph", "et", in_dim=9, et={"dim": 8, "heads": 2, "head_dim": 4}, dropout=0.1)
     assert isinstance(et, GraphET) and et.cfg.et.dim == 8 and et.cfg.dropout == 0.1
-    assert isinstance(build_graph_model("gcn", 9, hidden=16), MessagePassingNet)
+    assert isinstance(registry.build("graph", "gcn", in_dim=9, hidden=16), MessagePassingNet)
     with pytest.raises(ValueError, match="unknown graph model 'gnn'; allowed: et, mlp"):
-        build_graph_model("gnn", 9)
+        registry.build("graph", "gnn", in_dim=9)
     with pytest.raises(ValidationError, match="heads"):
-        build_graph_model("et", 9, heads=2)  # ET sizes live under et=...
+        registry.build("graph", "et", in_dim=9, heads=2)  # ET sizes live under et=...
 
 
 # --- a short real training run ----------------------------------------------------------------------------------
@@ -309,7 +307,7 @@ def final_test_auroc(name: str, graph, split: dict, **kw: object) -> float:  # t
     tr, te = torch.as_tensor(split["train"]), torch.as_tensor(split["test"])
     weight = anomaly_class_weight(graph.y[tr])
     torch.manual_seed(0)
-    model = build_graph_model(name, graph.num_features, **kw)
+    model = registry.build("graph", name, in_dim=graph.num_features, **kw)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
     for _ in range(EPOCHS):

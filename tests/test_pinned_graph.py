@@ -14,8 +14,7 @@ from torch import nn
 
 from etbench.config import resolve_run_config
 from etbench.data.graphs import GraphData, load_graph_dataset
-from etbench.models.baselines.gnn import GNN_MODELS
-from etbench.models.graph import build_graph_model
+from etbench.models import registry
 from etbench.tasks.graph_protocols import best_threshold_macro_f1, binary_metrics
 from etbench.tasks.graph_sampling import khop_subgraph
 from etbench.tasks.graph_task import GraphTask
@@ -112,11 +111,11 @@ def test_gadbench_split_identity_on_tolokers_file() -> None:
 def _model(name: str, in_dim: int, steps: int = 2) -> nn.Module:
     torch.manual_seed(0)
     if name == "et":
-        return build_graph_model("et", in_dim, et={**SMALL_ET, "steps": steps})
-    return build_graph_model(name, in_dim, hidden=16)
+        return registry.build("graph", "et", in_dim=in_dim, et={**SMALL_ET, "steps": steps})
+    return registry.build("graph", name, in_dim=in_dim, hidden=16)
 
 
-@pytest.mark.parametrize("name", ["et", *GNN_MODELS])
+@pytest.mark.parametrize("name", registry.names("graph"))
 def test_khop_batch_seed_logits_equal_full_graph(name: str) -> None:
     """With enough hops for the model's receptive field (+1 for degree normalisations), the seeds' logits from
     their k-hop subgraph equal the full-graph logits (eval mode, float64)."""
@@ -153,7 +152,7 @@ def _fit_auroc(model: nn.Module, graph: GraphData, edge_index: torch.Tensor, epo
     return float(roc_auc_score(graph.y[te].numpy(), prob[te].numpy()))
 
 
-@pytest.mark.parametrize("name", ["et", *[m for m in GNN_MODELS if m != "mlp"]])
+@pytest.mark.parametrize("name", [m for m in registry.names("graph") if m != "mlp"])
 def test_message_passing_uses_the_neighbours(name: str) -> None:
     """The label lives only in the neighbours: own features give AUROC ≈ 0.5, the MLP fails, every GNN and the
     graph ET learn it — and the same model without edges fails."""

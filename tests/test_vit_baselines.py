@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from etbench.bench import image as image_bench
-from etbench.models.baselines.vit import MaskedViT, ViTArch, build_vit, et_param_count, match_parameters
+from etbench.models.baselines.vit import MaskedViT, ViTArch, et_param_count, match_parameters
 from etbench.models.image import ImageET
 from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model
 from etbench.tasks.image_completion import draw_mask, patch_losses
@@ -54,26 +54,26 @@ def test_forward_backward_on_digits(name: str) -> None:
 
 
 def test_vit_widths_and_depths() -> None:
-    vit = build_vit(spec("vit"))
+    vit = build_image_model(spec("vit"))
     assert isinstance(vit, MaskedViT)
     assert (vit.arch.dim, vit.arch.heads, vit.arch.depth, vit.arch.mlp_hidden, len(vit.blocks)) == (64, 4, 12, 256, 12)
     layer = vit.blocks[0]
     assert layer.norm_first and layer.self_attn.batch_first and layer.self_attn.num_heads == 4
     assert isinstance(vit.norm, torch.nn.LayerNorm)
-    assert len(build_vit(spec("vit", steps=3)).blocks) == 3
+    assert len(build_image_model(spec("vit", steps=3)).blocks) == 3
 
 
 def test_tied_shares_one_block() -> None:
     torch.manual_seed(0)
-    tied = build_vit(spec("vit-tied"))
+    tied = build_image_model(spec("vit-tied"))
     assert isinstance(tied, MaskedViT) and len(tied.blocks) == 1 and tied.arch.depth == 12
-    one_block = build_vit(spec("vit", steps=1))
+    one_block = build_image_model(spec("vit", steps=1))
     assert tied.num_parameters() == one_block.num_parameters()
     d, f = 64, 256
     block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # qkv+out (with biases), MLP, two LayerNorms
-    assert tied.num_parameters() - block == build_vit(spec("vit", steps=2)).num_parameters() - 2 * block
+    assert tied.num_parameters() - block == build_image_model(spec("vit", steps=2)).num_parameters() - 2 * block
     # same weights, more applications → a different output
-    tied3 = build_vit(spec("vit-tied", steps=3))
+    tied3 = build_image_model(spec("vit-tied", steps=3))
     tied3.load_state_dict(tied.state_dict())
     images, replace = batch(spec("vit-tied"))
     with torch.no_grad():
@@ -90,22 +90,23 @@ def test_tied_shares_one_block() -> None:
 @pytest.mark.parametrize("preset", ["digits", "mnist", "cifar10", "imagenet"])
 def test_param_matched_within_5_percent(preset: str) -> None:
     s = spec("vit-pm", preset)
-    target = et_param_count(s)
+    target = et_param_count(s.image_shape, s.patch, s.et)
     if preset == "digits":  # the meta-device count is the real ET's count
         assert target == ImageET(s.image_shape, s.patch, s.et).num_parameters()
-    arch = match_parameters(s, target)
+    arch = match_parameters(s.image_shape, s.patch, s.et, s.mlp_ratio, target)
     assert arch.depth == 12 and not arch.tied and arch.dim % arch.heads == 0
     if preset == "imagenet":  # large enough to keep every head and the default MLP ratio
         assert arch.heads == 12 and arch.mlp_hidden == 4 * arch.dim
         return
-    model = build_vit(s)
+    model = build_image_model(s)
     assert abs(model.num_parameters() - target) / target <= 0.05
     assert len(model.blocks) == 12
 
 
 def test_param_match_impossible_raises() -> None:
     with pytest.raises(ValueError, match=r"vit-pm: no width.*within 5%"):
-        match_parameters(spec("vit-pm"), target=10)
+        s = spec("vit-pm")
+        match_parameters(s.image_shape, s.patch, s.et, s.mlp_ratio, target=10)
 
 
 def _counted_forward_flops(model: torch.nn.Module, images: torch.Tensor, replace: torch.Tensor) -> int:
@@ -120,7 +121,7 @@ def _counted_forward_flops(model: torch.nn.Module, images: torch.Tensor, replace
 @pytest.mark.parametrize("name", ["vit", "vit-tied", "vit-pm"])
 def test_flops_match_flop_counter(name: str) -> None:
     s = spec(name, steps=3)
-    model = build_vit(s)
+    model = build_image_model(s)
     images, replace = batch(s, 2)
     counted = _counted_forward_flops(model, images, replace)
     analytic = 2 * model.flops_per_image()
@@ -139,9 +140,9 @@ def test_flops_cifar_geometry_and_wider_mlp() -> None:
 
 def test_bad_specs_raise() -> None:
     with pytest.raises(ValueError, match="not divisible by heads"):
-        build_vit(spec("vit", dim=30))
-    with pytest.raises(ValueError, match="unknown baseline"):
-        build_vit(spec("et"))
+        build_image_model(spec("vit", dim=30))
+    with pytest.raises(ValueError, match="unknown image model 'gcn'; allowed: et, vit, vit-tied, vit-pm"):
+        spec("gcn")
 
 
 def test_image_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,9 +29,10 @@ PNG_DPI = 150  # the PNG is the preview; the PDF (vector) is the paper figure
 DOUBLE_COLUMN_IN = 6.9
 FONT_PT = 8
 
-#: Registry model names in table order; the position fixes the colour.
+#: Registry model names in registry order (``registry.all_names()``; analysis may not import models, so a test
+#: checks the two agree); the position fixes the colour.
 MODELS = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn")
-_COLOURS = sns.color_palette("colorblind", 10)
+_COLOURS = sns.color_palette("colorblind", len(MODELS))  # the 10 colours repeat from the 11th model on
 PALETTE: dict[str, tuple[float, float, float]] = dict(zip(MODELS, _COLOURS, strict=True))
 _GREYS = sns.color_palette("Greys", 6)[2:]
 

@@ -31,12 +31,12 @@ def make_epoch(name: str, dataset: str, path: str | None, device: str, et_steps:
                ) -> Callable[[], float]:
     """One full-graph training epoch (forward, class-weighted CE on all labelled nodes, backward, Adam); the model at
     its defaults (``et_steps`` overrides the graph ET's T)."""
-    from etbench.models.graph import build_graph_model
+    from etbench.models import registry
 
     x, ei, y = _graph_inputs(dataset, path)
     torch.manual_seed(0)
     kw = {"et": {"steps": et_steps}} if et_steps is not None else {}
-    model = build_graph_model(name, x.shape[1], **kw).to(device).train()
+    model = registry.build("graph", name, in_dim=x.shape[1], **kw).to(device).train()
     x, ei, y = x.to(device), ei.to(device), y.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     w = torch.tensor([1.0, float((y == 0).sum()) / max(1, int((y == 1).sum()))], device=device)
@@ -53,14 +53,14 @@ def make_epoch(name: str, dataset: str, path: str | None, device: str, et_steps:
 
 def make_random_graph_epoch(num_nodes: int, num_edges: int, device: str) -> Callable[[], float]:
     """One graph-ET epoch on a random graph with ``num_edges`` directed edges (memory-scaling probe)."""
-    from etbench.models.graph import build_graph_model
+    from etbench.models import registry
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(num_nodes, 16, generator=gen)
     ei = torch.randint(0, num_nodes, (2, num_edges), generator=gen)
     ei = ei[:, ei[0] != ei[1]]
     y = (torch.rand(num_nodes, generator=gen) < 0.05).long()
-    model = build_graph_model("et", 16).to(device).train()
+    model = registry.build("graph", "et", in_dim=16).to(device).train()
     x, ei, y = x.to(device), ei.to(device), y.to(device)
 
     def epoch() -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from etbench.bench.common import machine_info, peak_memory_mb, summary, timed, write_json
-from etbench.models.registry import IMAGE_MODELS, IMAGE_PRESETS, ImageModelSpec, build_image_model, describe
+from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model, describe, names
 from etbench.tasks.image_completion import draw_mask, patch_losses
 
 MASK_RATIO = 0.5
@@ -83,12 +83,15 @@ def run_image_bench(
     batch: int = 32,
     repeats: int = 5,
     device: str = "cpu",
-    models: tuple[str, ...] = ("et", "vit", "vit-tied", "vit-pm"),
+    models: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Time every model's training and inference step; write ``out/bench_image.json`` and return the report."""
-    bad = [m for m in models if m not in IMAGE_MODELS]
+    """Time every model's training and inference step (``models``: default every registered image model); write
+    ``out/bench_image.json`` and return the report."""
+    allowed = names("image")
+    models = allowed if models is None else models
+    bad = [m for m in models if m not in allowed]
     if bad or not models:
-        raise ValueError(f"models must be a non-empty subset of {', '.join(IMAGE_MODELS)}; got {list(models)}")
+        raise ValueError(f"models must be a non-empty subset of {', '.join(allowed)}; got {list(models)}")
     if batch < 1 or repeats < 1:
         raise ValueError(f"batch and repeats must be >= 1, got batch={batch}, repeats={repeats}")
     models = tuple(dict.fromkeys(models))

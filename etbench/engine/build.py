@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from etbench.config import GraphTaskConfig, ImageTaskConfig, RunConfig
+from etbench.models import registry
 
 
 def seed_everything(seed: int) -> None:
@@ -29,18 +30,19 @@ def resolve_device(choice: str, use_gpu: bool = False) -> torch.device:
     return torch.device("cpu")
 
 
+def model_inputs(cfg: RunConfig, data_info: dict[str, Any]) -> dict[str, Any]:
+    """What the task's data fixes about the model (see ``etbench.models.entry``): the image geometry, or the node
+    feature width."""
+    if isinstance(cfg.task, ImageTaskConfig):
+        return {"image_shape": tuple(data_info["image_shape"]), "patch": cfg.task.patch or 1}
+    return {"in_dim": int(data_info["num_features"])}
+
+
 def build_model(cfg: RunConfig, data_info: dict[str, Any]) -> nn.Module:
     """The registered model for this run (seeded, on CPU)."""
     seed_everything(cfg.train.seed)
-    if isinstance(cfg.task, ImageTaskConfig):
-        from etbench.models.registry import ImageModelSpec, build_image_model
-
-        spec = ImageModelSpec(name=cfg.model.name, image_shape=tuple(data_info["image_shape"]),
-                              patch=cfg.task.patch or 1, et=cfg.model.et, mlp_ratio=cfg.model.mlp_ratio)
-        return build_image_model(spec)
-    from etbench.tasks.graph_task import build_graph_model_for
-
-    return build_graph_model_for(cfg, data_info)
+    kind, name = cfg.task.kind, cfg.model.name
+    return registry.build(kind, name, **model_inputs(cfg, data_info), **registry.options(kind, name, cfg.model))
 
 
 def build_task(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,

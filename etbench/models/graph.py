@@ -23,13 +23,11 @@ from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, scatter
 
 from etbench.models.baselines.bwgnn import check_node_inputs
-from etbench.models.baselines.gnn import GNN_MODELS, GNNConfig, build_gnn, gnn_flops_per_node
 from etbench.models.edge_csr import CSRAttentionGrad, EdgePlan, csr_forward
 from etbench.models.energy import EnergyAttention, EnergyTrace, EnergyTransformer
+from etbench.models.entry import ModelEntry
 from etbench.models.et_config import ETConfig
 from etbench.models.node_config import NodeClassifierConfig
-
-GRAPH_MODELS: tuple[str, ...] = ("et", *GNN_MODELS)
 
 
 def _sum_into(values: Tensor, index: Tensor, n: int) -> Tensor:
@@ -231,23 +229,17 @@ def graph_et_flops_per_node(cfg: GraphETConfig, num_nodes: int, num_edges: int) 
     return total / n
 
 
-def build_graph_model(name: str, in_dim: int, **kw: Any) -> nn.Module:
-    """The single entry point for node-level GAD models: ``GraphET`` for "et", else the GNN baseline ``name``.
-
-    ``kw`` are the fields of ``GraphETConfig`` (for "et") or ``GNNConfig`` (baselines); unknown fields raise.
-    """
-    if name == "et":
-        return GraphET(GraphETConfig(in_dim=in_dim, **kw))
-    if name in GNN_MODELS:
-        return build_gnn(name, GNNConfig(in_dim=in_dim, **kw))
-    raise ValueError(f"unknown graph model {name!r}; allowed: {', '.join(GRAPH_MODELS)}")
+def _build(in_dim: int, **kw: Any) -> GraphET:
+    return GraphET(GraphETConfig(in_dim=in_dim, **kw))
 
 
-def graph_flops_per_node(name: str, in_dim: int, num_nodes: int, num_edges: int, num_relations: int = 1,
-                         **kw: Any) -> float:
-    """Analytic forward FLOPs per node of model ``name`` built with ``kw`` (see ``build_graph_model``)."""
-    if name == "et":
-        return graph_et_flops_per_node(GraphETConfig(in_dim=in_dim, **kw), num_nodes, num_edges)
-    if name in GNN_MODELS:
-        return gnn_flops_per_node(name, GNNConfig(in_dim=in_dim, **kw), num_nodes, num_edges, num_relations)
-    raise ValueError(f"unknown graph model {name!r}; allowed: {', '.join(GRAPH_MODELS)}")
+def _flops(in_dim: int, num_nodes: int, num_edges: int, num_relations: int = 1, **kw: Any) -> float:
+    """Per node (``graph_et_flops_per_node``); the caller passes the union of relations, so ``num_relations`` is
+    not used."""
+    return graph_et_flops_per_node(GraphETConfig(in_dim=in_dim, **kw), num_nodes, num_edges)
+
+
+ENTRIES = (
+    ModelEntry(name="et", kind="graph", family="et", build=_build, flops=_flops, options=("et",),
+               summary="the graph ET: energy descent with attention over the edges (GAD)"),
+)

@@ -8,10 +8,13 @@ Subclasses implement only ``process``; the ET also exposes its energy trace.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from etbench.models.energy import EnergyLayerNorm, EnergyTrace, EnergyTransformer
+from etbench.models.entry import ModelEntry
 from etbench.models.et_config import ETConfig
 
 
@@ -129,4 +132,24 @@ class ImageET(MaskedPatchModel):
         return self.io_flops() + self.et.flops(self.num_tokens)
 
 
-__all__ = ["EnergyLayerNorm", "ImageET", "MaskedPatchModel", "patchify", "unpatchify"]
+def flops_on_meta(build: Callable[..., MaskedPatchModel]) -> Callable[..., float]:
+    """The registry's ``flops`` for an image model: ``flops_per_image`` of a copy built on the meta device, so
+    asking the cost of a paper-size model allocates nothing."""
+
+    def flops(**kw: object) -> float:
+        with torch.device("meta"):
+            return float(build(**kw).flops_per_image())
+
+    return flops
+
+
+def _build_et(image_shape: tuple[int, int, int], patch: int, et: ETConfig) -> ImageET:
+    return ImageET(image_shape, patch, et)
+
+
+ENTRIES = (
+    ModelEntry(name="et", kind="image", family="et", build=_build_et, flops=flops_on_meta(_build_et),
+               options=("et",), summary="the paper's image ET: T energy-descent steps of one shared block"),
+)
+
+__all__ = ["ENTRIES", "EnergyLayerNorm", "ImageET", "MaskedPatchModel", "flops_on_meta", "patchify", "unpatchify"]

@@ -245,15 +245,15 @@ def estimate_cost(trial: Trial) -> dict[str, float]:
     cfg = trial.config
     if cfg.task.kind != "image":
         return _graph_cost(trial)
-    from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model
+    from etbench.models import registry
 
-    preset = IMAGE_PRESETS[cfg.task.dataset]
-    model = build_image_model(ImageModelSpec(name=cfg.model.name, image_shape=preset.image_shape,
-                                             patch=cfg.task.patch or preset.patch, et=cfg.model.et,
-                                             mlp_ratio=cfg.model.mlp_ratio))
+    preset = registry.IMAGE_PRESETS[cfg.task.dataset]
+    name = cfg.model.name
+    inputs = {"image_shape": preset.image_shape, "patch": cfg.task.patch or preset.patch,
+              **registry.options("image", name, cfg.model)}
     n = cfg.task.limit_train or DATASET_TRAIN_SIZES.get(cfg.task.dataset, 0)
-    flops = float(model.flops_per_image())
-    return {"flops_per_sample": flops, "params": float(model.num_parameters()),
+    flops = registry.flops("image", name, **inputs)
+    return {"flops_per_sample": flops, "params": float(registry.num_parameters("image", name, **inputs)),
             "train_pflop": 3 * flops * n * cfg.train.epochs / 1e15}
 
 
@@ -282,9 +282,10 @@ def _graph_cost(trial: Trial) -> dict[str, float]:
     size = GRAPH_SIZES.get(cfg.task.dataset)
     if size is None:
         return {"flops_per_sample": float("nan"), "train_pflop": float("nan")}
-    from etbench.models.graph import graph_flops_per_node
+    from etbench.models import registry
 
     n, e, f = size
-    kw = {"et": cfg.model.et} if cfg.model.name == "et" else {"hidden": cfg.model.hidden, "layers": cfg.model.layers}
-    flops = graph_flops_per_node(cfg.model.name, f, n, e, **kw)
+    name = cfg.model.name
+    flops = registry.flops("graph", name, in_dim=f, num_nodes=n, num_edges=e,
+                           **registry.options("graph", name, cfg.model))
     return {"flops_per_sample": flops, "train_pflop": 4 * flops * n * cfg.train.epochs / 1e15}

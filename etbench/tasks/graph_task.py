@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from etbench.config import GraphTaskConfig, RunConfig
 from etbench.data.graphs import GraphData, load_graph_dataset
 from etbench.data.paths import resolve_data_path
+from etbench.models import registry
 from etbench.models.energy import EnergyTrace
 from etbench.tasks.graph_protocols import (
     anomaly_class_weight,
@@ -40,15 +41,6 @@ def protocol_split(graph: GraphData, task: GraphTaskConfig) -> dict[str, np.ndar
     if graph.splits:
         return stored_split(graph.splits, task.split)
     return gadbench_fallback_split(y, seed=task.split, labelled_mask=labelled)
-
-
-def build_graph_model_for(cfg: RunConfig, data_info: dict[str, Any]) -> nn.Module:
-    from etbench.models.graph import build_graph_model
-
-    in_dim = int(data_info["num_features"])
-    if cfg.model.name == "et":
-        return build_graph_model("et", in_dim, et=cfg.model.et)
-    return build_graph_model(cfg.model.name, in_dim, hidden=cfg.model.hidden, layers=cfg.model.layers)
 
 
 class GraphTask:
@@ -143,12 +135,11 @@ class GraphTask:
 
     def flops_per_sample(self) -> float:
         """Analytic forward FLOPs per node of this run's model on this graph."""
-        from etbench.models.graph import graph_flops_per_node
-
-        m = self.cfg.model
-        kw: dict[str, Any] = {"et": m.et} if m.name == "et" else {"hidden": m.hidden, "layers": m.layers}
-        return graph_flops_per_node(m.name, self.graph.num_features, self.graph.num_nodes,
-                                    int(self.graph.edge_index.shape[1]), len(self.graph.relations), **kw)
+        name = self.cfg.model.name
+        return registry.flops("graph", name, in_dim=self.graph.num_features, num_nodes=self.graph.num_nodes,
+                              num_edges=int(self.graph.edge_index.shape[1]),
+                              num_relations=len(self.graph.relations),
+                              **registry.options("graph", name, self.cfg.model))
 
     def write_artifacts(self, model: nn.Module, out: Path) -> list[Path]:
         return []

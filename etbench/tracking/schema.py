@@ -8,7 +8,7 @@ Tags (all strings):
     etbench.config_hash       stable hash of the resolved run config (dedup key)
     etbench.grid              grid name
     etbench.task              "image" | "graph"
-    etbench.model             registry name: et, vit, vit-tied, vit-pm, mlp, gcn, sage, gat, gin, bwgnn
+    etbench.model             the model's registry name (``etbench.models.registry.names(task)``)
     etbench.dataset           dataset name (digits, mnist, cifar10, imagenet, tolokers, ...)
     etbench.protocol          "masked-completion" (image) | "bwgnn" | "gadbench" (graph)
     etbench.seed              integer seed

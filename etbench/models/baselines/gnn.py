@@ -11,6 +11,8 @@ torch-sparse needed).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -22,9 +24,8 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import sort_edge_index, to_torch_csr_tensor
 
 from etbench.models.baselines.bwgnn import BWGNN, bwgnn_flops, check_node_inputs
+from etbench.models.entry import ModelEntry
 from etbench.models.node_config import NodeClassifierConfig
-
-GNN_MODELS = ("mlp", "gcn", "sage", "gat", "gin", "bwgnn")
 
 
 class GNNConfig(NodeClassifierConfig):
@@ -125,50 +126,88 @@ class MessagePassingNet(nn.Module):
         return self.head(x)
 
 
-def _check_name(name: str) -> None:
-    if name not in GNN_MODELS:
-        raise ValueError(f"unknown GNN baseline {name!r}; allowed: {', '.join(GNN_MODELS)}")
+# --- registry entries: one builder and one per-layer FLOPs form per baseline ----------------------------------
+LayerFlops = Callable[[int, int, int, GNNConfig], float]
 
 
-def build_gnn(name: str, cfg: GNNConfig) -> nn.Module:
-    """Build the baseline ``name`` (one of GNN_MODELS) from ``cfg``."""
-    _check_name(name)
-    if name == "mlp":
-        return MLP(cfg)
-    if name == "bwgnn":
-        return BWGNN(cfg.in_dim, cfg.hidden, cfg.num_classes, cfg.order, cfg.bwgnn_mode, cfg.dropout)
-    return MessagePassingNet(name, cfg)
-
-
-def gnn_flops_per_node(name: str, cfg: GNNConfig, num_nodes: int, num_edges: int, num_relations: int = 1) -> float:
-    """Analytic forward FLOPs per node: 2 per multiply-add in Linear layers, plus edge work.
-
-    num_edges counts directed edges of edge_index (for BWGNN-hetero: summed over its ``num_relations`` relations).
-    Edge work: a weighted message costs 2 FLOPs per feature (multiply + add), an unweighted sum 1; self-loops added
-    by GCN/GAT count as N extra edges; GAT's per-edge score, LeakyReLU and softmax count 5 per head.
-    Bias additions and activations are ignored.
-    """
-    _check_name(name)
+def _check_sizes(num_nodes: int, num_edges: int, num_relations: int) -> None:
     if num_nodes <= 0 or num_edges < 0 or num_relations <= 0:
         raise ValueError(f"need num_nodes > 0, num_edges ≥ 0, num_relations > 0; got {num_nodes}, {num_edges}, "
                          f"{num_relations}")
-    n, e, h = num_nodes, num_edges, cfg.hidden
-    if name == "bwgnn":
-        relations = num_relations if cfg.bwgnn_mode == "hetero" else 1
-        return bwgnn_flops(cfg.in_dim, h, cfg.num_classes, cfg.order, n, e, relations) / n
-    total = 0.0
-    d_in = cfg.in_dim
-    for _ in range(cfg.layers):
-        if name == "mlp":
-            total += n * 2 * d_in * h
-        elif name == "gcn":  # X W, then normalised weighted sum over edges + self-loops
-            total += n * 2 * d_in * h + (e + n) * 2 * h
-        elif name == "sage":  # mean aggregation, then lin_l(mean) + lin_r(x) and their sum
-            total += e * d_in + n * d_in + n * (4 * d_in * h + h)
-        elif name == "gat":  # projection, per-node source/target scores, per-edge softmax and weighted sum
-            total += n * 2 * d_in * h + n * 4 * h + (e + n) * (5 * cfg.heads + 2 * h)
-        elif name == "gin":  # (1 + ε) x + Σ neighbours, then the 2-layer MLP
-            total += e * d_in + n * 2 * d_in + n * (2 * d_in * h + 2 * h * h)
-        d_in = h
-    total += n * 2 * h * cfg.num_classes
-    return total / n
+
+
+def _layered_flops(layer: LayerFlops) -> Callable[..., float]:
+    """Analytic forward FLOPs per node of ``layers`` graph layers (``layer(n, e, d_in, cfg)`` each) and the head.
+
+    num_edges counts directed edges of edge_index. 2 FLOPs per multiply-add in Linear layers; a weighted message
+    costs 2 FLOPs per feature (multiply + add), an unweighted sum 1; self-loops added by GCN/GAT count as N extra
+    edges; GAT's per-edge score, LeakyReLU and softmax count 5 per head. Bias additions and activations are ignored.
+    """
+
+    def flops(in_dim: int, num_nodes: int, num_edges: int, num_relations: int = 1, **kw: Any) -> float:
+        cfg = GNNConfig(in_dim=in_dim, **kw)
+        _check_sizes(num_nodes, num_edges, num_relations)
+        total, d_in = 0.0, cfg.in_dim
+        for _ in range(cfg.layers):
+            total += layer(num_nodes, num_edges, d_in, cfg)
+            d_in = cfg.hidden
+        return (total + num_nodes * 2 * cfg.hidden * cfg.num_classes) / num_nodes
+
+    return flops
+
+
+def _mlp_layer(n: int, e: int, d: int, cfg: GNNConfig) -> float:
+    return n * 2 * d * cfg.hidden
+
+
+def _gcn_layer(n: int, e: int, d: int, cfg: GNNConfig) -> float:  # X W, then the weighted sum over edges + loops
+    return n * 2 * d * cfg.hidden + (e + n) * 2 * cfg.hidden
+
+
+def _sage_layer(n: int, e: int, d: int, cfg: GNNConfig) -> float:  # mean, then lin_l(mean) + lin_r(x), their sum
+    return e * d + n * d + n * (4 * d * cfg.hidden + cfg.hidden)
+
+
+def _gat_layer(n: int, e: int, d: int, cfg: GNNConfig) -> float:
+    # projection, per-node source/target scores, per-edge softmax and weighted sum
+    h = cfg.hidden
+    return n * 2 * d * h + n * 4 * h + (e + n) * (5 * cfg.heads + 2 * h)
+
+
+def _gin_layer(n: int, e: int, d: int, cfg: GNNConfig) -> float:  # (1 + ε) x + Σ neighbours, then the 2-layer MLP
+    return e * d + n * 2 * d + n * (2 * d * cfg.hidden + 2 * cfg.hidden * cfg.hidden)
+
+
+def _bwgnn_flops(in_dim: int, num_nodes: int, num_edges: int, num_relations: int = 1, **kw: Any) -> float:
+    """Per node, from ``bwgnn_flops``; num_edges summed over the relations for BWGNN-hetero."""
+    cfg = GNNConfig(in_dim=in_dim, **kw)
+    _check_sizes(num_nodes, num_edges, num_relations)
+    relations = num_relations if cfg.bwgnn_mode == "hetero" else 1
+    return bwgnn_flops(cfg.in_dim, cfg.hidden, cfg.num_classes, cfg.order, num_nodes, num_edges, relations) / num_nodes
+
+
+def _bwgnn(cfg: GNNConfig) -> BWGNN:
+    return BWGNN(cfg.in_dim, cfg.hidden, cfg.num_classes, cfg.order, cfg.bwgnn_mode, cfg.dropout)
+
+
+def _builder(make: Callable[[GNNConfig], nn.Module]) -> Callable[..., nn.Module]:
+    def build(in_dim: int, **kw: Any) -> nn.Module:
+        return make(GNNConfig(in_dim=in_dim, **kw))
+
+    return build
+
+
+def _entry(name: str, make: Callable[[GNNConfig], nn.Module], flops: Callable[..., float], summary: str,
+           options: tuple[str, ...] = ("hidden", "layers")) -> ModelEntry:
+    return ModelEntry(name=name, kind="graph", family="gnn", build=_builder(make), flops=flops, options=options,
+                      summary=summary)
+
+
+ENTRIES = (
+    _entry("mlp", MLP, _layered_flops(_mlp_layer), "graph-agnostic: Linear layers on the node features"),
+    _entry("gcn", partial(MessagePassingNet, "gcn"), _layered_flops(_gcn_layer), "Kipf & Welling GCN"),
+    _entry("sage", partial(MessagePassingNet, "sage"), _layered_flops(_sage_layer), "GraphSAGE, mean aggregation"),
+    _entry("gat", partial(MessagePassingNet, "gat"), _layered_flops(_gat_layer), "GAT, heads concatenated"),
+    _entry("gin", partial(MessagePassingNet, "gin"), _layered_flops(_gin_layer), "GIN, learnable ε"),
+    _entry("bwgnn", _bwgnn, _bwgnn_flops, "Beta-wavelet GNN (fixed layout; ignores layers)", options=("hidden",)),
+)

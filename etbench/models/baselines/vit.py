@@ -12,15 +12,17 @@ They share the ET's tokens, MASK/CLS/positions, decoder, mask and loss (:class:`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from etbench.models.image import ImageET, MaskedPatchModel
-from etbench.models.registry import ImageModelSpec
+from etbench.models.entry import ModelEntry
+from etbench.models.et_config import ETConfig
+from etbench.models.image import ImageET, MaskedPatchModel, flops_on_meta
 
-VIT_MODELS = ("vit", "vit-tied", "vit-pm")
 PARAM_MATCH_RTOL = 0.05
 
 
@@ -83,10 +85,10 @@ def vit_param_count(image_shape: tuple[int, int, int], patch: int, arch: ViTArch
     return io + arch.num_blocks() * block + 2 * d
 
 
-def et_param_count(spec: ImageModelSpec) -> int:
-    """Parameters of the ET built from ``spec``, counted on the meta device (no memory is allocated)."""
+def et_param_count(image_shape: tuple[int, int, int], patch: int, et: ETConfig) -> int:
+    """Parameters of the image ET of these sizes, counted on the meta device (no memory is allocated)."""
     with torch.device("meta"):
-        return ImageET(spec.image_shape, spec.patch, spec.et).num_parameters()
+        return ImageET(image_shape, patch, et).num_parameters()
 
 
 def _heads_for(width: int, max_heads: int) -> int:
@@ -94,22 +96,23 @@ def _heads_for(width: int, max_heads: int) -> int:
     return next(h for h in range(min(max_heads, width), 0, -1) if width % h == 0)
 
 
-def match_parameters(spec: ImageModelSpec, target: int, rtol: float = PARAM_MATCH_RTOL) -> ViTArch:
+def match_parameters(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float, target: int,
+                     rtol: float = PARAM_MATCH_RTOL) -> ViTArch:
     """Depth-T untied architecture whose parameter count is within ``rtol`` of ``target``.
 
     Widths are searched over multiples of the ET's head count H (all H heads kept); widths below H use the
-    largest head count dividing them. First with the spec's mlp_ratio (closest count wins); failing that, the MLP
-    hidden width is solved for at each width (the MLP ratio closest to the spec's wins). Raises when neither
+    largest head count dividing them. First with ``mlp_ratio`` (closest count wins); failing that, the MLP
+    hidden width is solved for at each width (the MLP ratio closest to ``mlp_ratio`` wins). Raises when neither
     reaches ``rtol``.
     """
-    depth, max_heads = spec.et.steps, spec.et.heads
+    depth, max_heads = et.steps, et.heads
 
     def arch(d: int, f: int | None = None) -> ViTArch:
-        hidden = max(1, round(spec.mlp_ratio * d)) if f is None else f
+        hidden = max(1, round(mlp_ratio * d)) if f is None else f
         return ViTArch(dim=d, heads=_heads_for(d, max_heads), mlp_hidden=hidden, depth=depth)
 
     def count(a: ViTArch) -> int:
-        return vit_param_count(spec.image_shape, spec.patch, a)
+        return vit_param_count(image_shape, patch, a)
 
     def err(a: ViTArch) -> float:
         return abs(count(a) - target) / target
@@ -129,34 +132,48 @@ def match_parameters(spec: ImageModelSpec, target: int, rtol: float = PARAM_MATC
         f = round((target - count(arch(w, f=0))) / per_hidden)
         if f >= 1 and err(a := arch(w, f=f)) <= rtol:
             solved.append(a)
-    if solved:  # the width whose MLP ratio strays least from the spec's
-        return min(solved, key=lambda a: abs(math.log(a.mlp_hidden / (spec.mlp_ratio * a.dim))))
+    if solved:  # the width whose MLP ratio strays least from the asked one
+        return min(solved, key=lambda a: abs(math.log(a.mlp_hidden / (mlp_ratio * a.dim))))
     raise ValueError(
         f"vit-pm: no width (a multiple of the {max_heads} heads) or MLP width gives a parameter count "
-        f"within {rtol:.0%} of the ET's {target} (image_shape {spec.image_shape}, patch {spec.patch}, depth {depth})"
+        f"within {rtol:.0%} of the ET's {target} (image_shape {image_shape}, patch {patch}, depth {depth})"
     )
 
 
-def vit_arch(spec: ImageModelSpec) -> ViTArch:
-    """The architecture ``spec.name`` stands for."""
-    if spec.name not in VIT_MODELS:
-        raise ValueError(f"build_vit: unknown baseline {spec.name!r}; allowed: {', '.join(VIT_MODELS)}")
-    if spec.mlp_ratio <= 0:
-        raise ValueError(f"mlp_ratio must be > 0, got {spec.mlp_ratio}")
-    if spec.name == "vit-pm":
-        return match_parameters(spec, et_param_count(spec))
-    d = spec.et.dim
-    if d % spec.et.heads:
-        raise ValueError(f"{spec.name}: width {d} is not divisible by heads {spec.et.heads}")
-    hidden = max(1, round(spec.mlp_ratio * d))
-    return ViTArch(dim=d, heads=spec.et.heads, mlp_hidden=hidden, depth=spec.et.steps, tied=spec.name == "vit-tied")
+def vit_arch(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float = 4.0, *,
+             tied: bool = False, param_match: bool = False) -> ViTArch:
+    """The baseline's sizes: depth T at the ET's width and heads (``tied``: one block applied T times), or, with
+    ``param_match``, the width (and MLP width) whose parameter count is within 5 % of the ET's."""
+    if mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+    if param_match:
+        if tied:
+            raise ValueError("a parameter-matched ViT is untied: give tied or param_match, not both")
+        return match_parameters(image_shape, patch, et, mlp_ratio, et_param_count(image_shape, patch, et))
+    if et.dim % et.heads:
+        raise ValueError(f"ViT: width {et.dim} is not divisible by heads {et.heads}")
+    hidden = max(1, round(mlp_ratio * et.dim))
+    return ViTArch(dim=et.dim, heads=et.heads, mlp_hidden=hidden, depth=et.steps, tied=tied)
 
 
-def build_vit(spec: ImageModelSpec) -> MaskedPatchModel:
-    """Build ``vit``, ``vit-tied`` or ``vit-pm`` for the spec's image geometry, with the ET's token init."""
-    arch = vit_arch(spec)
-    model = MaskedViT(spec.image_shape, spec.patch, arch, token_init_std=spec.et.token_init_std)
-    expected = vit_param_count(spec.image_shape, spec.patch, arch)
+def build_vit(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float = 4.0, *,
+              tied: bool = False, param_match: bool = False) -> MaskedViT:
+    """The baseline beside the ET of sizes ``et`` (see ``vit_arch``), for this image geometry, with its token init."""
+    arch = vit_arch(image_shape, patch, et, mlp_ratio, tied=tied, param_match=param_match)
+    model = MaskedViT(image_shape, patch, arch, token_init_std=et.token_init_std)
+    expected = vit_param_count(image_shape, patch, arch)
     if model.num_parameters() != expected:  # the width search relies on the closed form
-        raise RuntimeError(f"{spec.name}: closed-form parameter count {expected} != module's {model.num_parameters()}")
+        raise RuntimeError(f"ViT: closed-form parameter count {expected} != module's {model.num_parameters()}")
     return model
+
+
+def _entry(name: str, build: Callable[..., MaskedViT], summary: str) -> ModelEntry:
+    return ModelEntry(name=name, kind="image", family="vit", build=build, flops=flops_on_meta(build),
+                      options=("et", "mlp_ratio"), summary=summary)
+
+
+ENTRIES = (
+    _entry("vit", build_vit, "depth T, separate weights, the ET's width and heads"),
+    _entry("vit-tied", partial(build_vit, tied=True), "one block applied T times"),
+    _entry("vit-pm", partial(build_vit, param_match=True), "depth T, width matched to the ET's parameter count"),
+)
