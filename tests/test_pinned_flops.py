@@ -14,6 +14,16 @@ from etbench.models.image import ImageET
 VARIANTS = [{}, {"terms": "attn"}, {"terms": "hn"}, {"hn_kind": "softmax"}, {"self_attention": False}]
 
 
+def et_step_flops(cfg: ETConfig, n: int, pairs: int) -> int:
+    """Matmul FLOPs of one descent step on n tokens, by hand: attention 8nDHY (fused Q/K projection and read-out)
+    plus 6HY per attended (query, key) pair (scores, ω·K, ωᵀ·Q) — n² pairs when dense, E' edges on a graph;
+    Hopfield 4nMD (ξ·g and ξᵀ·a). Also used by tests/test_model_registry.py."""
+    d, h, y, m = cfg.dim, cfg.heads, cfg.head_dim, cfg.num_memories
+    attn = 8 * n * d * h * y + 6 * h * pairs * y if cfg.use_attn else 0
+    hn = 4 * n * m * d if cfg.use_hn else 0
+    return attn + hn
+
+
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_image_et_inference_flops_exact(kw: dict) -> None:
     cfg = ETConfig(dim=32, heads=2, head_dim=8, memories=48, steps=3, **kw)
@@ -23,10 +33,8 @@ def test_image_et_inference_flops_exact(kw: dict) -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images, replace)
     assert counter.get_total_flops() == 2 * model.flops_per_image()  # two images
-    n, d, h, y, m = model.num_tokens, 32, 2, 8, 48
-    attn = 8 * n * d * h * y + 6 * h * n * n * y if cfg.use_attn else 0
-    hn = 4 * n * m * d if cfg.use_hn else 0
-    assert model.et.flops(n) == 3 * (attn + hn)  # the closed form, by hand
+    n = model.num_tokens
+    assert model.et.flops(n) == 3 * et_step_flops(cfg, n, n * n)  # the closed form, by hand
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
