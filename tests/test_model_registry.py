@@ -24,8 +24,10 @@ F, NODES, EDGES = 5, 6, 10  # node features, nodes, directed edges (no self-loop
 ET = ETConfig(dim=8, heads=2, head_dim=4, memories=12, steps=2)
 MODEL = ModelConfig(et=ET, mlp_ratio=4.0, hidden=8, layers=2)
 H, L, C, HEADS = 8, 2, 2, 4  # GNN hidden width, layers, classes; GAT heads (GNNConfig's default)
-INPUTS = {"image": IMAGE, "graph": {"in_dim": F}}
-SIZES = {"image": {}, "graph": {"num_nodes": NODES, "num_edges": EDGES}}
+K, CLS = 3, 3  # graph classification: Laplacian eigenvectors, classes
+INPUTS = {"image": IMAGE, "graph": {"in_dim": F}, "graphcls": {"in_dim": F, "num_classes": CLS, "pe_dim": K}}
+SIZES = {"image": {}, "graph": {"num_nodes": NODES, "num_edges": EDGES},
+         "graphcls": {"num_nodes": NODES, "num_edges": EDGES}}
 
 
 def et_block_params(cfg: ETConfig) -> int:
@@ -98,6 +100,39 @@ GRAPH: dict[str, Callable[[], tuple[int, float]]] = {
                        + n * 2 * H * C) / n),
 }
 
+
+
+def graphcls_et() -> tuple[int, float]:
+    """Per graph: encoder F→D and PE K→D (biases), the CLS vector, L blocks, head D → classes from the CLS token;
+    N + 1 tokens attend over E edges + 2N CLS links (+ N + 1 self-loops); L·T steps."""
+    d, t = ET.dim, NODES + 1
+    pairs = EDGES + 2 * NODES + (t if ET.self_attention else 0)
+    params = (F * d + d) + (K * d + d) + d + L * et_block_params(ET) + (d * CLS + CLS)
+    flops = 2 * NODES * F * d + 2 * NODES * K * d + L * ET.steps * et_step_flops(ET, t, pairs) + 2 * d * CLS
+    return params, flops
+
+
+def graphcls_gin() -> tuple[int, float]:
+    """Per layer d→H: ε, MLP Linear d→H, BatchNorm (γ, β), Linear H→H, then BatchNorm; FLOPs as the node GIN
+    layer. Readout per level (input F, then L layers of H): a sum-pool (N·d adds) and a head d → classes."""
+    params, flops = 0, 0
+    for d in [F] + [H] * (L - 1):
+        params += 1 + (d * H + H) + 2 * H + (H * H + H) + 2 * H
+        flops += e * d + 2 * n * d + n * (2 * d * H + 2 * H * H)
+    for d in [F] + [H] * L:
+        params += d * CLS + CLS
+        flops += n * d + 2 * d * CLS
+    return params, flops
+
+
+GRAPHCLS: dict[str, Callable[[], tuple[int, float]]] = {
+    "et": graphcls_et,
+    # φ Linear F→H (2NFH), sum-pool (NH adds), ρ Linear H→H and H→classes
+    "mlp": lambda: ((F * H + H) + (H * H + H) + (H * CLS + CLS), 2 * n * F * H + n * H + 2 * H * H + 2 * H * CLS),
+    "gin": graphcls_gin,
+}
+CLOSED = {"graph": GRAPH, "graphcls": GRAPHCLS}
+
 CASES = [(kind, name) for kind in KINDS for name in registry.names(kind)]
 
 
@@ -112,8 +147,8 @@ def test_every_registered_model_matches_its_closed_forms(kind: str, name: str) -
         want_params, want_flops = image_cases(model)
         assert flops == model.flops_per_image()
     else:
-        assert name in GRAPH, f"graph model {name!r} is registered but has no closed form in this test"
-        want_params, want_flops = GRAPH[name]()
+        assert name in CLOSED[kind], f"{kind} model {name!r} is registered but has no closed form in this test"
+        want_params, want_flops = CLOSED[kind][name]()
     assert params == want_params
     assert registry.num_parameters(kind, name, **INPUTS[kind], **opts) == want_params  # the meta-device count
     assert flops == pytest.approx(want_flops, rel=1e-12)
@@ -129,6 +164,8 @@ def test_names_kinds_and_families() -> None:
     assert registry.names("image") == ("et", "vit", "vit-tied", "vit-pm")
     assert registry.names("graph") == ("et", "mlp", "gcn", "sage", "gat", "gin", "bwgnn")
     assert registry.names("graph", family="gnn") == registry.names("graph")[1:]
+    assert registry.names("graphcls") == ("et", "mlp", "gin")
+    assert registry.names("graphcls", family="gnn") == ("mlp", "gin")
     assert registry.names("image", family="vit") == ("vit", "vit-tied", "vit-pm")
     for kind in KINDS:
         assert allowed_models(kind) == registry.names(kind)  # the config asks the registry
@@ -143,7 +180,7 @@ def test_unknown_names_and_kinds_give_the_allowed_ones() -> None:
         registry.build("image", "gcn", **IMAGE)
     with pytest.raises(ValueError, match=r"unknown graph model 'vit'; allowed: et, mlp, gcn, sage, gat, gin, bwgnn"):
         registry.flops("graph", "vit", in_dim=F, num_nodes=NODES, num_edges=EDGES)
-    with pytest.raises(ValueError, match=r"unknown model kind 'video'; allowed: image, graph"):
+    with pytest.raises(ValueError, match=r"unknown model kind 'video'; allowed: image, graph, graphcls$"):
         registry.names("video")
 
 

@@ -10,8 +10,12 @@ Calling conventions, by kind (``options`` are the run config's ``model.*`` field
   ``flops(image_shape=, patch=, **options)`` → forward FLOPs per image.
 - ``graph``: ``build(in_dim=, **options)`` → a node classifier ``(x, edge_index, relations=None) → logits``;
   ``flops(in_dim=, num_nodes=, num_edges=, num_relations=1, **options)`` → forward FLOPs per node.
+- ``graphcls``: ``build(in_dim=, num_classes=, pe_dim=, **options)`` → a graph classifier
+  ``(x, edge_index, batch, num_graphs=None, pe=None) → logits (G, num_classes)`` (``pe``: k Laplacian eigenvectors
+  per node; models without positional encoding ignore it); ``flops(in_dim=, num_classes=, pe_dim=, num_nodes=,
+  num_edges=, **options)`` → forward FLOPs per graph of that size (linear in both, so the mean size gives the mean).
 
-A new kind (e.g. graph classification) is one more value of ``Kind`` plus its convention here.
+A new kind is one more value of ``Kind`` plus its convention here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Literal, get_args
 
 from torch import nn
 
-Kind = Literal["image", "graph"]
+Kind = Literal["image", "graph", "graphcls"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 

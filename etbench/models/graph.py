@@ -131,6 +131,13 @@ class SparseEnergyAttention(EnergyAttention):
         q, k = (t.transpose(0, 1) for t in self._qk(g))  # (N, H, Y)
         return -_edge_softmax(q, k, self.beta, src, dst)[1].sum() / self.beta
 
+    def query_energies(self, g: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """Each query's share of E^ATT, −(1/β) Σ_h logsumexp_{B∈S(C)} β Q_hC·K_hB, shape (N,); they sum to
+        ``energy`` (a batch of disjoint graphs sums them per graph)."""
+        src, dst = self._check(g, ctx)[0]
+        q, k = (t.transpose(0, 1) for t in self._qk(g))
+        return -_edge_softmax(q, k, self.beta, src, dst)[1].sum(-1) / self.beta
+
     def grad(self, g: Tensor, ctx: Tensor | None = None, need_energy: bool = True) -> tuple[Tensor, Tensor]:
         """Closed-form (∂E^ATT/∂g (N, D), E^ATT 0-d detached). The energy comes for free with the gradient, so it
         is always returned (``need_energy`` is accepted for the ``Attention`` protocol)."""
