@@ -48,6 +48,22 @@ class GraphTaskConfig(_Strict):
     hops: int = Field(2, ge=1)
 
 
+class GraphClsTaskConfig(_Strict):
+    """Graph classification on one fold of a TU dataset (SPEC §5; ``etbench.tasks.graphcls_folds``)."""
+
+    kind: Literal["graphcls"] = "graphcls"
+    dataset: Literal["mutag", "proteins", "nci1", "nci109", "enzymes", "imdb-binary", "mutagenicity", "dd"] = "mutag"
+    path: str | None = Field(None, description="zip or directory; null = tudataset/<NAME>.zip under the data root")
+    protocol: Literal["cv10", "authors", "stored"] = "cv10"
+    fold: int = Field(0, ge=0, description="outer fold index")
+    repeat: int = Field(0, ge=0, description="repetition (fold seed fold_seed + repeat)")
+    fold_seed: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="inner holdout of the training folds")
+    pe_dim: int = Field(15, ge=0, description="Laplacian eigenvectors k (0: none)")
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    node_attributes: bool = Field(True, description="include continuous node attributes (PROTEINS, ENZYMES)")
+
+
 class ModelConfig(_Strict):
     """Registry name plus the ET sizes (baselines reuse width/heads/T) and baseline knobs."""
 
@@ -94,7 +110,7 @@ class DistConfig(_Strict):
 class RunConfig(_Strict):
     """One fully resolved run."""
 
-    task: Annotated[ImageTaskConfig | GraphTaskConfig, Field(discriminator="kind")]
+    task: Annotated[ImageTaskConfig | GraphTaskConfig | GraphClsTaskConfig, Field(discriminator="kind")]
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
@@ -159,6 +175,10 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 def preset_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
     """The dataset preset's model sizes for the task named in ``overrides`` (empty for graphs)."""
     task = overrides.get("task", {}) or {}
+    if task.get("kind") == "graphcls":  # SPEC §5: 4 blocks (model.layers) of one update each
+        from etbench.models.graphcls import GRAPHCLS_ET_DEFAULTS
+
+        return {"model": {"et": dict(GRAPHCLS_ET_DEFAULTS), "layers": 4}}
     if task.get("kind", "image") != "image":
         from etbench.models.graph import GAD_ET_DEFAULTS
 
@@ -179,7 +199,7 @@ class ConfigError(EtbenchError, ValueError):
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     lines = [f"invalid {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("image", "graph")))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("image", "graph", "graphcls")))
         lines.append(f"  {loc or '<root>'}: {e['msg']}")
     return "\n".join(lines)
 

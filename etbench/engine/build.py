@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from etbench.config import GraphTaskConfig, ImageTaskConfig, RunConfig
+from etbench.config import GraphClsTaskConfig, GraphTaskConfig, ImageTaskConfig, RunConfig
 from etbench.models import registry
 
 
@@ -35,6 +35,9 @@ def model_inputs(cfg: RunConfig, data_info: dict[str, Any]) -> dict[str, Any]:
     feature width."""
     if isinstance(cfg.task, ImageTaskConfig):
         return {"image_shape": tuple(data_info["image_shape"]), "patch": cfg.task.patch or 1}
+    if isinstance(cfg.task, GraphClsTaskConfig):
+        return {"in_dim": int(data_info["num_features"]), "num_classes": int(data_info["num_classes"]),
+                "pe_dim": cfg.task.pe_dim}
     return {"in_dim": int(data_info["num_features"])}
 
 
@@ -61,6 +64,10 @@ def build_task(cfg: RunConfig, device: torch.device, rank: int = 0, world: int =
         if t.patch is None:
             raise ValueError("task.patch is not set (no preset for this dataset); give task.patch")
         return ImageTask(cfg, splits, t.patch, device, rank, world, input_dtype)
+    if isinstance(cfg.task, GraphClsTaskConfig):
+        from etbench.tasks.graphcls_task import GraphClsTask
+
+        return GraphClsTask.from_config(cfg, device, rank, world, input_dtype)
     assert isinstance(cfg.task, GraphTaskConfig)
     from etbench.tasks.graph_task import GraphTask
 
