@@ -205,6 +205,12 @@ def test_fold_selection_and_the_authors_protocol(shared_data: Path) -> None:
     assert len(np.intersect1d(f.train, f.test)) == 0 and f.train.size + f.val.size + f.test.size == 188
     authors = GraphClsTask(graphcls_config("mutag", "mlp", protocol="authors"), ds, cpu)
     assert authors.best_metric == "epoch" and authors.fold.training_accuracy  # the last epoch: no holdout
+    ranks = [GraphClsTask(graphcls_config("mutag", "mlp", overrides={"train": {"batch_size": 28}}), ds, cpu, r, 4)
+             for r in range(4)]  # 152 training graphs over 4 workers: 38 each, in 38 // 7 → 6 steps, in step
+    shards = [t._shard(1) for t in ranks]
+    assert [s.size for s in shards] == [38] * 4 and set(np.concatenate(shards)) == set(ranks[0].fold.train.tolist())
+    assert [len(list(t.train_batches(1))) for t in ranks] == [t.num_train_batches() for t in ranks] == [6] * 4
+    assert sum(sum(b.num_graphs for b in t._eval_batches("test")) for t in ranks) == 19
     with pytest.raises(ValueError, match=r"task.fold 10 .* folds 0..9"):
         GraphClsTask(graphcls_config("mutag", "mlp", fold=10), ds, cpu)
 

@@ -15,6 +15,7 @@ dataset with a fixed seed for the transform's own random signs. The ET flips the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class GraphClsTask:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} is smaller than workers × grad_accum "
                              f"({world} × {cfg.dist.grad_accum})")
         self.micro_batch = per_worker
-        self.samples_per_epoch = len(range(rank, self.fold.train.size, world))
+        self.samples_per_epoch = -(-self.fold.train.size // world)  # every rank the same (padded, see _shard)
         self._eval: dict[str, list[Batch]] = {}
 
     @classmethod
@@ -113,7 +114,10 @@ class GraphClsTask:
         return model(x, b.edge_index, b.batch, b.num_graphs, pe=pe)
 
     def _shard(self, epoch: int) -> np.ndarray:
+        """This rank's training graphs for ``epoch``: one shuffle for all ranks, padded by wrapping around (as
+        torch's ``DistributedSampler``) so every rank takes the same number of steps."""
         order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.fold.train)
+        order = np.resize(order, self.samples_per_epoch * self.world)
         return order[self.rank::self.world]
 
     def num_train_batches(self) -> int:
@@ -130,9 +134,13 @@ class GraphClsTask:
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def _eval_batches(self, split: str) -> list[Batch]:
+        """This rank's graphs of ``split`` in as many batches as every other rank (ranks forward in step)."""
         if split not in self._eval:
-            idx = getattr(self.fold, split)[self.rank::self.world]
-            self._eval[split] = [self._collate(idx[s:s + EVAL_BATCH]) for s in range(0, idx.size, EVAL_BATCH)]
+            every = getattr(self.fold, split)
+            idx = every[self.rank::self.world]
+            largest = math.ceil(every.size / self.world)  # the largest rank's share
+            chunks = np.array_split(idx, math.ceil(largest / EVAL_BATCH))
+            self._eval[split] = [self._collate(c) for c in chunks if c.size]
         return self._eval[split]
 
     def evaluate(self, model: nn.Module, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
