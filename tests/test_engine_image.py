@@ -44,7 +44,8 @@ def test_tiny_run_learns_and_writes_every_file(tmp_path: Path) -> None:
     assert summary["energy"]["rise_fraction"] == 0.0
     assert 0 < summary["best"]["val/mse_masked"] < 2
     rows = (tmp_path / "run" / "energy_trace.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose"]
+    assert rows[0].split(",") == ["step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose", "grad_norm_mean",
+                                  "grad_norm_max", "rel_update", "fixed_point_step"]
     assert len(rows) == 1 + 4 * (3 + 1)
 
 

@@ -158,6 +158,14 @@ def read_trace(path: Path) -> pd.DataFrame:
     if missing:
         expected = list(schema.ENERGY_TRACE_COLUMNS)
         raise ValueError(f"{path}: energy trace lacks column(s) {missing}; expected {expected}")
+    return _with_diagnostics(trace)
+
+
+def _with_diagnostics(trace: pd.DataFrame) -> pd.DataFrame:
+    """``trace`` with every optional diagnostics column (NaN where a trace predates them)."""
+    for c in schema.ENERGY_TRACE_DIAGNOSTICS:
+        if c not in trace.columns:
+            trace[c] = float("nan")
     return trace
 
 
@@ -192,7 +200,8 @@ def read_traces(paths: Sequence[tuple[str, Path]]) -> list[pd.DataFrame]:
         return odd
     import io
 
-    table = pd.read_csv(io.BytesIO(b"".join(bodies)), names=names, usecols=_TRACE_COLUMNS)
+    table = pd.read_csv(io.BytesIO(b"".join(bodies)), names=names, usecols=[c for c in _TRACE_COLUMNS if c in names])
+    table = _with_diagnostics(table)[_TRACE_COLUMNS]
     if len(table) != sum(counts):  # a blank or broken line somewhere: fall back to per-file parsing
         return odd + [read_trace(p)[_TRACE_COLUMNS].assign(source="trace", run_id=r) for r, p in paths
                       if r in set(owners)]
@@ -200,7 +209,8 @@ def read_traces(paths: Sequence[tuple[str, Path]]) -> list[pd.DataFrame]:
 
 
 ENERGY_CACHE = "energy.npz"
-_TRACE_COLUMNS = ["step", "sample", *ENERGY_TERMS, "rose"]  # rose: 1.0 / 0.0 per (sample, step), NaN when unknown
+# rose: 1.0 / 0.0 per (sample, step), NaN when unknown; diagnostics NaN where a trace lacks them
+_TRACE_COLUMNS = ["step", "sample", *ENERGY_TERMS, "rose", *schema.ENERGY_TRACE_DIAGNOSTICS]
 
 
 def _stamp(run: Mapping[str, object]) -> str:
@@ -242,11 +252,11 @@ def _run_trace(run: Mapping[str, object], cache: RunCache, energy_cols: list[str
     if not has_metrics:
         return None
     parts = []
-    for key in schema.ENERGY_METRICS:
+    for key in (*schema.ENERGY_METRICS, *schema.ENERGY_DIAGNOSTICS):
         if f"metrics.{key}" in run and pd.notna(run[f"metrics.{key}"]):
             parts.append(cache.history(run, key).set_index("step")["value"].rename(key.split("/", 1)[1]))
     trace = pd.concat(parts, axis=1).reset_index().assign(sample=-1, source="metrics")
-    for term in (*ENERGY_TERMS, "rose"):  # per-step means say nothing about which sample rose
+    for term in _TRACE_COLUMNS[2:]:  # per-step means say nothing about which sample rose
         if term not in trace.columns:
             trace[term] = float("nan")
     return trace[[*_TRACE_COLUMNS, "source"]]

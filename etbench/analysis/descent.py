@@ -26,8 +26,10 @@ TERM_LABEL = {"E": "E (total)", "E_att": "E_att (attention)", "E_hn": "E_hn (Hop
 BAND_CI = CIConfig(method="t")
 
 
-def descent_curves(energy: pd.DataFrame, keys: Sequence[str], cfg: CIConfig = BAND_CI) -> pd.DataFrame:
-    """Mean, CI and n of each energy term per (keys, step), over samples and seeds.
+def descent_curves(energy: pd.DataFrame, keys: Sequence[str], cfg: CIConfig = BAND_CI,
+                   terms: Sequence[str] = TERMS) -> pd.DataFrame:
+    """Mean, CI and n of each energy term (or other per-step column in ``terms``) per (keys, step), over samples
+    and seeds.
 
     With a Student t ``cfg`` (the default) the intervals of all groups are computed at once from the group means,
     standard deviations and counts — the same numbers as ``stats.mean_ci`` per group (tested), without one scipy
@@ -39,10 +41,10 @@ def descent_curves(energy: pd.DataFrame, keys: Sequence[str], cfg: CIConfig = BA
         for key, g in groups:
             key = key if isinstance(key, tuple) else (key,)
             base = dict(zip([*keys, "step"], key, strict=True))
-            rows += [{**base, "term": term, **mean_ci(g[term].to_numpy(float), cfg)} for term in TERMS]
+            rows += [{**base, "term": term, **mean_ci(g[term].to_numpy(float), cfg)} for term in terms]
         return pd.DataFrame(rows)
     parts = []
-    for term in TERMS:
+    for term in terms:
         agg = groups[term].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
         n = agg["n"].to_numpy(float)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from etbench.analysis import aggregate, descent, figures, tables
+from etbench.analysis import aggregate, descent, diagnostics, figures, tables
 from etbench.analysis.cache import RunCache, energy_frame
 from etbench.analysis.load import client_for, load_runs
 from etbench.analysis.metrics import choose_metrics, column, higher_is_better
@@ -135,6 +135,8 @@ def make_report(
     keep = ["dataset", "protocol", "model", "seed", "split", *axes]
     energy = energy_frame(energy_runs, cache, keep=keep) if not energy_runs.empty else pd.DataFrame()
     made = descent.energy_figures(energy, axes, sink=_sink(out / "figures", result))
+    _save_figures(made, out / "figures", result)
+    made = diagnostics.diagnostics_figures(energy, axes, sink=_sink(out / "figures", result))
     _save_figures(made, out / "figures", result)
     tuned = tuning_report.write_tuning_report(client, experiment, out) if finals is not None else None
     if tuned is not None:

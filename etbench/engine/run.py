@@ -25,7 +25,7 @@ from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
 from etbench.errors import EtbenchError
 from etbench.models.energy import EnergyTrace
-from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS
+from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS, ENERGY_TRACE_DIAGNOSTICS
 
 
 class RunExistsError(EtbenchError, RuntimeError):
@@ -65,15 +65,25 @@ def write_metrics(history: list[dict[str, float]], out: Path) -> None:
 
 def write_trace(trace: EnergyTrace, path: Path) -> None:
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ENERGY_TRACE_COLUMNS))
+        w = csv.DictWriter(f, fieldnames=[*ENERGY_TRACE_COLUMNS, *ENERGY_TRACE_DIAGNOSTICS])
         w.writeheader()
         w.writerows(trace.rows())
 
 
+TRACE_CURVES = ("E", "E_att", "E_hn", "dx_norm", "grad_norm_mean", "grad_norm_max", "rel_update")
+
+
 def trace_means(trace: EnergyTrace) -> dict[str, list[float]]:
-    """Per-step means over samples, for the ``energy/*`` metrics."""
-    flat = {k: getattr(trace, k).reshape(-1, getattr(trace, k).shape[-1]) for k in ("E", "E_att", "E_hn", "dx_norm")}
+    """Per-step means over samples, for the ``energy/*`` metrics (diagnostics the trace lacks are left out)."""
+    flat = {k: v.reshape(-1, v.shape[-1]) for k in TRACE_CURVES if (v := getattr(trace, k)) is not None}
     return {k: v.mean(0).tolist() for k, v in flat.items()}
+
+
+def energy_summary(trace: EnergyTrace) -> dict[str, Any]:
+    """summary.json's ``energy``: rise fraction, per-step means, and the fixed-point step of the mean relative
+    update (None when it never falls below the tolerance)."""
+    return {"rise_fraction": trace.rise_fraction(), **trace_means(trace),
+            "fixed_point_step": trace.mean_fixed_point_step()}
 
 
 def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopState, out: Path,
@@ -105,7 +115,7 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
         "artifacts": artifacts,
     }
     if trace is not None:
-        summary["energy"] = {"rise_fraction": trace.rise_fraction(), **trace_means(trace)}
+        summary["energy"] = energy_summary(trace)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary, trace
 

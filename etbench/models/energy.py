@@ -16,6 +16,8 @@ A query with no admissible key contributes neither energy nor gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -218,12 +220,23 @@ class Energies:
     E_hn: Tensor
 
 
+FIXED_POINT_TOL = 1e-3  # relative update ‖Δx‖/‖x‖ below which a descent counts as at its fixed point
+
+
+def token_grad_norms(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, max) over tokens of the per-token gradient norm ‖∂E/∂g_A‖, each of shape (…) for ∂E/∂g (…, N, D)."""
+    norms = grad.detach().norm(dim=-1)
+    return norms.mean(-1), norms.amax(-1)
+
+
 @dataclass
 class EnergyTrace:
-    """Energies along a descent, detached, float64 on CPU.
+    """Energies and step diagnostics along a descent, detached, float64 on CPU.
 
     ``E[..., t]`` is the energy at g before update t (t < T) and ``E[..., T]`` after the last update;
-    ``dx_norm[..., t]`` = ‖x_{t+1} − x_t‖ over the sample's tokens.
+    ``dx_norm[..., t]`` = ‖x_{t+1} − x_t‖ over the sample's tokens. Diagnostics (None in traces made without them):
+    ``grad_norm_mean/max[..., t]`` = mean / max over tokens A of ‖∂E/∂g_A‖ at the same points as E (T + 1), and
+    ``rel_update[..., t]`` = ‖x_{t+1} − x_t‖ / ‖x_t‖ (T): how far the descent still moves, scale-free.
     """
 
     E: Tensor
@@ -231,6 +244,9 @@ class EnergyTrace:
     E_hn: Tensor
     dx_norm: Tensor
     eps: float = 2.0**-23  # machine epsilon of the dtype the energies were computed in (float32 by default)
+    grad_norm_mean: Tensor | None = None
+    grad_norm_max: Tensor | None = None
+    rel_update: Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -252,19 +268,53 @@ class EnergyTrace:
     def rise_fraction(self) -> float:
         return float(self.rose().double().mean()) if self.steps else 0.0
 
-    def rows(self) -> list[dict[str, float | int | bool]]:
-        """Long-format rows (step, sample, E, E_att, E_hn, dx_norm, rose) for CSV/MLflow."""
+    def fixed_point_step(self, tol: float = FIXED_POINT_TOL) -> Tensor:
+        """(…) int64: the first update t whose relative update ‖Δx‖/‖x‖ is below ``tol``; −1 when none is (or the
+        trace has no ``rel_update``)."""
+        if self.rel_update is None or not self.steps:
+            return torch.full(self.E.shape[:-1], -1, dtype=torch.long)
+        return first_below(self.rel_update, tol)
+
+    def mean_fixed_point_step(self, tol: float = FIXED_POINT_TOL) -> int | None:
+        """The first update t at which the relative update, averaged over the traced samples, is below ``tol``
+        (what the ``energy/rel_update`` curve shows); None when it never is."""
+        if self.rel_update is None or not self.steps:
+            return None
+        t = int(first_below(self.rel_update.reshape(-1, self.steps).mean(0), tol))
+        return None if t < 0 else t
+
+    def rows(self) -> list[dict[str, float | int | bool | str]]:
+        """Long-format rows (step, sample, E, E_att, E_hn, dx_norm, rose, then the diagnostics grad_norm_mean,
+        grad_norm_max, rel_update, fixed_point_step) for CSV/MLflow. The sample's fixed_point_step is repeated on
+        each of its rows, "" when it never reached one; diagnostics the trace lacks are NaN (fixed point "")."""
         t1 = self.E.shape[-1]
+        nan1 = torch.full_like(self.E, float("nan"))
         e, ea, eh = (v.reshape(-1, t1) for v in (self.E, self.E_att, self.E_hn))
+        gmean, gmax = (nan1 if v is None else v for v in (self.grad_norm_mean, self.grad_norm_max))
+        gmean, gmax = gmean.reshape(-1, t1), gmax.reshape(-1, t1)
         dx, rose = self.dx_norm.reshape(-1, t1 - 1), self.rose().reshape(-1, t1 - 1)
-        out: list[dict[str, float | int | bool]] = []
+        rel = (self.rel_update if self.rel_update is not None else torch.full_like(self.dx_norm, float("nan")))
+        rel = rel.reshape(-1, t1 - 1)
+        fixed = self.fixed_point_step().reshape(-1)
+        out: list[dict[str, float | int | bool | str]] = []
         for b in range(e.shape[0]):
+            fp: int | str = int(fixed[b]) if fixed[b] >= 0 else ""
             for t in range(t1):
                 last = t == t1 - 1
                 out.append({"step": t, "sample": b, "E": float(e[b, t]), "E_att": float(ea[b, t]),
                             "E_hn": float(eh[b, t]), "dx_norm": float("nan") if last else float(dx[b, t]),
-                            "rose": False if last else bool(rose[b, t])})
+                            "rose": False if last else bool(rose[b, t]), "grad_norm_mean": float(gmean[b, t]),
+                            "grad_norm_max": float(gmax[b, t]),
+                            "rel_update": float("nan") if last else float(rel[b, t]),
+                            "fixed_point_step": fp})
         return out
+
+
+def first_below(values: Tensor, tol: float) -> Tensor:
+    """(…) int64: the first index along the last dim where ``values`` < ``tol``; −1 where there is none."""
+    below = values < tol
+    idx = below.double().argmax(-1)  # the first True (0 when there is none: fixed below)
+    return torch.where(below.any(-1), idx, torch.full_like(idx, -1))
 
 
 class EnergyTransformer(nn.Module):
@@ -276,6 +326,7 @@ class EnergyTransformer(nn.Module):
         self.norm = EnergyLayerNorm(cfg.dim, cfg.eps)
         self.attn = attention if attention is not None else EnergyAttention(cfg)
         self.hn = HopfieldNetwork(cfg)
+        self._on_trace: Callable[[EnergyTrace], None] | None = None
 
     # --- energies -------------------------------------------------------------------------------------------
     def energy(self, g: Tensor, mask: Tensor | None = None) -> Energies:
@@ -317,6 +368,23 @@ class EnergyTransformer(nn.Module):
         return grad, Energies(en.E.detach(), en.E_att.detach(), en.E_hn.detach())
 
     # --- dynamics ---------------------------------------------------------------------------------------------
+    @contextmanager
+    def probing(self, steps: int | None = None, alpha: float | None = None,
+                on_trace: Callable[[EnergyTrace], None] | None = None) -> Iterator[None]:
+        """Test-time dynamics: inside the block every descent run with the configured T and α — also the one inside
+        a wrapping model's forward — runs ``steps`` updates of step ``alpha`` instead, and hands its trace to
+        ``on_trace``. The configuration is restored on exit. (Read-only probes of a trained model: ``etbench
+        dynamics``.)"""
+        if (steps is not None and steps < 0) or (alpha is not None and alpha <= 0):
+            raise ValueError(f"probing needs steps >= 0 and alpha > 0, got steps={steps}, alpha={alpha}")
+        saved = self.cfg, self._on_trace
+        self.cfg = self.cfg.model_copy(update={k: v for k, v in (("steps", steps), ("alpha", alpha)) if v is not None})
+        self._on_trace = on_trace
+        try:
+            yield
+        finally:
+            self.cfg, self._on_trace = saved
+
     def descend(
         self,
         x: Tensor,
@@ -330,25 +398,41 @@ class EnergyTransformer(nn.Module):
         alpha = self.cfg.alpha if alpha is None else alpha
         if steps < 0 or alpha <= 0:
             raise ValueError(f"descend needs steps >= 0 and alpha > 0, got steps={steps}, alpha={alpha}")
+        requested, trace = trace, trace or self._on_trace is not None
         es: list[Energies] = []
         dxs: list[Tensor] = []
+        rels: list[Tensor] = []
+        gns: list[tuple[Tensor, Tensor]] = []
         for _ in range(steps):
             grad, en = self.energy_grad(self.norm(x), mask, need_energy=trace)
             update = alpha * grad
-            x = x - update
             if trace:
                 es.append(en)
+                gns.append(token_grad_norms(grad))
                 dxs.append(update.detach().flatten(-2).norm(dim=-1))
+                rels.append(dxs[-1] / x.detach().flatten(-2).norm(dim=-1))
+            x = x - update
         if not trace:
             return x, None
-        with torch.no_grad():
-            es.append(self.energy(self.norm(x.detach()), mask))
+        with torch.no_grad():  # the end point: its energy, and its gradient for the norms only
+            g_end = self.norm(x.detach())
+            es.append(self.energy(g_end, mask))
+            gns.append(token_grad_norms(self.energy_grad(g_end, mask)[0]))
 
         def stack(name: str) -> Tensor:
             return torch.stack([getattr(e, name).detach() for e in es], -1).double().cpu()
 
-        dx = torch.stack(dxs, -1).double().cpu() if dxs else torch.zeros((*x.shape[:-2], 0), dtype=torch.float64)
-        return x, EnergyTrace(stack("E"), stack("E_att"), stack("E_hn"), dx, torch.finfo(es[0].E.dtype).eps)
+        def per_step(values: list[Tensor]) -> Tensor:
+            if values:
+                return torch.stack(values, -1).double().cpu()
+            return torch.zeros((*x.shape[:-2], 0), dtype=torch.float64)
+
+        tr = EnergyTrace(stack("E"), stack("E_att"), stack("E_hn"), per_step(dxs), torch.finfo(es[0].E.dtype).eps,
+                         grad_norm_mean=per_step([m for m, _ in gns]), grad_norm_max=per_step([m for _, m in gns]),
+                         rel_update=per_step(rels))
+        if self._on_trace is not None:
+            self._on_trace(tr)
+        return x, tr if requested else None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """T steps of descent without the trace (use ``descend`` for the trace)."""

@@ -168,8 +168,10 @@ class RunTracker:
         energy = summary.get("energy")
         if energy:
             points.append((S.ENERGY_RISE, energy["rise_fraction"], 0))
-            for name in ("E", "E_att", "E_hn", "dx_norm"):
-                points += [(f"energy/{name}", v, t) for t, v in enumerate(energy.get(name, []))]
+            for key in (*S.ENERGY_METRICS, *S.ENERGY_DIAGNOSTICS):
+                points += [(key, v, t) for t, v in enumerate(energy.get(key.split("/", 1)[1], []))]
+            if energy.get("fixed_point_step") is not None:  # absent when the descent never reached one
+                points.append((S.ENERGY_FIXED_POINT, energy["fixed_point_step"], 0))
         self._log_points(points)
         publish_runs_view(self.client, self.experiment_id, [k for k, v, _ in points if _finite(v)])
 

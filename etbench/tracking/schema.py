@@ -39,13 +39,25 @@ Metrics (step = epoch unless noted):
     energy/E, energy/E_att, energy/E_hn, energy/dx_norm
                               ET only; step = descent step t, mean over evaluated samples at the end
     energy/rise_fraction      fraction of (sample, step) pairs where E rose
+    energy/grad_norm_mean, energy/grad_norm_max
+                              ET only; step = descent step t (0..T): mean over samples of the mean / max over
+                              tokens of ‖∂E/∂g‖ at the point E is measured
+    energy/rel_update         ET only; step = update t (0..T−1): mean over samples of ‖x_{t+1} − x_t‖ / ‖x_t‖
+    energy/fixed_point_step   ET only; the first update t at which energy/rel_update is below the tolerance
+                              (``etbench.models.energy.FIXED_POINT_TOL``); absent when it never is
     cost/params, cost/wall_s, cost/flops_per_sample (inference: forward FLOPs per sample), cost/throughput
                               (training samples per second), cost/peak_mem_mb (peak memory of the training
                               step: GPU allocator peak / CPU live tensor bytes), cost/process_peak_rss_mb
                               (the process's peak RSS during the trial: interpreter, libraries, data)
 
-Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose),
+Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose, and
+    the diagnostics grad_norm_mean, grad_norm_max, rel_update, fixed_point_step: per sample, "" when never; traces
+    written before the diagnostics existed lack them, so readers require only the first seven),
     reconstruction.png, memories.png (images), checkpoint/ (optional).
+    dynamics/dynamics.csv, dynamics/dynamics.{png,pdf}: written by ``etbench dynamics --run-id`` (test-time probe of
+    a finished run): one row per (eval_steps, alpha_scale); columns eval_steps, alpha_scale, the run's test/*
+    metrics, then DYNAMICS_COLUMNS (empty where undefined: energy columns of vit-tied, delta_norm at T' = 0,
+    fixed_point_step when never reached).
 """
 
 from __future__ import annotations
@@ -77,10 +89,17 @@ STAGE_TUNE, STAGE_FINAL = "tune", "final"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
 ENERGY_RISE = "energy/rise_fraction"
+ENERGY_DIAGNOSTICS = ("energy/grad_norm_mean", "energy/grad_norm_max", "energy/rel_update")
+ENERGY_FIXED_POINT = "energy/fixed_point_step"
+FIXED_POINT_TOL = 1e-3  # the relative-update tolerance of fixed_point_step (= etbench.models.energy's, tested)
 COST_METRICS = ("cost/params", "cost/flops_per_sample", "cost/wall_s", "cost/throughput", "cost/peak_mem_mb",
                 "cost/process_peak_rss_mb")
 ENERGY_TRACE_ARTIFACT = "energy_trace.csv"
-ENERGY_TRACE_COLUMNS = ("step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose")
+ENERGY_TRACE_COLUMNS = ("step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose")  # required of every trace
+ENERGY_TRACE_DIAGNOSTICS = ("grad_norm_mean", "grad_norm_max", "rel_update", "fixed_point_step")  # written, optional
+DYNAMICS_ARTIFACT = "dynamics.csv"
+DYNAMICS_KEYS = ("eval_steps", "alpha_scale")
+DYNAMICS_COLUMNS = ("energy", "grad_norm", "delta_norm", "rose_fraction", "fixed_point_step")
 DEFAULT_EXPERIMENT = "etbench-single"
 
 
