@@ -108,6 +108,48 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_inpaint)
 
 
+def _dynamics(a: argparse.Namespace) -> int:
+    from etbench.analysis.dynamics import dynamics_figure
+    from etbench.engine import dynamics as dyn
+
+    if (a.run_dir is None) == (a.run_id is None):
+        raise dyn.DynamicsError("give either RUN_DIR or --run-id (with --tracking-uri), not both or neither")
+    if a.run_id is not None and not a.tracking_uri:
+        raise dyn.DynamicsError("--run-id needs --tracking-uri (the MLflow store the run is in)")
+    folder = Path(a.run_dir) if a.run_dir else dyn.run_folder_from_mlflow(
+        a.tracking_uri, a.run_id, Path(a.results) if a.results else None)
+    run = dyn.load_run(folder, device=a.device)
+    rows = dyn.probe(run, a.steps, a.alpha_scale, tol=a.tol)
+    out = Path(a.out)
+    csv_path = dyn.write_csv(rows, out)
+    title = (f"{run.cfg.model.name} · {run.cfg.task.dataset}, trained with T = {run.cfg.model.et.steps}: test-time "
+             f"dynamics")
+    figures = dynamics_figure(csv_path, out / "dynamics", title=title)
+    if a.run_id is not None:
+        dyn.log_to_mlflow(a.tracking_uri, a.run_id, [csv_path, *figures])
+        print(f"logged dynamics/ to MLflow run {a.run_id}")
+    print(f"wrote {csv_path} ({len(rows)} rows) and {figures[-1]}")
+    return 0
+
+
+def _add_dynamics(sub: argparse._SubParsersAction) -> None:
+    from etbench.tracking.schema import FIXED_POINT_TOL
+
+    p = sub.add_parser("dynamics", help="re-evaluate a finished ET / vit-tied run at other test-time steps T' and "
+                                        "step sizes α' = scale·α; writes dynamics.csv and a figure")
+    p.add_argument("run_dir", nargs="?", help="the run's folder (config.json, metrics.json, checkpoints/)")
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32], help="test-time step counts T'")
+    p.add_argument("--alpha-scale", type=float, nargs="+", default=[1.0], help="α'/α values (vit-tied: 1 only)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tol", type=float, default=FIXED_POINT_TOL,
+                   help="relative update ‖Δx‖/‖x‖ below which a step counts as at the fixed point")
+    p.add_argument("--device", default="auto", help="auto (the run's train.device) | cpu | cuda")
+    p.add_argument("--run-id", help="an MLflow run instead of RUN_DIR; the CSV is logged to it")
+    p.add_argument("--tracking-uri", help="the MLflow store of --run-id")
+    p.add_argument("--results", help="storage folder of --run-id's grid (default: beside a SQLite store)")
+    p.set_defaults(func=_dynamics)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (JSON output)").add_subparsers(dest="bench", required=True)
     core = bench.add_parser("core", help="ET training step: analytic vs autograd gradients (and --peer xla)")
@@ -457,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench(sub)
     _add_inpaint(sub)
+    _add_dynamics(sub)
     return p
 
 

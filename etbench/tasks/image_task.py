@@ -87,17 +87,19 @@ class ImageTask:
         return DataLoader(torch.utils.data.Subset(_Indexed(ds), idx), batch_size=max(self.micro_batch, 64))
 
     def evaluate(self, model: nn.Module, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
-            totals = torch.zeros(5, dtype=torch.float64, device=self.device)
-            masks = self.eval_masks[name]
-            for images, idx in self._eval_loader(ds):
-                mask = PatchMask(masks.chosen[idx], masks.replaced[idx])
-                images, mask = self._to_device(images, mask)
-                pred = model(images, mask.replaced)
-                totals += patch_losses(pred, images, mask, self.patch, self.std).as_tensor().double()
-            out.update({f"{name}/{k}": v for k, v in summarise(reduce(totals).cpu()).items()})
-        return out
+        return {**self.evaluate_split(model, "val", reduce), **self.evaluate_split(model, "test", reduce)}
+
+    def evaluate_split(self, model: nn.Module, name: str, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """Metrics ``<name>/<metric>`` on one evaluation split ("val" or "test"), under its fixed masks."""
+        ds = {"val": self.splits.val, "test": self.splits.test}[name]
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
+        masks = self.eval_masks[name]
+        for images, idx in self._eval_loader(ds):
+            mask = PatchMask(masks.chosen[idx], masks.replaced[idx])
+            images, mask = self._to_device(images, mask)
+            pred = model(images, mask.replaced)
+            totals += patch_losses(pred, images, mask, self.patch, self.std).as_tensor().double()
+        return {f"{name}/{k}": v for k, v in summarise(reduce(totals).cpu()).items()}
 
     def eval_batch(self, n: int, split: str = "val") -> tuple[Tensor, PatchMask]:
         ds = self.splits.val if split == "val" else self.splits.test
