@@ -155,3 +155,17 @@ def test_cli_by_mlflow_run_id_logs_the_csv(runs: dict[str, Any], tmp_path: Path,
     assert (out / "dynamics.csv").is_file() and (out / "dynamics.png").is_file()
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "dynamics")}
     assert {"dynamics/dynamics.csv", "dynamics/dynamics.png"} <= logged
+
+
+def test_trace_diagnostics_reach_mlflow_and_the_report(runs: dict[str, Any], tmp_path: Path) -> None:
+    from etbench.analysis.report import make_report
+
+    client = MlflowClient(runs["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("g").experiment_id])
+    steps = 3  # the image ET's T
+    assert len(client.get_metric_history(run.info.run_id, "energy/grad_norm_mean")) == steps + 1
+    assert len(client.get_metric_history(run.info.run_id, "energy/grad_norm_max")) == steps + 1
+    assert len(client.get_metric_history(run.info.run_id, "energy/rel_update")) == steps
+    report = make_report("g", runs["uri"], tmp_path / "report", progress=lambda _: None)
+    assert [n for n in report.titles if n.startswith("descent_diagnostics_")]
+    assert list((tmp_path / "report").rglob("descent_diagnostics_*.csv"))

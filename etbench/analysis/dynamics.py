@@ -33,7 +33,7 @@ def dynamics_figure(csv_path: Path, out_stem: Path, title: str = "") -> list[Pat
     metric = headline(table)
     has_energy = table["energy"].notna().any()
     panels = [(metric, short_name(metric))]
-    panels += [("energy", "final energy E(x_T')"), ("grad_norm", "‖∂E/∂g‖ at x_T' (mean over tokens)")] \
+    panels += [("energy", "final energy E(x_T')"), ("grad_norm", "‖∂E/∂g‖ at x_T', token mean")] \
         if has_energy else [("delta_norm", "‖Δx‖ of the last update")]
     scales = sorted(table["alpha_scale"].unique())
     colours = dict(zip(scales, sns.color_palette("viridis", len(scales)), strict=True))
@@ -44,7 +44,8 @@ def dynamics_figure(csv_path: Path, out_stem: Path, title: str = "") -> list[Pat
             g = table[table["alpha_scale"] == s].sort_values("eval_steps")
             if g[col].notna().any():
                 ax.plot(g["eval_steps"], g[col], marker="o", color=colours[s], label=f"α'/α = {s:g}")
-        if col == "grad_norm" and (table[col] > 0).all():
+        values = table[col].dropna()
+        if col == "grad_norm" and (values > 0).all() and values.max() >= 10 * values.min():
             ax.set_yscale("log")
         ax.set_title(label)
         ax.set_xlabel("test-time steps T'")
