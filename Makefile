@@ -30,7 +30,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check etbench tests analysis
 	DS_ACCELERATOR=cpu $(BIN)/python -m etbench.engine.warmup
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check etbench tests analysis

@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet, CPU-only, loopback-only Ray/DeepSpeed, and the shipped data root."""
+"""Shared test set-up: quiet, CPU-only, loopback-only Ray/DeepSpeed, the shipped data root, and how the suite is
+split between pytest-xdist workers (``make test`` runs ``-n 2 --dist loadgroup``)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,31 @@ def require_file(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shipped data file not found: {path}")
     return path
+
+
+# --- parallel runs (pytest-xdist, --dist loadgroup) --------------------------------------------------------------
+# The suite mostly waits on Ray, DeepSpeed and MLflow processes, so two workers nearly halve its wall time. Each test
+# module is one scheduling unit (its module-scoped fixtures — a Ray cluster, a tuned sweep — are set up once, and
+# its tests run in file order). The modules that start clusters with the `ray` CLI share one unit: each rewrites
+# Ray's default-address file /tmp/ray/ray_current_cluster while its cluster lives, so they never run side by side.
+# Every other test is isolated by construction: its own tmp_path stores, its own local Ray on a port chosen at
+# start (etbench.ray_local), its own processes stopped by PID.
+CLI_CLUSTER_MODULES = ("test_multinode.py", "test_cluster.py", "test_multinode_autoscale.py")
+# the longest units first, so that no long module starts last and runs alone at the end
+LONGEST_FIRST = ("ray-cli-clusters", "test_tuning.py", "test_distributed.py", "test_sweep.py", "test_quickstart.py",
+                 "test_cluster_storage.py", "test_bench_core.py", "test_engine_graph.py", "test_bench_report.py")
+
+
+def xdist_unit(module_file: str) -> str:
+    """The scheduling unit of a test module under ``--dist loadgroup``."""
+    return "ray-cli-clusters" if module_file in CLI_CLUSTER_MODULES else module_file
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_unit(item.path.name)))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps the order it was given (e.g. files in reverse, to hunt order dependence)
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(xdist_unit(it.path.name), len(rank)), order[id(it)]))

@@ -182,13 +182,29 @@ def _outcome(trial: Trial, shape: StoreShape) -> dict[str, Any]:
             e_att = -770.0 - 6.0 * (1 - np.exp(-t / 1.5)) * (1 + mem / 256) + off
             e_hn = -58.0 - 30.0 * (1 - np.exp(-t / 1.2)) - 0.02 * mem + off / 3
             dx = np.append(0.6 * np.exp(-t[:-1] / 3) * (1 + 0.05 * rng.gauss(0, 1)), np.nan)
+            grad = 2.0 * np.exp(-t / 2.5) + 0.05 + 0.01 * abs(off)
+            rel = dx / 12.0  # ‖x‖ ≈ 12: a token's norm at D = 64 after the energy LayerNorm's scale
+            fixed = _first_below(rel[:-1], S.FIXED_POINT_TOL)
             trace += [{"step": int(i), "sample": s, "E": float(e_att[i] + e_hn[i]), "E_att": float(e_att[i]),
-                       "E_hn": float(e_hn[i]), "dx_norm": float(dx[i]), "rose": False} for i in range(steps + 1)]
+                       "E_hn": float(e_hn[i]), "dx_norm": float(dx[i]), "rose": False,
+                       "grad_norm_mean": float(grad[i]), "grad_norm_max": float(1.8 * grad[i]),
+                       "rel_update": float(rel[i]), "fixed_point_step": "" if fixed is None else fixed}
+                      for i in range(steps + 1)]
+        curves = ("E", "E_att", "E_hn", "dx_norm", "grad_norm_mean", "grad_norm_max", "rel_update")
         means = {k: [float(np.nanmean([r[k] for r in trace if r["step"] == i]))
                      if not all(math.isnan(r[k]) for r in trace if r["step"] == i) else float("nan")
-                     for i in range(steps + 1)] for k in ("E", "E_att", "E_hn", "dx_norm")}
-        summary["energy"] = {"rise_fraction": 0.0, **means}
+                     for i in range(steps + 1)] for k in curves}
+        for k in ("dx_norm", "rel_update"):  # T updates, as the real trace's means (T + 1 energies)
+            means[k] = means[k][:-1]
+        summary["energy"] = {"rise_fraction": 0.0, **means,
+                             "fixed_point_step": _first_below(np.array(means["rel_update"]), S.FIXED_POINT_TOL)}
     return {"rows": rows, "summary": summary, "trace": trace}
+
+
+def _first_below(values: np.ndarray, tol: float) -> int | None:
+    """The first update whose relative update is below ``tol`` (the trace's fixed-point step), None when never."""
+    hits = np.flatnonzero(values < tol)
+    return int(hits[0]) if hits.size else None
 
 
 def _cost(params: float, flops: float, wall: float, shape: StoreShape) -> dict[str, float]:
@@ -225,7 +241,7 @@ def _write_artifacts(folder: Path, trial: Trial, out: dict[str, Any], pngs: dict
     (folder / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float))
     if out["trace"] is not None:
         with (folder / S.ENERGY_TRACE_ARTIFACT).open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(S.ENERGY_TRACE_COLUMNS))
+            w = csv.DictWriter(f, fieldnames=[*S.ENERGY_TRACE_COLUMNS, *S.ENERGY_TRACE_DIAGNOSTICS])
             w.writeheader()
             w.writerows(out["trace"])
     for name in out["summary"]["artifacts"]:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from etbench.logs import route_library_logs
 from etbench.sweep import tuning as T
@@ -341,7 +342,18 @@ def select(uri: str, experiment: str, g: T.Group) -> dict[str, Any] | None:
 def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str | None = None,
               tracking_uri: str | None = None, resume: bool = False, force: bool = False,
               progress: bool = True) -> TunedResult:
-    """Both stages of a tuned grid; see the module docstring."""
+    """Both stages of a tuned grid; see the module docstring. Tune's settings for the search (searcher and trial
+    state saved every second; no strict metric check, since diverged and stopped trials report no metric) hold for
+    this call only: a later sweep in the same process gets Tune's defaults."""
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1"),
+           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    with mock.patch.dict(os.environ, env):
+        return _run_tuned(spec, storage=storage, address=address, tracking_uri=tracking_uri, resume=resume,
+                          force=force, progress=progress)
+
+
+def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | None, tracking_uri: str | None,
+               resume: bool, force: bool, progress: bool) -> TunedResult:
     import ray
     from ray import tune
 
@@ -365,8 +377,6 @@ def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str
     if started_dir.exists() and not resume:
         raise SweepError(f"{spec.name} has a search in progress or done under {started_dir}; pass --resume to "
                          f"continue it (and run the final stage)")
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # searcher + trial state saved every second
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # diverged/stopped trials report no metric
     trials_root = root / spec.name / "trials"
     from etbench.tracking.mlflow_log import ensure_experiment
 
