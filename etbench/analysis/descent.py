@@ -119,12 +119,7 @@ def energy_figures(energy: pd.DataFrame, axes: Sequence[str], cfg: CIConfig = BA
             ax.set_xlabel("descent step t")
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         axs[0, 0].set_ylabel("energy")
-        handles, labels = [], []
-        for ax in axs[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
+        handles, labels = facets.distinct_legend(axs[0])
         fig.suptitle("\n".join(line for line in (
             f"{model} · {dataset} / {protocol}: mean, 95% CI (Student t) over {_over_text(block)}",
             rise_text(block, rises)) if line))

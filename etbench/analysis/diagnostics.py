@@ -71,12 +71,7 @@ def diagnostics_figures(energy: pd.DataFrame, axes: Sequence[str], cfg: CIConfig
                 ax.set_yscale("log")
             ax.set_title(PANELS[term])
             ax.set_xlabel("descent step t")
-        handles, labels = [], []
-        for ax in axs[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
+        handles, labels = facets.distinct_legend(axs[0])
         pool = f"; pooled over {', '.join(axis_label(a, pooled) for a in pooled)}" if pooled else ""
         fig.suptitle(f"{model} · {dataset} / {protocol}: descent diagnostics, mean and 95% CI (Student t) over "
                      f"samples and seeds{pool}")

@@ -73,6 +73,18 @@ def page_figure(n_panels: int, *, title_lines: int = 3, legend_entries: int = 0,
     return fig, axes[:n_panels]
 
 
+def distinct_legend(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:
+    """The legend entries of every panel, each label once, first seen first: one legend for a page of panels."""
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
+
+
 def finish_page(fig: Figure, axes: list[Axes], title: str, *, xlabel: str, ylabel: str, legend_title: str | None,
                 legend_cols: int = 4) -> None:
     """Suptitle at the top, x labels on the lowest panel of each column, y labels on the left column, and one
@@ -83,12 +95,7 @@ def finish_page(fig: Figure, axes: list[Axes], title: str, *, xlabel: str, ylabe
             ax.set_xlabel(xlabel)
         if i % ncols == 0:
             ax.set_ylabel(ylabel)
-    handles, labels = [], []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = distinct_legend(axes)
     fig.suptitle(title, y=1 - 0.04 / fig.get_figheight(), va="top")
     if handles:
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.01), ncols=min(legend_cols, len(labels)),
