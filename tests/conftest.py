@@ -4,6 +4,7 @@ split between pytest-xdist workers (``make test`` runs ``-n 2 --dist loadgroup``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,38 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ETBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# What a test may not leave behind for the next one in the same process (order dependence): a Ray session, another
+# working directory, or changes to these environment variables (Ray's address and temp dir, Tune's and etbench's
+# settings, the tracking URI). A test that leaves one fails here, after the environment has been put back.
+WATCHED_ENV = ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_GCS_SERVER_PORT", "TUNE_GLOBAL_CHECKPOINT_S",
+               "TUNE_DISABLE_STRICT_METRIC_CHECKING", "MLFLOW_TRACKING_URI", "ETBENCH_STORAGE", "ETBENCH_DATA",
+               "ETBENCH_CLUSTER_CONFIG")
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    import sys
+
+    cwd, env = os.getcwd(), {k: os.environ.get(k) for k in WATCHED_ENV}
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    left = []
+    if os.getcwd() != cwd:
+        left.append(f"cwd {os.getcwd()} (was {cwd})")
+        os.chdir(cwd)
+    for k, v in env.items():
+        if os.environ.get(k) != v:
+            left.append(f"${k}={os.environ.get(k)!r} (was {v!r})")
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        left.append("a Ray session (ray.is_initialized())")
+        sys.modules["ray"].shutdown()
+    assert not left, f"the test left behind: {'; '.join(left)}"
 
 
 @pytest.fixture(scope="session")
