@@ -115,6 +115,89 @@ def test_shipped_tuned_grids_validate() -> None:
         assert "Trials:" in p.read_text() and "Cost:" in p.read_text()
 
 
+
+# --- issue 27: fair early stopping, deterministic selection, the search-seed tag ----------------------------------
+def _base_train(**train: Any) -> dict[str, Any]:
+    return {**TINY["base"], "train": {**TINY["base"]["train"], **train}}
+
+
+def _vit_warmup(values: Any) -> dict[str, Any]:
+    return {**TINY["tuning"]["models"], "vit": {"space": {"train.lr": [0.01], "train.warmup_epochs": values}}}
+
+
+def _no_warmup_key() -> dict[str, Any]:
+    return {k: v for k, v in TINY["base"]["train"].items() if k != "warmup_epochs"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "grace", "warm", "where"),
+    [
+        ({**TINY, "base": _base_train(warmup_epochs=2),
+          "tuning": {**TINY["tuning"], "scheduler": {"kind": "asha", "grace_period": 2}}},
+         2, "2", "base.train.warmup_epochs"),
+        (_with(models=_vit_warmup([0, 1])), 1, "1", "tuning.models.vit.space.train.warmup_epochs"),
+        (_with(models={**TINY["tuning"]["models"], "et": {"space": {"train.warmup_epochs": {
+            "distribution": "uniform", "low": 0.0, "high": 1.5}}}}),
+         1, "1.5", "tuning.models.et.space.train.warmup_epochs"),
+        ({**TINY, "axes": {"train.warmup_epochs": [0, 1]}}, 1, "1", "axes.train.warmup_epochs"),
+        ({**TINY, "base": {**TINY["base"], "train": _no_warmup_key()}}, 1, "1", "the default train.warmup_epochs"),
+    ],
+    ids=["base", "model-space-choice", "model-space-uniform", "axis", "default"],
+)
+def test_asha_grace_not_above_the_largest_warmup_is_refused(tmp_path: Path, spec: dict[str, Any], grace: int,
+                                                            warm: str, where: str) -> None:
+    path = write(tmp_path, spec)
+    with pytest.raises(GridError) as err:
+        load_grid(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: tuning.scheduler.grace_period: {grace} is not above"), msg
+    assert f"train.warmup_epochs = {warm} ({where})" in msg and f"grace_period > {warm}" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        _with(models=_vit_warmup([0, 1]), scheduler={"kind": "asha", "grace_period": 2}),
+        _with(models=_vit_warmup([0, 5]), scheduler={"kind": "none"}),
+    ],
+    ids=["grace-above-warmup", "no-scheduler"],
+)
+def test_grace_above_every_warmup_or_no_asha_validates(tmp_path: Path, spec: dict[str, Any]) -> None:
+    assert load_grid(write(tmp_path, spec)).tuning is not None
+
+
+def test_largest_warmup_names_where_it_comes_from(tmp_path: Path) -> None:
+    from etbench.sweep.tuning import groups, largest_warmup
+
+    spec = load_grid(write(tmp_path, _with(models=_vit_warmup({"distribution": "randint", "low": 0, "high": 3.5}),
+                                           scheduler={"kind": "none"})))
+    got = {g.model: largest_warmup(spec, g) for g in groups(spec)}  # randint draws integers: at most 3
+    assert got == {"et": (0.0, "base.train.warmup_epochs"),
+                   "vit": (3.0, "tuning.models.vit.space.train.warmup_epochs")}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_select_best_breaks_equal_value_and_start_by_run_id(mode: str) -> None:
+    runs = [{"run_id": "b9", "value": 0.5, "start": 10}, {"run_id": "a1", "value": 0.5, "start": 10},
+            {"run_id": "c0", "value": 0.5, "start": 10}, {"run_id": "0z", "value": 0.5, "start": 11}]
+    for order in (runs, runs[::-1], [runs[2], runs[0], runs[3], runs[1]]):
+        assert select_best(order, mode)["run_id"] == "a1"  # earliest start first, then the smallest run id
+    no_start = [{"run_id": "y", "value": 1.0}, {"run_id": "x", "value": 1.0, "start": None}]
+    assert select_best(no_start, mode)["run_id"] == "x"
+
+
+def test_every_tuning_run_is_tagged_with_the_grids_search_seed() -> None:
+    from etbench.sweep.tune_stage import tune_tags
+    from etbench.tracking import schema as S
+
+    ctx = {"gid": "et", "metric": "val/mse_masked", "mode": "min", "search_seed": 7}
+    tags = tune_tags(ctx, {"train.lr": 0.01})
+    assert tags[S.TAG_TUNE_SEARCH_SEED] == "7" and tags[S.TAG_STAGE] == S.STAGE_TUNE
+    assert tags[S.TAG_TUNE_GROUP] == "et" and tags[S.TAG_TUNE_METRIC] == "val/mse_masked:min"
+    assert json.loads(tags[S.TAG_TUNE_PARAMS]) == {"train.lr": 0.01}
+    assert tune_tags({**ctx, "search_seed": 0}, {})[S.TAG_TUNE_SEARCH_SEED] == "0"
+    assert all(isinstance(v, str) for v in tags.values())
+
 # --- the stop tag tells the truth (decided from the recorded epoch history, no race) ----------------------------
 @pytest.mark.parametrize(("epochs_done", "budget", "want"), [(1, 3, 1), (2, 3, 2), (3, 3, None), (4, 3, None),
                                                               (0, 3, 0)])

@@ -98,6 +98,16 @@ def _threads(ctx: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(float(ctx.get("threads", 1)))))
 
 
+def tune_tags(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+    """The MLflow tags of one tuning run: stage, group, searched params, metric and the grid's search seed (absent
+    only in a search started before the tag existed and restored since: its stored ``ctx`` lacks the seed)."""
+    tags = {S.TAG_STAGE: S.STAGE_TUNE, S.TAG_TUNE_GROUP: ctx["gid"], S.TAG_TUNE_PARAMS: T.params_json(params),
+            S.TAG_TUNE_METRIC: f"{ctx['metric']}:{ctx['mode']}"}
+    if ctx.get("search_seed") is not None:
+        tags[S.TAG_TUNE_SEARCH_SEED] = str(ctx["search_seed"])
+    return tags
+
+
 def search_trial(config: dict[str, Any]) -> None:
     """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune."""
     from ray import tune
@@ -124,8 +134,7 @@ def search_trial(config: dict[str, Any]) -> None:
         except SystemExit:  # the scheduler stopped this trial while it waited in report
             raise StopRequested(epoch + 1) from None
 
-    tags = {S.TAG_STAGE: S.STAGE_TUNE, S.TAG_TUNE_GROUP: ctx["gid"], S.TAG_TUNE_PARAMS: T.params_json(params),
-            S.TAG_TUNE_METRIC: f"{ctx['metric']}:{ctx['mode']}"}
+    tags = tune_tags(ctx, params)
     short = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
     payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", ctx["axes"], tags,
                        _attach_or_close(ctx, h))
@@ -386,7 +395,8 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
     try:
         for g in gs:
             ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "axes": g.axes, "metric": g.metric,
-                   "mode": g.mode, "uri": uri, "experiment": experiment, "grid": spec.name,
+                   "mode": g.mode, "search_seed": spec.tuning.search_seed,  # type: ignore[union-attr]
+                   "uri": uri, "experiment": experiment, "grid": spec.name,
                    "trials": str(trials_root), "threads": spec.resources.cpus_per_worker,
                    "artifact_root": None if uri.startswith("http") else str(root / "artifacts")}
             if progress:

@@ -9,7 +9,9 @@ A grid with a ``tuning:`` section runs in two stages (executed by :mod:`etbench.
 2. **final** — each group's configuration with the best validation metric (read back from MLflow) is re-run over
    the grid's ``seeds`` (× ``splits``). Comparisons use only these runs; the tuning seed must not be one of them.
 
-Every model gets the same budget (configurations and epochs) unless ``allow_unequal_budget: true``. This module
+Every model gets the same budget (configurations and epochs) unless ``allow_unequal_budget: true``, and ASHA's
+``grace_period`` must exceed the largest ``train.warmup_epochs`` any trial can get (no configuration is judged
+before its warm-up ends). Selection ties go to the earliest run, then the smallest run id. This module
 holds the schema, its validation (errors name the file and key), the plan and the selection rule; it imports no
 Ray at load time.
 """
@@ -285,16 +287,54 @@ def validate(spec: Any, source: str = "grid") -> list[Group]:
                     tuning_config(spec, g, {key: value}, source)
                 except ValueError as e:
                     raise _source_error(source, where, str(e).replace("\n", " ")) from None
+    if t.scheduler.kind == "asha":
+        for g in out:
+            _check_grace(spec, g, source)
     return out
 
 
+def largest_warmup(spec: Any, g: Group, source: str = "grid") -> tuple[float, str]:
+    """The largest ``train.warmup_epochs`` a tuning trial of ``g`` can get, and the grid key it comes from."""
+    key = "train.warmup_epochs"
+    dim = g.dims.get(key)
+    if dim is not None:  # the search sets it in every trial: its largest value counts, not the base's
+        if dim.distribution == "choice":
+            top = max(float(v) for v in dim.values or [])
+        else:  # randint draws integers up to int(high)
+            top = float(int(dim.high or 0) if dim.distribution == "randint" else dim.high or 0)
+        return top, f"tuning.models.{g.model}.space.{key}"
+    value = float(tuning_config(spec, g, {}, source).train.warmup_epochs)
+    if key in g.axes:
+        return value, f"axes.{key}"
+    if "warmup_epochs" in (spec.base.get("train") or {}):
+        return value, f"base.{key}"
+    return value, f"the default {key}"
+
+
+def _check_grace(spec: Any, g: Group, source: str) -> None:
+    """ASHA's first rung must come after every warm-up ends, else it judges configurations mid-warm-up."""
+    grace = spec.tuning.scheduler.grace_period
+    warm, where = largest_warmup(spec, g, source)
+    if grace <= warm:
+        axes = "".join(f", {k}={v}" for k, v in g.axes.items())
+        raise _source_error(source, "tuning.scheduler.grace_period",
+                            f"{grace} is not above the warm-up of {g.model}{axes}: train.warmup_epochs = {warm:g} "
+                            f"({where}); ASHA's first rung would judge configurations before their learning rate has "
+                            f"finished warming up. Allowed: grace_period > {warm:g} (at least {math.floor(warm) + 1}), "
+                            f"or lower the warm-up")
+
+
 def select_best(runs: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The run with the best finite ``value`` (ties: the earliest ``start``); ``None`` when no run has one."""
+    """The run with the best finite ``value``; ``None`` when no run has one.
+
+    Deterministic: ties on the value go to the earliest ``start`` (missing: 0), then the smallest ``run_id``
+    (lexicographic), whatever the order of ``runs``.
+    """
     ok = [r for r in runs if isinstance(r.get("value"), int | float) and math.isfinite(r["value"])]
     if not ok:
         return None
     sign = 1.0 if mode == "min" else -1.0
-    return min(ok, key=lambda r: (sign * float(r["value"]), r.get("start", 0)))
+    return min(ok, key=lambda r: (sign * float(r["value"]), r.get("start") or 0, str(r.get("run_id", ""))))
 
 
 def stopped_at(history: list[dict[str, Any]], budget_epochs: int) -> int | None:

@@ -26,8 +26,9 @@ Tags (all strings):
     etbench.tune.metric       "<validation metric>:<min|max>" the search selected on
     etbench.tuned_from        run id of the tuning run whose configuration a final run re-runs
     etbench.stopped_early     "<scheduler> at epoch <k>" when a tuning run was stopped early (e.g. by ASHA)
-    etbench.tune.search_seed  the grid's search seed of a tuning run (tells independent searches of one group
-                              apart; absent on runs of one search)
+    etbench.tune.search_seed  the grid's tuning.search_seed of a tuning run (the searcher's own seed is derived
+                              from it and the group: tuning.group_seed); tells independent searches of one group
+                              apart
 
 Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
 
