@@ -116,3 +116,15 @@ def test_a_graphcls_grid_plans_with_a_finite_cost(cli_env: Path, capsys: pytest.
     assert total is not None and float(total[1]) > 0 and "nan" not in printed.lower()
     assert float(total[1]) == pytest.approx(sum(2 * c["train_pflop"] for c in costs.values()) * 1e3, rel=0.01,
                                             abs=0.006)
+
+
+def test_et_only_axes_give_the_graphcls_baselines_one_trial_each(cli_env: Path) -> None:
+    """A ``model.et.*`` axis means nothing to GIN or the MLP (sized by model.hidden/layers): they get one trial per
+    fold, not one copy per ET value."""
+    grid = cli_env / "graphcls_steps.yaml"
+    grid.write_text("name: graphcls-steps\nmodels: [et, gin, mlp]\n"
+                    "base: {task: {kind: graphcls, dataset: mutag}, train: {epochs: 2}}\n"
+                    "axes: {model.et.steps: [1, 2], task.fold: [0]}\n")
+    trials = expand(load_grid(grid))
+    assert sorted((t.model, t.config.model.et.steps if t.model == "et" else None) for t in trials) == [
+        ("et", 1), ("et", 2), ("gin", None), ("mlp", None)]

@@ -174,13 +174,14 @@ def _axis_values(spec: GridSpec) -> dict[str, list[Any]]:
     return out
 
 
-def _is_et_only(key: str, graph: bool) -> bool:
-    """Whether axis ``key`` means nothing to a baseline: ET-only keys for images (ViTs reuse dim, heads and steps as
-    depth); every ``model.et.*`` key for graphs (GNN baselines are sized by ``model.hidden`` / ``model.layers``)."""
+def _is_et_only(key: str, kind: str | None) -> bool:
+    """Whether axis ``key`` means nothing to a baseline of task ``kind``: ET-only keys for images (ViTs reuse dim,
+    heads and steps as depth); every ``model.et.*`` key for graph tasks (anomaly detection and graph
+    classification: the GNN and MLP baselines are sized by ``model.hidden`` / ``model.layers``)."""
     parts = key.split(".")
     if len(parts) != 3 or parts[:2] != ["model", "et"]:
         return False
-    return graph or parts[2] in ET_ONLY_KEYS
+    return kind in ("graph", "graphcls") or parts[2] in ET_ONLY_KEYS
 
 
 def _base(spec: GridSpec) -> dict[str, Any]:
@@ -200,8 +201,8 @@ def model_combos(spec: GridSpec) -> list[tuple[str, dict[str, Any]]]:
     for model in spec.models:
         for combo in itertools.product(*(axes[n] for n in names)):
             values = dict(zip(names, combo, strict=True))
-            graph = values.get("task.kind", base_kind) == "graph"
-            applied = {n: v for n, v in values.items() if model == "et" or not _is_et_only(n, graph)}
+            kind = values.get("task.kind", base_kind)
+            applied = {n: v for n, v in values.items() if model == "et" or not _is_et_only(n, kind)}
             if (model, applied) not in out:
                 out.append((model, applied))
     return out

@@ -32,7 +32,7 @@ from etbench.hashing import config_hash
 
 # keys a search space may not touch: they define the stage, the model or the task, not a hyper-parameter
 RESERVED = ("train.seed", "train.epochs", "model.name", "task.", "dist.")
-DEFAULT_METRIC = {"image": ("val/mse_masked", "min"), "graph": ("val/macro_f1", "max")}
+DEFAULT_METRIC = {"image": ("val/mse_masked", "min"), "graph": ("val/macro_f1", "max"), "graphcls": ("val/acc", "max")}
 
 
 class SearchDim(BaseModel):
@@ -156,7 +156,7 @@ class Group:
     model: str
     axes: dict[str, Any]
     gid: str  # stable id: model + hash of the axis values (folder and MLflow tag)
-    kind: str  # "image" | "graph"
+    kind: str  # a task kind: "image" | "graph" | "graphcls"
     split: int | None
     metric: str
     mode: str
@@ -279,7 +279,7 @@ def validate(spec: Any, source: str = "grid") -> list[Group]:
             if key.startswith(RESERVED) or key in RESERVED:
                 raise _source_error(source, where, "not a tunable hyper-parameter (the stage sets seeds, epochs, "
                                                    "model, task and resources)")
-            if g.model != "et" and _is_et_only(key, g.kind == "graph"):
+            if g.model != "et" and _is_et_only(key, g.kind):
                 raise _source_error(source, where, f"{g.model} has no such hyper-parameter (an ET-only key)")
             ends = [dim.low, dim.high] if dim.distribution != "randint" else [int(dim.low or 0), int(dim.high or 0)]
             for value in (list(dim.values or []) if dim.distribution == "choice" else ends):
