@@ -89,7 +89,8 @@ class GridSpec(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["et"])
     axes: dict[str, list[Any] | RandomAxis] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
-    splits: list[int] | None = None
+    splits: list[int] | None = Field(None, description="graph anomaly detection: stored split indices (task.split); "
+                                                       "graph classification: outer folds (task.fold)")
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
@@ -213,8 +214,9 @@ def trial_overrides(spec: GridSpec, model: str, applied: dict[str, Any], seed: i
     """The override dict of one trial: grid base + resources, model, seed, split, then its axis values."""
     over = set_dotted(_base(spec), "model.name", model)
     over = set_dotted(over, "train.seed", seed)
-    if split is not None:
-        over = set_dotted(over, "task.split", split)
+    if split is not None:  # a graph classification grid's splits are its outer folds (task.fold)
+        kind = applied.get("task.kind", (spec.base.get("task") or {}).get("kind"))
+        over = set_dotted(over, "task.fold" if kind == "graphcls" else "task.split", split)
     for n, v in applied.items():
         over = set_dotted(over, n, v)
     return over
