@@ -112,6 +112,10 @@ def _dynamics(a: argparse.Namespace) -> int:
     from etbench.analysis.dynamics import dynamics_figure
     from etbench.engine import dynamics as dyn
 
+    if a.grid:
+        return _dynamics_grid(a)
+    if a.report:
+        raise dyn.DynamicsError("--report draws a grid's probes: give --grid GRID [GRID …]")
     if (a.run_dir is None) == (a.run_id is None):
         raise dyn.DynamicsError("give either RUN_DIR or --run-id (with --tracking-uri), not both or neither")
     if a.run_id is not None and not a.tracking_uri:
@@ -132,6 +136,24 @@ def _dynamics(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dynamics_grid(a: argparse.Namespace) -> int:
+    from etbench.analysis.dynamics_grid import grid_report
+    from etbench.engine import dynamics as dyn
+    from etbench.engine.dynamics_grid import probe_grid
+
+    if a.run_dir is not None or a.run_id is not None:
+        raise dyn.DynamicsError("give RUN_DIR / --run-id or --grid, not both")
+    results = Path(a.results or os.environ.get("ETBENCH_STORAGE") or "results")
+    done = probe_grid(a.grid, results, Path(a.out), a.steps, a.alpha_scale, tol=a.tol, tracking_uri=a.tracking_uri,
+                      device=a.device)
+    print(f"{len(done.finished)} FINISHED run(s): probed {len(done.probed)}, {len(done.skipped)} already probed; "
+          f"{len(done.not_finished)} trial(s) not finished; table {done.csv}")
+    if a.report:
+        paths = grid_report(done.csv, done.curves, Path(a.report))
+        print(f"wrote {len(paths)} report files to {a.report}")
+    return 0
+
+
 def _add_dynamics(sub: argparse._SubParsersAction) -> None:
     from etbench.tracking.schema import FIXED_POINT_TOL
 
@@ -146,7 +168,11 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (the run's train.device) | cpu | cuda")
     p.add_argument("--run-id", help="an MLflow run instead of RUN_DIR; the CSV is logged to it")
     p.add_argument("--tracking-uri", help="the MLflow store of --run-id")
-    p.add_argument("--results", help="storage folder of --run-id's grid (default: beside a SQLite store)")
+    p.add_argument("--results", help="storage folder of --run-id's grid (default: beside a SQLite store) or of "
+                                     "--grid's (default: $ETBENCH_STORAGE, ./results)")
+    p.add_argument("--grid", nargs="+", help="probe every FINISHED run of these grid files (skipping runs already "
+                                             "in OUT/dynamics_grid.csv) into one combined table")
+    p.add_argument("--report", help="with --grid: draw the combined table's figures and tables into this folder")
     p.set_defaults(func=_dynamics)
 
 

@@ -141,20 +141,35 @@ def _fixed_point(rel: Tensor, tol: float) -> int | str:
     return t if t >= 0 else ""
 
 
-def _et_row(run: LoadedRun, steps: int, scale: float, tol: float) -> dict[str, Any]:
+def _curve(steps: int, energy: Tensor | None = None, grad: Tensor | None = None, rel: Tensor | None = None,
+           rose: Tensor | None = None) -> list[dict[str, float | int]]:
+    """Per-step means over the test samples of (samples, T'+1) energy / gradient-norm and (samples, T') relative
+    update / rise curves; one row per step t = 0 … T' (update columns NaN at t = 0, missing curves NaN)."""
+    def at(v: Tensor | None, t: int) -> float:
+        return math.nan if v is None or not 0 <= t < v.shape[-1] else float(v[:, t].double().mean())
+
+    return [{"step": t, "energy": at(energy, t), "grad_norm": at(grad, t), "rel_update": at(rel, t - 1),
+             "rose_fraction": at(rose, t - 1)} for t in range(steps + 1)]
+
+
+def _et_row(run: LoadedRun, steps: int, scale: float, tol: float, curve: list[dict[str, Any]] | None = None,
+            ) -> dict[str, Any]:
     core = getattr(run.model, "module", run.model)
     traces: list[EnergyTrace] = []
     with core.et.probing(steps=steps, alpha=scale * core.et.cfg.alpha, on_trace=traces.append):
         metrics = split_metrics(run.task, run.model)
     tr = _merge(traces)
     assert tr.grad_norm_mean is not None and tr.rel_update is not None
+    if curve is not None:
+        curve += _curve(steps, tr.E, tr.grad_norm_mean, tr.rel_update, tr.rose())
     return {**metrics, "energy": float(tr.E[:, -1].mean()), "grad_norm": float(tr.grad_norm_mean[:, -1].mean()),
             "delta_norm": float(tr.dx_norm[:, -1].mean()) if steps else math.nan,
             "rose_fraction": tr.rise_fraction() if steps else math.nan,
             "fixed_point_step": _fixed_point(tr.rel_update, tol)}
 
 
-def _tied_row(run: LoadedRun, steps: int, tol: float) -> dict[str, Any]:
+def _tied_row(run: LoadedRun, steps: int, tol: float, curve: list[dict[str, Any]] | None = None,
+              ) -> dict[str, Any]:
     with _tied_depth(run.model, steps) as rec:
         metrics = split_metrics(run.task, run.model)
     out: dict[str, Any] = {**metrics, "energy": math.nan, "grad_norm": math.nan, "delta_norm": math.nan,
@@ -163,12 +178,21 @@ def _tied_row(run: LoadedRun, steps: int, tol: float) -> dict[str, Any]:
         delta = torch.cat([torch.stack(d, -1) for d in rec.delta])
         size = torch.cat([torch.stack(s, -1) for s in rec.size])
         out.update(delta_norm=float(delta[:, -1].mean()), fixed_point_step=_fixed_point(delta / size, tol))
+        if curve is not None:
+            curve += _curve(steps, rel=delta / size)
+    elif curve is not None:
+        curve += _curve(0)
     return out
 
 
 def probe(run: LoadedRun, steps: Sequence[int], scales: Sequence[float], tol: float = FIXED_POINT_TOL,
-          ) -> list[dict[str, Any]]:
-    """One row per (T', scale), in the order given: eval_steps, alpha_scale, test metrics, dynamics columns."""
+          curves: list[dict[str, Any]] | None = None, curve_steps: int | None = None) -> list[dict[str, Any]]:
+    """One row per (T', scale), in the order given: eval_steps, alpha_scale, test metrics, dynamics columns.
+
+    With ``curves`` (a list to extend) and ``curve_steps``, the descent at T' = ``curve_steps`` also adds its
+    per-step curve: rows eval_steps, alpha_scale, step t, then the test-sample means of E(x_t), ‖∂E/∂g‖ at x_t,
+    the relative update ‖Δx‖/‖x‖ and the share of samples whose E rose in update t (vit-tied: relative update
+    only)."""
     if not steps or not scales:
         raise DynamicsError("give at least one step count (--steps) and one step-size scale (--alpha-scale)")
     if bad := [t for t in steps if t < 0]:
@@ -182,8 +206,11 @@ def probe(run: LoadedRun, steps: Sequence[int], scales: Sequence[float], tol: fl
     rows = []
     for t in steps:
         for s in scales:
-            row = _tied_row(run, t, tol) if tied else _et_row(run, t, s, tol)
+            curve: list[dict[str, Any]] | None = [] if curves is not None and t == curve_steps else None
+            row = _tied_row(run, t, tol, curve) if tied else _et_row(run, t, s, tol, curve)
             rows.append({"eval_steps": t, "alpha_scale": s, **row})
+            if curves is not None and curve is not None:
+                curves += [{"eval_steps": t, "alpha_scale": s, **c} for c in curve]
     return rows
 
 
