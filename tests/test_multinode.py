@@ -9,7 +9,8 @@ on 127.0.0.1. Checked:
 
 - a relative ``--results`` and a SQLite tracking URI are refused before any trial starts, naming the setting;
 - a dataset that only the head has is reported for node 127.0.0.3 before any trial starts;
-- one-worker trials run on both nodes, every run is FINISHED in the server store with the submitter's git commit;
+- one-worker trials pinned to the worker node (a custom resource only it has: placement by resource, not by
+  timing) are FINISHED in the head's server store and shared storage with the submitter's git commit;
 - a 2-worker DeepSpeed trial that spans both nodes checkpoints to the shared storage; its worker node is killed by
   PID mid-trial and restarted, and ``--resume`` finishes it from the shared checkpoint with no config hash
   FINISHED twice.
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 or shutil.w
 TINY = {"task": {"kind": "image", "dataset": "digits", "limit_train": 96, "limit_eval": 32},
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "eval_trace_samples": 2}}
 NODE_CPUS = 2  # per node; a 1.5-CPU worker fits once per node, so a 2-worker trial must span both
+WORKER_SLOT = "etbench_test_worker_node"  # a custom resource only the worker node has
 
 
 @dataclass
@@ -126,7 +128,7 @@ def multinode() -> Iterator[MultiNode]:
             f"--temp-dir={base / 'h'}", *common]
     ray_start = " ".join([str(BIN / "ray"), "start", f"--address={gcs}", f"--node-ip-address={WORKER_IP}",
                           f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={base / 'w'}", "--block",
-                          *common])
+                          f"--resources='{json.dumps({WORKER_SLOT: 2})}'", *common])
     # the worker's own disk: a tmpfs over the whole test directory, with only `shared` bound back in
     script = (f"set -e; mount --bind {base / 'shared'} {stage}; mount -t tmpfs tmpfs {base}; "
               f"mkdir -p {base / 'shared'} {base / 'w'}; mount --bind {stage} {base / 'shared'}; "
@@ -242,19 +244,23 @@ def test_a_dataset_missing_on_the_worker_is_reported_by_node(multinode: MultiNod
     assert runs_of(multinode, "mn_nodata") == [] and not (multinode.shared / "mn_nodata" / "trials").exists()
 
 
-# --- trials on both nodes, one shared store -------------------------------------------------------------------
-def test_trials_on_both_nodes_all_finished_in_one_store_with_the_commit(multinode: MultiNode) -> None:
+# --- trials on the worker node, one shared store -----------------------------------------------------------------
+def test_trials_on_the_worker_node_all_finished_in_one_store_with_the_commit(multinode: MultiNode) -> None:
+    """Both trials are pinned to the worker node by a resource only it has. (Left to Ray, two short trials do not
+    reliably use both nodes: Tune's actor reuse hands the second trial the head's actor when the first ends before
+    the worker's actor has started.) The head runs trials in the DeepSpeed test below, whose two workers cannot
+    share a node."""
     from etbench.sweep.grid import expand, load_grid
 
     grid = write_grid(multinode, "mn_both", axes={"model.et.steps": [1, 2]},
-                      resources={"workers": 1, "cpus_per_worker": 1.5})  # one trial per node at a time
+                      resources={"workers": 1, "cpus_per_worker": 1.0, "custom": {WORKER_SLOT: 1}})
     commit = head_commit()
     status, logs = submit(multinode, grid, "--storage", str(multinode.shared))
     assert status == "SUCCEEDED", logs[-4000:]
     assert "pre-flight: 2 node(s) see storage" in logs and "2 finished, 0 failed" in logs, logs[-3000:]
     rows = [json.loads(line) for f in multinode.shared.glob("ray/mn_both-*/*/result.json")
             for line in f.read_text().splitlines()]
-    assert {row["node_ip"] for row in rows} == {HEAD_IP, WORKER_IP}, rows
+    assert len(rows) >= 2 and {row["node_ip"] for row in rows} == {WORKER_IP}, rows
     planned = {t.config_hash for t in expand(load_grid(grid))}
     runs = runs_of(multinode, "mn_both")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
@@ -262,7 +268,7 @@ def test_trials_on_both_nodes_all_finished_in_one_store_with_the_commit(multinod
     for r in runs:  # the working-dir copy has no .git: the commit came from the submitter
         assert r.data.tags["etbench.git_commit"] == commit and r.data.tags["etbench.git_dirty"] in ("true", "false")
         h = r.data.tags["etbench.config_hash"]
-        assert (multinode.shared / "mn_both" / "trials" / h / "summary.json").is_file()  # the worker's too
+        assert (multinode.shared / "mn_both" / "trials" / h / "summary.json").is_file()  # written on the worker
 
 
 def test_deepspeed_trial_across_both_nodes_resumes_after_losing_a_node(multinode: MultiNode) -> None:
