@@ -121,6 +121,15 @@ class RunConfig(_Strict):
         if self.model.name not in allowed:
             raise ValueError(f"model.name {self.model.name!r} is not a {self.task.kind} model; allowed: "
                              f"{', '.join(allowed)}")
+        if not model_differentiable(self.task.kind, self.model.name):  # fitted by its own step, full graph
+            bad = [f"{k} {v}" for k, v, ok in (("dist.workers", self.dist.workers, self.dist.workers == 1),
+                                               ("dist.deepspeed", self.dist.deepspeed, not self.dist.deepspeed),
+                                               ("task.batch_nodes", getattr(self.task, "batch_nodes", None),
+                                                not getattr(self.task, "batch_nodes", None))) if not ok]
+            if bad:
+                raise ValueError(f"model.name {self.model.name!r} is not trained by gradient steps: it runs in one "
+                                 f"process on the full graph; got {', '.join(bad)} (use dist.workers 1, "
+                                 f"dist.deepspeed false, task.batch_nodes null)")
         return self
 
     def hash(self) -> str:
@@ -140,6 +149,13 @@ def allowed_models(kind: str) -> tuple[str, ...]:
     from etbench.models.registry import names
 
     return names(kind)
+
+
+def model_differentiable(kind: str, name: str) -> bool:
+    """False for a registered model fitted by its own ``fit_step`` (boosted trees) instead of gradient steps."""
+    from etbench.models.registry import get
+
+    return get(kind, name).differentiable
 
 
 def _matches_paper(cfg: RunConfig) -> bool:

@@ -98,6 +98,8 @@ GRAPH: dict[str, Callable[[], tuple[int, float]]] = {
     "bwgnn": lambda: ((F * H + H) + (H * H + H) + (3 * H * H + H) + (H * C + C),
                       (n * (2 * F * H + 2 * H * H) + n * (6 * 2 * H + 2 * 3 * H * H) + 2 * 2 * H * (e + n)
                        + n * 2 * H * C) / n),
+    # no gradient-trained parameters; per hop a neighbour mean (E·F adds + N·F divides) and max (E·F compares)
+    "xgbgraph": lambda: (0, L * F * (2 * e + n) / n),
 }
 
 
@@ -162,8 +164,9 @@ def test_the_parameter_matched_vit_is_within_five_percent_of_the_et() -> None:
 
 def test_names_kinds_and_families() -> None:
     assert registry.names("image") == ("et", "vit", "vit-tied", "vit-pm")
-    assert registry.names("graph") == ("et", "mlp", "gcn", "sage", "gat", "gin", "bwgnn")
-    assert registry.names("graph", family="gnn") == registry.names("graph")[1:]
+    assert registry.names("graph") == ("et", "mlp", "gcn", "sage", "gat", "gin", "bwgnn", "xgbgraph")
+    assert registry.names("graph", family="gnn") == registry.names("graph")[1:-1]
+    assert registry.names("graph", family="trees") == ("xgbgraph",)
     assert registry.names("graphcls") == ("et", "mlp", "gin")
     assert registry.names("graphcls", family="gnn") == ("mlp", "gin")
     assert registry.names("image", family="vit") == ("vit", "vit-tied", "vit-pm")
@@ -178,7 +181,8 @@ def test_names_kinds_and_families() -> None:
 def test_unknown_names_and_kinds_give_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown image model 'gcn'; allowed: et, vit, vit-tied, vit-pm$"):
         registry.build("image", "gcn", **IMAGE)
-    with pytest.raises(ValueError, match=r"unknown graph model 'vit'; allowed: et, mlp, gcn, sage, gat, gin, bwgnn"):
+    with pytest.raises(ValueError,
+                       match=r"unknown graph model 'vit'; allowed: et, mlp, gcn, sage, gat, gin, bwgnn, xgbgraph$"):
         registry.flops("graph", "vit", in_dim=F, num_nodes=NODES, num_edges=EDGES)
     with pytest.raises(ValueError, match=r"unknown model kind 'video'; allowed: image, graph, graphcls$"):
         registry.names("video")

@@ -31,8 +31,9 @@ FONT_PT = 8
 
 #: Registry model names in registry order (``registry.all_names()``; analysis may not import models, so a test
 #: checks the two agree); the position fixes the colour.
-MODELS = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn")
-_COLOURS = sns.color_palette("colorblind", len(MODELS))  # the 10 colours repeat from the 11th model on
+MODELS = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn", "xgbgraph")
+# the 10 colour-blind-safe colours, then black (seaborn's palette would repeat the ET's blue for an 11th model)
+_COLOURS = [*sns.color_palette("colorblind", 10), (0.0, 0.0, 0.0)]
 PALETTE: dict[str, tuple[float, float, float]] = dict(zip(MODELS, _COLOURS, strict=True))
 _GREYS = sns.color_palette("Greys", 6)[2:]
 

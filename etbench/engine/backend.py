@@ -48,6 +48,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
+    if not decay and not no_decay:  # a model fitted by its own step (boosted trees): the optimiser only carries
+        no_decay = [torch.zeros(0, requires_grad=True)]  # the lr schedule, over an empty placeholder tensor
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -120,6 +122,8 @@ class PlainBackend:
         self.sched = make_scheduler(self.opt, cfg, max(1, steps_per_epoch // grad_accum))
         self.rank, self.world_size = 0, 1
         self._micro = 0
+        # no gradient-trained parameters (boosted trees fit in the task's train_loss): no backward pass to take
+        self._fits_itself = not any(p.requires_grad for p in self.model.parameters())
 
     def module(self) -> nn.Module:
         return self.model
@@ -131,11 +135,12 @@ class PlainBackend:
 
     def train_step(self, loss: Tensor) -> bool:
         """Backward one micro-batch; step at accumulation boundaries. Returns True when the optimizer stepped."""
-        (loss / self.grad_accum).backward()
+        if not self._fits_itself:
+            (loss / self.grad_accum).backward()
         self._micro += 1
         if self._micro % self.grad_accum:
             return False
-        if self.cfg.grad_clip:
+        if self.cfg.grad_clip and not self._fits_itself:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -46,6 +46,7 @@ class ModelEntry:
     flops: Callable[..., float]
     options: tuple[str, ...] = ()
     summary: str = ""
+    differentiable: bool = True  # False: fitted by the model's own ``fit_step`` (boosted trees), one process only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

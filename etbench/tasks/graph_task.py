@@ -92,6 +92,10 @@ class GraphTask:
         yield from self.sampler.batches(self.train_shard.cpu(), epoch)
 
     def train_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        core = getattr(model, "module", model)
+        if hasattr(core, "fit_step"):  # boosted trees (registry: differentiable=False): their own fit, no gradient
+            return core.fit_step(self.x, self.edge_index, self.train_shard, self.y, self.class_weight,
+                                 eta=self.cfg.train.lr, seed=self.cfg.train.seed)
         if batch is None:
             logits = model(self.x, self.edge_index)[self.train_shard]
             target = self.y[self.train_shard]
