@@ -145,7 +145,7 @@ def _dynamics_grid(a: argparse.Namespace) -> int:
         raise dyn.DynamicsError("give RUN_DIR / --run-id or --grid, not both")
     results = Path(a.results or os.environ.get("ETBENCH_STORAGE") or "results")
     done = probe_grid(a.grid, results, Path(a.out), a.steps, a.alpha_scale, tol=a.tol, tracking_uri=a.tracking_uri,
-                      device=a.device)
+                      device=a.device, test_limit=a.test_limit)
     print(f"{len(done.finished)} FINISHED run(s): probed {len(done.probed)}, {len(done.skipped)} already probed; "
           f"{len(done.not_finished)} trial(s) not finished; table {done.csv}")
     if a.report:
@@ -173,6 +173,8 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", nargs="+", help="probe every FINISHED run of these grid files (skipping runs already "
                                              "in OUT/dynamics_grid.csv) into one combined table")
     p.add_argument("--report", help="with --grid: draw the combined table's figures and tables into this folder")
+    p.add_argument("--test-limit", type=int, help="with --grid: probe only the first N test images (cheaper; their "
+                                                  "metrics, not the recorded ones)")
     p.set_defaults(func=_dynamics)
 
 

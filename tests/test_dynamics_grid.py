@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from etbench.analysis.dynamics_grid import GridReportError, grid_report
@@ -68,8 +69,8 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
     done = [t.config_hash for t in trials[:-1]]
     assert first.probed == done and first.skipped == [] and first.not_finished == [trials[-1].config_hash]
     table = pd.read_csv(out / GRID_CSV, dtype={"config_hash": str})
-    assert list(table.columns[:8]) == ["grid", "config_hash", "model", "train_steps", "train_alpha", "seed",
-                                       "eval_steps", "alpha_scale"]
+    assert list(table.columns[:9]) == ["grid", "config_hash", "model", "train_steps", "train_alpha", "seed",
+                                       "test_images", "eval_steps", "alpha_scale"]
     for t in trials[:-1]:
         mine = table[table["config_hash"] == t.config_hash]
         scales = [1.0] if t.model == "vit-tied" else [1.0, 2.0]  # vit-tied has no α
@@ -104,6 +105,24 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
         import shutil
 
         shutil.rmtree(grid["results"] / "tiny_dyn" / "trials" / trials[-1].config_hash)
+
+
+def test_test_limit_probes_the_first_images_under_their_masks(grid: dict[str, Any], tmp_path: Path) -> None:
+    h = grid["trials"][0].config_hash
+    full = _probe(grid, tmp_path / "full")
+    table = pd.read_csv(full.csv, dtype={"config_hash": str})
+    assert set(table["test_images"]) == {24}  # limit_eval 24
+    part = probe_grid([grid["path"]], grid["results"], tmp_path / "part", [0, 1], [1.0], test_limit=5,
+                      say=lambda _: None)
+    sub = pd.read_csv(part.csv, dtype={"config_hash": str})
+    assert set(sub["test_images"]) == {5} and len(sub) == 2 * 3
+    # oracle: the same 5 images, their masks, evaluated directly
+    run = dyn.load_run(grid["results"] / "tiny_dyn" / "trials" / h)
+    run.task.splits = type(run.task.splits)(**{**vars(run.task.splits), "test": torch.utils.data.Subset(
+        run.task.splits.test, range(5))})
+    (row,) = dyn.probe(run, [1], [1.0])
+    got = sub[(sub["config_hash"] == h) & (sub["eval_steps"] == 1)]["test/mse_masked"].item()
+    assert got == pytest.approx(row["test/mse_masked"], rel=1e-9)
 
 
 def test_each_run_gets_its_csv_in_mlflow(grid: dict[str, Any], tmp_path: Path) -> None:
@@ -161,6 +180,8 @@ def test_bad_grid_and_arguments_are_one_error_line(grid: dict[str, Any], tmp_pat
                                                str(tmp_path / "none"), "--out", out])
     assert "not both" in _error(capsys, ["dynamics", "some_run", "--grid", str(grid["path"]), "--out", out])
     assert "--grid" in _error(capsys, ["dynamics", "some_run", "--report", str(tmp_path / "r"), "--out", out])
+    assert "--test-limit" in _error(capsys, ["dynamics", "--grid", str(grid["path"]), "--results", results,
+                                             "--test-limit", "0", "--out", out])
     assert "-1" in _error(capsys, ["dynamics", "--grid", str(grid["path"]), "--results", results, "--steps", "-1",
                                    "--out", out])
 

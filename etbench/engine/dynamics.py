@@ -20,12 +20,13 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from etbench.config import RunConfig
 from etbench.engine.backend import eval_mode
@@ -54,8 +55,10 @@ class LoadedRun:
     recorded: dict[str, float]
 
 
-def load_run(folder: Path, device: str = "auto") -> LoadedRun:
-    """Rebuild the run in ``folder`` (config.json, metrics.json, checkpoints/latest/state.pt)."""
+def load_run(folder: Path, device: str = "auto", test_limit: int | None = None) -> LoadedRun:
+    """Rebuild the run in ``folder`` (config.json, metrics.json, checkpoints/latest/state.pt). ``test_limit``
+    (image tasks) keeps the first that many test images, each under its usual mask: a cheaper probe whose metrics
+    are then those of the subset, not the recorded ones."""
     folder = Path(folder)
     for need in ("config.json", "metrics.json"):
         if not (folder / need).is_file():
@@ -75,6 +78,12 @@ def load_run(folder: Path, device: str = "auto") -> LoadedRun:
                             f"resume it first (etbench train … --resume)")
     dev = resolve_device(device if device != "auto" else cfg.train.device, False)
     task = build_task(cfg, dev)
+    if test_limit is not None:
+        if test_limit < 1 or not hasattr(task, "splits"):
+            raise DynamicsError(f"--test-limit must be ≥ 1 and applies to image runs only; got {test_limit} for "
+                                f"the {cfg.task.kind} run {folder}")
+        test = task.splits.test  # the first images keep their indices, hence their fixed evaluation masks
+        task.splits = replace(task.splits, test=Subset(test, range(min(test_limit, len(test)))))
     model = build_model(cfg, task.describe()).to(dev)
     state = torch.load(state_file, map_location=dev, weights_only=True)
     model.load_state_dict(state["model"])

@@ -5,8 +5,10 @@ Each grid's trials are planned from its file (so the config hash, model, trainin
 itself); a trial counts when its MLflow experiment holds a complete FINISHED run with that hash and its folder
 ``<results>/<grid>/trials/<hash>`` exists. Each such run is probed at every (T', α'/α), its per-run
 ``dynamics.csv`` (and the per-step curve at the longest T', ``dynamics_curve.csv``) logged to its MLflow run under
-``dynamics/``, and its rows appended to ``OUT/dynamics_grid.csv`` (and ``OUT/dynamics_grid_curves.csv``), rewritten
-after every run. Resumable: a run whose every requested (T', α'/α) row is already in the combined table is skipped.
+``dynamics/``, and its rows (with ``test_images``, the number of test images probed: all, or the first
+``test_limit``) appended to ``OUT/dynamics_grid.csv`` (and ``OUT/dynamics_grid_curves.csv``), rewritten after every
+run. Resumable: a run whose every requested (T', α'/α) row is already in the combined table is skipped (whatever
+``test_limit`` it was probed with: a fresh OUT probes again).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from etbench.models.energy import FIXED_POINT_TOL
 GRID_CSV = "dynamics_grid.csv"
 CURVES_CSV = "dynamics_grid_curves.csv"
 CURVE_ARTIFACT = "dynamics_curve.csv"
-RUN_KEYS = ("grid", "config_hash", "model", "train_steps", "train_alpha", "seed")  # first columns of every row
+RUN_KEYS = ("grid", "config_hash", "model", "train_steps", "train_alpha", "seed", "test_images")  # first columns
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ def _probed(table: pd.DataFrame, run: GridRun, steps: Sequence[int], scales: Seq
 
 def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Sequence[int],
                scales: Sequence[float], *, tol: float = FIXED_POINT_TOL, tracking_uri: str | None = None,
-               device: str = "auto", log: bool = True, say: Callable[[str], None] = print) -> GridProbe:
+               device: str = "auto", test_limit: int | None = None, log: bool = True,
+               say: Callable[[str], None] = print) -> GridProbe:
     """Probe every FINISHED run of ``grids`` not yet in ``out/dynamics_grid.csv`` (see the module docstring)."""
     if not steps or not scales:
         raise dyn.DynamicsError("give at least one step count (--steps) and one step-size scale (--alpha-scale)")
@@ -138,7 +141,8 @@ def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Seq
         if _probed(table, run, steps, run_scales):
             skipped.append(run.config_hash)
             continue
-        loaded = dyn.load_run(run.folder, device=device)
+        loaded = dyn.load_run(run.folder, device=device, test_limit=test_limit)
+        keys = {**run.keys(), "test_images": len(loaded.task.splits.test)}
         curve: list[dict[str, Any]] = []
         rows = dyn.probe(loaded, steps, run_scales, tol=tol, curves=curve, curve_steps=longest)
         run_out = out / "runs" / run.config_hash
@@ -146,7 +150,6 @@ def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Seq
         pd.DataFrame(curve).to_csv(paths[1], index=False)
         if log:
             dyn.log_to_mlflow(run.tracking_uri, run.run_id, paths)
-        keys = run.keys()
         new = pd.DataFrame([{**keys, **r} for r in rows])
         old = table[table["config_hash"] != run.config_hash] if not table.empty else table
         table = pd.concat([old, new], ignore_index=True) if not old.empty else new
