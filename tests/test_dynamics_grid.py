@@ -21,6 +21,7 @@ from etbench.analysis.dynamics_grid import GridReportError, grid_report
 from etbench.cli import main
 from etbench.engine import dynamics as dyn
 from etbench.engine.dynamics_grid import CURVES_CSV, GRID_CSV, probe_grid
+from etbench.engine.dynamics_prefix import probe_prefix
 from etbench.engine.tracked import TrackingSpec, run_tracked
 from etbench.sweep.grid import expand, load_grid
 
@@ -105,6 +106,20 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
         import shutil
 
         shutil.rmtree(grid["results"] / "tiny_dyn" / "trials" / trials[-1].config_hash)
+
+
+@pytest.mark.parametrize("which", [0, 2])  # the ET (T = 1), vit-tied (T = 1)
+def test_one_descent_per_scale_gives_the_probe_rows_exactly(grid: dict[str, Any], which: int) -> None:
+    run = dyn.load_run(grid["results"] / "tiny_dyn" / "trials" / grid["trials"][which].config_hash)
+    steps, scales = [3, 0, 1, 2], [1.0] if which == 2 else [0.5, 1.0]
+    slow_c: list[dict[str, Any]] = []
+    fast_c: list[dict[str, Any]] = []
+    slow = dyn.probe(run, steps, scales, curves=slow_c, curve_steps=3)
+    fast = probe_prefix(run, steps, scales, curves=fast_c, curve_steps=3)
+    pd.testing.assert_frame_equal(pd.DataFrame(fast), pd.DataFrame(slow), check_exact=True)
+    pd.testing.assert_frame_equal(pd.DataFrame(fast_c), pd.DataFrame(slow_c), check_exact=True)
+    with pytest.raises(dyn.DynamicsError, match="must be ≥ 0"):
+        probe_prefix(run, [-1], [1.0])
 
 
 def test_test_limit_probes_the_first_images_under_their_masks(grid: dict[str, Any], tmp_path: Path) -> None:

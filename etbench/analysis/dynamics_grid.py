@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import ticker
+from matplotlib.axes import Axes
 
 from etbench.analysis import style
 from etbench.analysis.dynamics import headline
@@ -60,10 +62,19 @@ def _arms(table: pd.DataFrame) -> list[str]:
 
 
 def _palette(arms: list[str]) -> dict[str, tuple[float, float, float]]:
+    """ET arms in blues (darker = larger α), other models in their usual colours."""
     ets = [a for a in arms if a.startswith("ET ")]
-    greens = sns.color_palette("crest", max(len(ets), 1))
+    blues = sns.color_palette("Blues", len(ets) + 2)[:1:-1][: len(ets)]
     other = style.model_palette([a for a in arms if a not in ets])
-    return {**dict(zip(ets, greens, strict=True)), **other}
+    return {**dict(zip(ets, blues, strict=True)), **other}
+
+
+def _plain_log_y(ax: Axes) -> None:
+    """Log y with plain major labels and no minor labels (they crowd a small panel)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, numticks=4))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def metric_figure(table: pd.DataFrame, out: Path) -> list[Path]:
@@ -84,23 +95,26 @@ def metric_figure(table: pd.DataFrame, out: Path) -> list[Path]:
                 s = seed.sort_values("eval_steps")
                 ax.plot(s["eval_steps"], s[metric], color=colours[a], alpha=0.35, lw=0.6)
             mean = g.groupby("eval_steps")[metric].mean()
-            ax.plot(mean.index, mean.values, color=colours[a], marker="o", ms=2.5, lw=1.4,
-                    label=f"{a} (n = {g['seed'].nunique()})" if t_train == trained[0] else a)
+            ax.plot(mean.index, mean.values, color=colours[a], marker="o", ms=2.5, lw=1.4, label=a)
         ax.axvline(t_train, color="0.4", ls="--", lw=0.8)
         ax.set_xscale("symlog", linthresh=1)
+        probed = sorted(here["eval_steps"].unique())
+        ax.xaxis.set_major_locator(ticker.FixedLocator([t for t in probed if t in (0, 1, 4, 16, 96)] or probed))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(f"trained with T = {t_train}")
         ax.set_xlabel("test-time steps T'")
     axs[0, 0].set_ylabel(short_name(metric))
     handles = {lab: h for ax in axs[0] for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
-    fig.legend(list(handles.values()), [lab.split(" (n")[0] for lab in handles], loc="outside lower center",
-               ncols=min(6, len(handles)), frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)),
+               frameon=False)
     fig.suptitle(f"{short_name(metric)} vs test-time steps (thick: mean over seeds, thin: each seed; "
                  f"dashed: the training T)")
     return style.save(fig, out / f"{PREFIX}_metric")
 
 
-CURVE_PANELS = (("energy_change", "E(x_t) − E(x_0)", False), ("grad_norm", "‖∂E/∂g‖ at x_t, token mean", True),
-                ("rel_update", "‖Δx‖/‖x‖ of update t", True))
+CURVE_PANELS = (("energy_change", "E(x_t) − E(x_0)", False), ("grad_norm", "‖∂E/∂g‖", True),
+                ("rel_update", "‖Δx‖/‖x‖", True))
 
 
 def curves_figure(curves: pd.DataFrame, out: Path) -> list[Path]:
@@ -126,9 +140,9 @@ def curves_figure(curves: pd.DataFrame, out: Path) -> list[Path]:
                 mean = g.groupby("step")[col].mean()
                 ax.plot(mean.index, mean.values, color=colours[a], lw=1.2, label=a)
             ax.axvline(t_train, color="0.4", ls="--", lw=0.8)
-            values = here[col].dropna()
-            if log and not values.empty and (values > 0).all():
-                ax.set_yscale("log")
+            values = curves[col].dropna()
+            if log and not values.empty and (values > 0).all() and values.max() >= 10 * values.min():
+                _plain_log_y(ax)
             if j == 0:
                 ax.set_ylabel(label)
             if i == 0:
@@ -139,7 +153,8 @@ def curves_figure(curves: pd.DataFrame, out: Path) -> list[Path]:
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)),
                frameon=False)
     longest = int(curves["eval_steps"].max()) if not curves.empty else 0
-    fig.suptitle(f"along the test-time descent T' = {longest} (mean over test images and seeds; dashed: training T)")
+    fig.suptitle(f"along the test-time descent T' = {longest}: energy change, token-mean ‖∂E/∂g‖ at x_t, relative "
+                 f"update of step t\n(means over test images and seeds; dashed: the training T)")
     return style.save(fig, out / f"{PREFIX}_curves")
 
 

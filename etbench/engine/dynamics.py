@@ -167,7 +167,12 @@ def _et_row(run: LoadedRun, steps: int, scale: float, tol: float, curve: list[di
     traces: list[EnergyTrace] = []
     with core.et.probing(steps=steps, alpha=scale * core.et.cfg.alpha, on_trace=traces.append):
         metrics = split_metrics(run.task, run.model)
-    tr = _merge(traces)
+    return _et_values(metrics, _merge(traces), steps, tol, curve)
+
+
+def _et_values(metrics: dict[str, float], tr: EnergyTrace, steps: int, tol: float,
+               curve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One probe row of the ET from its test metrics and the merged trace of its test descents (of ``steps``)."""
     assert tr.grad_norm_mean is not None and tr.rel_update is not None
     if curve is not None:
         curve += _curve(steps, tr.E, tr.grad_norm_mean, tr.rel_update, tr.rose())
@@ -194,6 +199,19 @@ def _tied_row(run: LoadedRun, steps: int, tol: float, curve: list[dict[str, Any]
     return out
 
 
+def check_request(run: LoadedRun, steps: Sequence[int], scales: Sequence[float]) -> None:
+    """Refuse step counts < 0, scales ≤ 0, no step or scale, and a scale ≠ 1 for vit-tied (one error line)."""
+    if not steps or not scales:
+        raise DynamicsError("give at least one step count (--steps) and one step-size scale (--alpha-scale)")
+    if bad := [t for t in steps if t < 0]:
+        raise DynamicsError(f"--steps must be ≥ 0, got {bad}")
+    if bad_s := [s for s in scales if not s > 0]:
+        raise DynamicsError(f"--alpha-scale must be > 0, got {bad_s}")
+    if run.cfg.model.name == "vit-tied" and any(s != 1 for s in scales):
+        raise DynamicsError(f"vit-tied has no step size α (its update is a transformer block), so only "
+                            f"--alpha-scale 1 is allowed; got {list(scales)}")
+
+
 def probe(run: LoadedRun, steps: Sequence[int], scales: Sequence[float], tol: float = FIXED_POINT_TOL,
           curves: list[dict[str, Any]] | None = None, curve_steps: int | None = None) -> list[dict[str, Any]]:
     """One row per (T', scale), in the order given: eval_steps, alpha_scale, test metrics, dynamics columns.
@@ -202,16 +220,8 @@ def probe(run: LoadedRun, steps: Sequence[int], scales: Sequence[float], tol: fl
     per-step curve: rows eval_steps, alpha_scale, step t, then the test-sample means of E(x_t), ‖∂E/∂g‖ at x_t,
     the relative update ‖Δx‖/‖x‖ and the share of samples whose E rose in update t (vit-tied: relative update
     only)."""
-    if not steps or not scales:
-        raise DynamicsError("give at least one step count (--steps) and one step-size scale (--alpha-scale)")
-    if bad := [t for t in steps if t < 0]:
-        raise DynamicsError(f"--steps must be ≥ 0, got {bad}")
-    if bad_s := [s for s in scales if not s > 0]:
-        raise DynamicsError(f"--alpha-scale must be > 0, got {bad_s}")
+    check_request(run, steps, scales)
     tied = run.cfg.model.name == "vit-tied"
-    if tied and any(s != 1 for s in scales):
-        raise DynamicsError(f"vit-tied has no step size α (its update is a transformer block), so only "
-                            f"--alpha-scale 1 is allowed; got {list(scales)}")
     rows = []
     for t in steps:
         for s in scales:

@@ -3,7 +3,8 @@ or more grids, into one combined table.
 
 Each grid's trials are planned from its file (so the config hash, model, training T and seed come from the grid
 itself); a trial counts when its MLflow experiment holds a complete FINISHED run with that hash and its folder
-``<results>/<grid>/trials/<hash>`` exists. Each such run is probed at every (T', α'/α), its per-run
+``<results>/<grid>/trials/<hash>`` exists. Each such run is probed at every (T', α'/α) (image runs in one descent
+per α' by :mod:`etbench.engine.dynamics_prefix`), its per-run
 ``dynamics.csv`` (and the per-step curve at the longest T', ``dynamics_curve.csv``) logged to its MLflow run under
 ``dynamics/``, and its rows (with ``test_images``, the number of test images probed: all, or the first
 ``test_limit``) appended to ``OUT/dynamics_grid.csv`` (and ``OUT/dynamics_grid_curves.csv``), rewritten after every
@@ -23,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from etbench.engine import dynamics as dyn
+from etbench.engine.dynamics_prefix import probe_prefix
 from etbench.models.energy import FIXED_POINT_TOL
 
 GRID_CSV = "dynamics_grid.csv"
@@ -144,7 +146,7 @@ def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Seq
         loaded = dyn.load_run(run.folder, device=device, test_limit=test_limit)
         keys = {**run.keys(), "test_images": len(loaded.task.splits.test)}
         curve: list[dict[str, Any]] = []
-        rows = dyn.probe(loaded, steps, run_scales, tol=tol, curves=curve, curve_steps=longest)
+        rows = probe_prefix(loaded, steps, run_scales, tol=tol, curves=curve, curve_steps=longest)
         run_out = out / "runs" / run.config_hash
         paths = [dyn.write_csv(rows, run_out), run_out / CURVE_ARTIFACT]
         pd.DataFrame(curve).to_csv(paths[1], index=False)
