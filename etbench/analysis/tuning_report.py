@@ -9,6 +9,8 @@
   several seeds, the range across searches — how much did another search seed change?
 - ``figures/tuning_sensitivity.{png,csv}``: validation metric of every tuning run vs its learning rate, coloured
   by model (log x-axis).
+- ``figures/tuning_parallel.{png,csv}``, ``tables/tuning_importance.{csv,md}``: parallel coordinates and fANOVA
+  importance of the searched hyper-parameters (:mod:`etbench.analysis.tuning_plots`).
 
 Reads MLflow only; imports nothing from the engine or the sweep.
 """
@@ -24,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from etbench.analysis.budget import budget_curves, budget_spread, draw_group
+from etbench.analysis.tuning_plots import write_tuning_plots
 from etbench.tracking import schema as S
 
 UNTUNED_NOTE = ("Hyper-parameters (learning rate, init) were fixed by this grid, not tuned per model: a comparison "
@@ -196,4 +199,8 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
         "figures/tuning_budget_spread.csv) shows what another search would change; under ASHA or a model-based "
         "search the orders are not exchangeable and the dashed line is only indicative), "
         "figures/tuning_sensitivity.png (validation metric vs learning rate, by model).", ""])
+    tables, figures, section = write_tuning_plots(df, out)
+    rep.tables += tables
+    rep.figures += figures
+    rep.section += ("\n" + section) if section else ""
     return rep
