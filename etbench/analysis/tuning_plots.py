@@ -133,13 +133,14 @@ def draw_parallel(table: pd.DataFrame, path: Path) -> None:
         value = block.groupby("run_id")["value"].first().loc[wide.index]
         better_low = block["mode"].iloc[0] == "min"
         lines = [list(zip(range(len(names)), row, strict=True)) for row in wide.to_numpy()]
-        cmap = plt.get_cmap("viridis_r" if better_low else "viridis")  # dark = good either way
+        cmap = plt.get_cmap("viridis" if better_low else "viridis_r")  # dark = good either way
         coll = LineCollection(lines, array=value.to_numpy(), cmap=cmap, linewidths=1.4, alpha=0.85)
         ax.add_collection(coll)
         ax.set_xlim(-0.1, len(names) - 0.9 if len(names) > 1 else 0.1)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xticks(range(len(names)), [n.split(".", 1)[-1] for n in names], fontsize="small")
-        ax.set_yticks([0, 1], ["min", "max"], fontsize="small")
+        ax.set_xticks(range(len(names)), [f"{n.split('.', 1)[-1]}\n{_span(block, n)}" for n in names],
+                      fontsize="small")
+        ax.set_yticks([0, 1], ["low", "high"], fontsize="small")
         ax.set_title(f"{gid} ({block['model'].iloc[0]}, {len(wide)} full-budget runs)", fontsize="small")
         for i in range(len(names)):
             ax.axvline(i, color="0.8", lw=0.8, zorder=0)
@@ -148,6 +149,15 @@ def draw_parallel(table: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _span(block: pd.DataFrame, name: str) -> str:
+    """The drawn range of one axis, as its tick label: ``1e-04 … 0.01 (log)`` or the sorted choices."""
+    raw = block.loc[block["param"] == name, "raw"].tolist()
+    kind, info = _axis(raw)
+    if kind == "categorical":
+        return " < ".join(info) if len(info) <= 4 else f"{info[0]} … {info[-1]} ({len(info)})"
+    return f"{min(info):.3g} … {max(info):.3g}" + (" (log)" if kind == "log" else "")
 
 
 def write_tuning_plots(df: pd.DataFrame, out: Path) -> tuple[list[Path], list[Path], str]:
