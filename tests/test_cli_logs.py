@@ -40,7 +40,8 @@ def test_sweep_console_is_etbench_only_and_the_log_keeps_the_rest(tmp_path: Path
     log = tmp_path / "res" / "quiet" / "logs" / "library.log"
     assert [ln for ln in out.stdout.splitlines() if "library logs" in ln] == \
         [f"grid quiet: library logs (Ray Tune, MLflow) → {log}"]  # the path, printed once
-    assert "[1/1] FINISHED et seed=0" in out.stdout and "grid quiet: 1 finished, 0 failed" in out.stdout
+    assert "[1/1 done · 0 running · 0 left] FINISHED et seed=0" in out.stdout
+    assert "grid quiet: 1 finished, 0 failed" in out.stdout
     assert "viewStateShareKey=etbench" in out.stdout  # the MLflow UI link
     leaked = {k: why for k, why in NOISE.items() if k in console}
     assert not leaked, f"library output on the console: {leaked}"
