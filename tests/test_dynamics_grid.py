@@ -70,8 +70,8 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
     done = [t.config_hash for t in trials[:-1]]
     assert first.probed == done and first.skipped == [] and first.not_finished == [trials[-1].config_hash]
     table = pd.read_csv(out / GRID_CSV, dtype={"config_hash": str})
-    assert list(table.columns[:9]) == ["grid", "config_hash", "model", "train_steps", "train_alpha", "seed",
-                                       "test_images", "eval_steps", "alpha_scale"]
+    assert list(table.columns[:10]) == ["grid", "config_hash", "model", "train_steps", "train_alpha", "seed",
+                                        "test_images", "recorded_test/mse_masked", "eval_steps", "alpha_scale"]
     for t in trials[:-1]:
         mine = table[table["config_hash"] == t.config_hash]
         scales = [1.0] if t.model == "vit-tied" else [1.0, 2.0]  # vit-tied has no α
@@ -85,6 +85,7 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
         same = mine[(mine["eval_steps"] == t.config.model.et.steps) & (mine["alpha_scale"] == 1.0)]
         if len(same):  # T = 1 is among STEPS; T = 2 is not
             assert same["test/mse_masked"].item() == pytest.approx(recorded, rel=1e-6)
+        assert list(mine["recorded_test/mse_masked"]) == pytest.approx([recorded] * len(mine), rel=1e-12)
     curves = pd.read_csv(out / CURVES_CSV, dtype={"config_hash": str})
     et1 = curves[(curves["config_hash"] == trials[0].config_hash) & (curves["alpha_scale"] == 1.0)]
     assert list(et1["step"]) == [0, 1, 2, 3] and set(et1["eval_steps"]) == {3}

@@ -170,7 +170,10 @@ def run_table(table: pd.DataFrame) -> pd.DataFrame:
         at = {k: float(by[metric].get(k, math.nan)) for k in (0, t, longest)}
         best = by[metric].idxmin() if metric.endswith(("mse", "mse_masked", "loss")) else by[metric].idxmax()
         last = by.loc[longest] if longest in by.index else None
+        full = f"recorded_{metric}"
         rows.append({"arm": g["arm"].iloc[0], "train_steps": t, "seed": int(g["seed"].iloc[0]), "config_hash": h,
+                     "test_images": int(g["test_images"].iloc[0]) if "test_images" in g else -1,
+                     "recorded_full_test": float(g[full].iloc[0]) if full in g else math.nan,
                      "at_0": at[0], "at_train": at[t], "at_longest": at[longest],
                      "change_beyond_train": at[longest] - at[t], "best_eval_steps": int(best),
                      "best": float(by[metric].loc[best]),
@@ -195,20 +198,21 @@ def summary_table(runs: pd.DataFrame, metric: str, longest: int) -> tuple[pd.Dat
     groups = sorted(runs.groupby(["arm", "train_steps"]), key=lambda kv: (kv[0][1], order[kv[0][0]]))
     rows, lines = [], []
     name = short_name(metric)
-    lines.append(f"| training T | arm | seeds | {name} at T' = 0 | at T' = T | at T' = {longest} | change T → "
-                 f"{longest} | best T' (per seed) | E rose (share of updates, T' = {longest}) | fixed-point step "
-                 f"(per seed) | config hashes |")
-    lines.append("|---" * 11 + "|")
+    lines.append(f"| training T | arm | seeds | recorded, whole test split, T' = T | {name} at T' = 0 | at T' = T | "
+                 f"at T' = {longest} | change T → {longest} | best T' (per seed) | E rose (share of updates, "
+                 f"T' = {longest}) | fixed-point step (per seed) | config hashes |")
+    lines.append("|---" * 12 + "|")
     for (a, t), g in groups:
         fixed = ", ".join("never" if (isinstance(f, float) and math.isnan(f)) or f == "" else str(int(float(f)))
                           for f in g["fixed_point_step"])
         best = ", ".join(str(b) for b in g["best_eval_steps"])
         hashes = ", ".join(g["config_hash"])
         rows.append({"train_steps": t, "arm": a, "seeds": len(g), **{c: g[c].mean() for c in (
-            "at_0", "at_train", "at_longest", "change_beyond_train", "rose_fraction")},
+            "recorded_full_test", "at_0", "at_train", "at_longest", "change_beyond_train", "rose_fraction")},
             "best_eval_steps": best, "fixed_point_step": fixed, "config_hashes": hashes})
         change = g["change_beyond_train"]
-        lines.append(f"| {t} | {a} | {len(g)} | {_fmt(g['at_0'])} | {_fmt(g['at_train'])} | {_fmt(g['at_longest'])} "
+        lines.append(f"| {t} | {a} | {len(g)} | {_fmt(g['recorded_full_test'])} | {_fmt(g['at_0'])} "
+                     f"| {_fmt(g['at_train'])} | {_fmt(g['at_longest'])} "
                      f"| {'+' if change.mean() > 0 else ''}{_fmt(change)} | {best} | {_fmt(g['rose_fraction'], 3)} "
                      f"| {fixed} | {hashes} |")
     return pd.DataFrame(rows), "\n".join(lines) + "\n"
@@ -226,8 +230,10 @@ def grid_report(csv_path: Path, curves_path: Path, out: Path) -> list[Path]:
     paths = [out / f"{PREFIX}_runs.csv", out / f"{PREFIX}_table.csv", out / f"{PREFIX}_table.md"]
     runs.to_csv(paths[0], index=False)
     summary.to_csv(paths[1], index=False)
-    paths[2].write_text(f"{short_name(metric)} on the test split at α'/α = 1: mean (min … max) over seeds\n\n"
-                        + markdown)
+    images = sorted(set(runs["test_images"]))
+    paths[2].write_text(f"{short_name(metric)} at α'/α = 1, mean (min … max) over seeds; probed on the first "
+                        f"{', '.join(map(str, images))} test images (under their fixed masks), the recorded column on "
+                        f"the whole test split\n\n" + markdown)
     paths += metric_figure(table, out)
     if Path(curves_path).is_file():
         curves = pd.read_csv(curves_path, dtype={"config_hash": str})

@@ -30,6 +30,7 @@ from etbench.models.energy import FIXED_POINT_TOL
 GRID_CSV = "dynamics_grid.csv"
 CURVES_CSV = "dynamics_grid_curves.csv"
 CURVE_ARTIFACT = "dynamics_curve.csv"
+HEADLINE = ("test/mse_masked", "test/auroc")  # image, graph
 RUN_KEYS = ("grid", "config_hash", "model", "train_steps", "train_alpha", "seed", "test_images")  # first columns
 
 
@@ -102,6 +103,13 @@ def finished_runs(grids: Sequence[str | Path], results: Path, tracking_uri: str 
     return found, missing
 
 
+def recorded(run: dyn.LoadedRun) -> dict[str, float]:
+    """The run's own headline test metric at its training T on the whole test split (metrics.json), as
+    ``recorded_<metric>``: beside a ``test_limit`` probe, the full-split value."""
+    name = next((k for k in HEADLINE if k in run.recorded), None)
+    return {} if name is None else {f"recorded_{name}": float(run.recorded[name])}
+
+
 def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"config_hash": str}) if path.is_file() else pd.DataFrame()
 
@@ -144,7 +152,7 @@ def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Seq
             skipped.append(run.config_hash)
             continue
         loaded = dyn.load_run(run.folder, device=device, test_limit=test_limit)
-        keys = {**run.keys(), "test_images": len(loaded.task.splits.test)}
+        keys = {**run.keys(), "test_images": len(loaded.task.splits.test), **recorded(loaded)}
         curve: list[dict[str, Any]] = []
         rows = probe_prefix(loaded, steps, run_scales, tol=tol, curves=curve, curve_steps=longest)
         run_out = out / "runs" / run.config_hash
