@@ -64,7 +64,8 @@ class SparseEnergyAttention(EnergyAttention):
     Tokens g are (N, D) — one graph is one sample — so energies are 0-d tensors. ``ctx`` is the raw edge_index
     (2, E); its cleaned form is cached for the last edge_index seen (keyed by identity and in-place version), so
     the T descent steps of one forward (and later forwards on the same graph) clean it once. Memory: O(E'·H·Y)
-    transient, never N×N; in training the closed-form gradient keeps only g per step for backward
+    transient (the oracle's gathers; the CSR gradient needs only O(E'·H)), never N×N; in training the closed-form
+    gradient keeps the attention weights P and Pᵀ (2·E'·H floats) per step for backward
     (``edge_csr.CSRAttentionGrad``).
     """
 
