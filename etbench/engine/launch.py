@@ -19,11 +19,12 @@ from typing import Any
 from etbench.config import ConfigError, RunConfig
 from etbench.engine.loop import checkpoint_dir
 from etbench.engine.run import RunExistsError, write_config
-from etbench.engine.tracked import TrackingSpec, error_reason
+from etbench.engine.tracked import TrackingSpec, error_reason, start_tracking
 from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
+from etbench.tracking.identity import IDENTITY_FILE, heartbeat
 
 LOCAL_NODE_IP = "127.0.0.2"  # a loopback address Ray keeps as given (127.0.0.1 is mapped to the external interface)
-TRACKING_FILE = "tracking.json"
+TRACKING_FILE = IDENTITY_FILE  # where a trial keeps its MLflow run id (etbench.tracking.identity)
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -76,19 +77,16 @@ def ensure_ray(cfg: RunConfig, address: str | None, progress: bool = True) -> bo
     return True
 
 
-def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path, resume: bool) -> TrackingSpec | None:
-    """The spec with a run id: the given one, the one this ``out`` used before (resume), or a new MLflow run."""
-    if spec is None or spec.run_id:
-        return spec
+def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path) -> TrackingSpec | None:
+    """The spec with the trial's run id (:mod:`etbench.tracking.identity`): the run this ``out`` used before
+    (re-opened, also from FAILED/KILLED), else ``spec.run_id``, else a new MLflow run; ``out/tracking.json`` is
+    written before any worker starts, and rank 0's epochs refresh it."""
+    if spec is None:
+        return None
     from dataclasses import replace
 
-    saved = out / TRACKING_FILE
-    if resume and saved.exists():
-        return replace(spec, run_id=json.loads(saved.read_text())["run_id"])
-    tracker = spec.tracker()
-    run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
-    saved.write_text(json.dumps({"run_id": run_id, "uri": spec.uri, "experiment": spec.experiment}))
-    return replace(spec, run_id=run_id)
+    tracker = start_tracking(spec, cfg, out)
+    return replace(spec, run_id=tracker.run_id, identity_dir=str(out))
 
 
 def has_started(cfg: RunConfig, out: Path, storage_path: str | None = None) -> bool:
@@ -183,7 +181,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
             marker = _check_cluster(cfg, out, given_out, tracking, storage_path)
         admit([cfg], custom=extra_resources)
         write_config(cfg, out)
-        spec = _tracking(tracking, cfg, out, resume)
+        spec = _tracking(tracking, cfg, out)
         gpu = cfg.dist.use_gpu
         trainer = TorchTrainer(
             train_worker,
@@ -203,6 +201,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
             result = trainer.fit()
         except BaseException as exc:
             if spec is not None and spec.run_id:
+                heartbeat(out)
                 tracker = spec.tracker()
                 tracker.attach(spec.run_id)
                 tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error_reason(exc))

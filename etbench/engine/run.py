@@ -120,17 +120,8 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
     return summary, trace
 
 
-def run_single(
-    cfg: RunConfig,
-    out: Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    stop_after_epochs: int | None = None,
-) -> RunResult:
-    """Train ``cfg`` on this process; ``stop_after_epochs`` simulates an interruption (tests)."""
-    out = Path(out)
+def check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
+    """Refuse to train into a folder that holds a run, unless resuming that same config."""
     ckpt = checkpoint_dir(out)
     if ckpt.exists() and not resume:
         raise RunExistsError(f"{out} already holds a run (checkpoint {ckpt}); pass --resume to continue it or "
@@ -139,6 +130,27 @@ def run_single(
         prev = json.loads((out / "config.json").read_text())["config_hash"]
         if prev != cfg.hash():
             raise RunExistsError(f"cannot resume {out}: it holds config {prev}, this config is {cfg.hash()}")
+
+
+def run_single(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    stop_after_epochs: int | None = None,
+    on_start: Callable[[LoopState], None] | None = None,
+    on_checkpoint: Callable[[LoopState], None] | None = None,
+) -> RunResult:
+    """Train ``cfg`` on this process; ``stop_after_epochs`` simulates an interruption (tests).
+
+    ``on_start(state)`` sees the state training continues from (resumed or fresh) before the first epoch;
+    ``on_checkpoint(state)`` runs after each checkpoint is written (the epochs that a later attempt never trains
+    again: :mod:`etbench.engine.tracked` logs epochs to MLflow from here)."""
+    out = Path(out)
+    check_out(cfg, out, resume)
+    ckpt = checkpoint_dir(out)
     t_start = time.perf_counter()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device, cfg.dist.use_gpu)
@@ -155,6 +167,8 @@ def run_single(
 
     def save(s: LoopState) -> None:
         backend.save(ckpt, s.to_dict())
+        if on_checkpoint is not None:
+            on_checkpoint(s)
 
     def epoch_done(epoch: int, row: dict[str, float]) -> None:
         write_metrics(state.history, out)
@@ -165,6 +179,8 @@ def run_single(
         if on_epoch is not None:
             on_epoch(epoch, row)
 
+    if on_start is not None:
+        on_start(state)
     epochs = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, stop_after_epochs)
     state = train_loop(task, backend, epochs, state, checkpoint=save, checkpoint_every=cfg.train.checkpoint_every,
                        on_epoch=epoch_done, progress=progress, step_probe=memory.measure)

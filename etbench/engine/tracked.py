@@ -1,4 +1,11 @@
-"""A run with MLflow tracking around it: start the tracked run, log every epoch, then summary and artifacts.
+"""A run with MLflow tracking around it: open (or re-attach) the tracked run, log every epoch, then summary and
+artifacts.
+
+Run identity (:mod:`etbench.tracking.identity`): the run id is written to ``<out>/tracking.json`` before the first
+epoch, and every later attempt on the same folder (a Ray Tune retry, a restarted or ``--resume``-d sweep,
+``etbench train --resume``) re-attaches that run, also from FAILED or KILLED. An epoch reaches MLflow once its
+checkpoint is written, so the run never holds an epoch that a later attempt trains again; an attempt that resumes
+from a checkpoint first appends the checkpointed epochs the run lacks. ``cost/wall_s`` sums every attempt.
 
 A run that raises (including a diverged, NaN run) is marked FAILED with its reason and the error re-raised; what
 was already logged stays in the store. A run stopped early by a scheduler (:class:`StopRequested`) is left open for
@@ -7,6 +14,7 @@ the tuning stage to close (``etbench.sweep.tune_stage``).
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from etbench.config import RunConfig
-from etbench.engine.loop import StopRequested
+from etbench.engine.loop import LoopState, StopRequested
+from etbench.engine.run import check_out, run_single
+from etbench.tracking import schema as S
+from etbench.tracking.identity import cumulative_wall_s, heartbeat, open_run, write_identity
 from etbench.tracking.mlflow_log import RUN_ARTIFACTS, RunTracker
 
 
@@ -28,63 +39,94 @@ class TrackingSpec:
     run_name: str
     axes: dict[str, Any] = field(default_factory=dict)
     artifact_root: str | None = None
-    run_id: str | None = None  # attach to an existing run instead of creating one (resumed trials)
+    run_id: str | None = None  # the run to attach to when the trial folder names none (an older folder)
     tags: dict[str, str] = field(default_factory=dict)  # extra tags at creation (tuning stage, selected-from run)
+    identity_dir: str | None = None  # the trial folder whose tracking.json the tracker's epochs refresh
 
     def tracker(self) -> RunTracker:
-        return RunTracker(self.uri, self.experiment, self.run_name,
-                          Path(self.artifact_root) if self.artifact_root else None)
+        tracker = RunTracker(self.uri, self.experiment, self.run_name,
+                             Path(self.artifact_root) if self.artifact_root else None)
+        tracker.identity_dir = Path(self.identity_dir) if self.identity_dir else None
+        return tracker
 
 
 def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-6:])
 
 
-def start_tracking(spec: TrackingSpec, cfg: RunConfig, data: dict[str, Any] | None) -> RunTracker:
+def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str, Any] | None = None
+                   ) -> RunTracker:
+    """The tracker of the trial in ``out``: its earlier run re-attached, or a new run; ``tracking.json`` written."""
     tracker = spec.tracker()
-    if spec.run_id:
-        tracker.attach(spec.run_id)
-    else:
-        tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data, extra_tags=spec.tags)
+    tracker.identity_dir = Path(out)
+    open_run(tracker, out, lambda: tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data,
+                                                 extra_tags=spec.tags), fallback_run_id=spec.run_id)
     return tracker
 
 
 def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path) -> None:
+    """Summary, artifacts, FINISHED. ``cost/wall_s`` becomes the wall time over every attempt of the trial (from
+    ``out/tracking.json``), also in ``summary`` and ``out/summary.json``."""
+    wall = cumulative_wall_s(out)
+    if wall is not None and isinstance(summary.get("cost"), dict):
+        summary["cost"]["wall_s"] = max(wall, float(summary["cost"].get("wall_s", 0.0)))
+        if (Path(out) / "summary.json").exists():
+            (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     tracker.log_summary(summary)
     tracker.log_artifacts(out, RUN_ARTIFACTS)
     tracker.finish("FINISHED")
+    heartbeat(out)
+
+
+def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out: Path, state: LoopState) -> None:
+    """Before the first epoch of an attempt: the run must hold no epoch past the attempt's checkpoint (else it is
+    closed KILLED and a new run takes over), and it gets the checkpointed epochs it lacks."""
+    held = tracker.logged_epochs()
+    if held and max(held) > state.epoch:
+        from etbench.tracking.identity import Identity, read_identity
+
+        old, prev = tracker.client, read_identity(out)
+        old_id = tracker._id()
+        run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
+        why = (f"held epochs up to {max(held)} but the trial restarted from epoch {state.epoch} (its checkpoint is "
+               f"older or gone); continued as run {run_id}")
+        old.set_tag(old_id, S.TAG_CLOSED_REASON, why)
+        old.set_tag(old_id, S.TAG_ERROR, why)
+        old.set_terminated(old_id, status="KILLED")
+        if prev is not None:
+            write_identity(out, Identity(run_id, tracker.uri, tracker.experiment, 1, prev.wall_s_prior,
+                                         prev.attempt_started_unix, prev.updated_unix))
+    for i, row in enumerate(state.history):
+        tracker.log_epoch(i, row)
 
 
 def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume: bool = False,
                 progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                 ) -> dict[str, Any]:
     """:func:`etbench.engine.run.run_single` with MLflow tracking (when ``spec`` is given). Returns the summary."""
-    from etbench.engine.run import run_single
-
     if spec is None:
         return run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch).summary
-    tracker = spec.tracker()
-    if spec.run_id:
-        tracker.attach(spec.run_id)
-    else:
-        tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
+    out = Path(out)
+    check_out(cfg, out, resume)  # before the run is opened: a refused folder leaves its run as it was
+    tracker = start_tracking(spec, cfg, out)
 
-    def epoch(e: int, row: dict[str, float]) -> None:
-        tracker.log_epoch(e, row)
-        if on_epoch is not None:
-            on_epoch(e, row)
+    def committed(state: LoopState) -> None:  # the epochs up to this checkpoint stand: log those MLflow lacks
+        for i, row in enumerate(state.history):
+            tracker.log_epoch(i, row)
 
     try:
-        result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=epoch)
+        result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch,
+                            on_start=lambda state: _continue_from(tracker, spec, cfg, out, state),
+                            on_checkpoint=committed)
     except StopRequested:  # stopped early by the scheduler: the stage driver closes the run from its epochs
         raise
     except BaseException as exc:
+        heartbeat(out)
         tracker.finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED", error_reason(exc))
         raise
+    committed(result.state)
     data = result.summary.get("data", {})
     if "checksum" in data:
-        from etbench.tracking.schema import TAG_DATASET_CHECKSUM
-
-        tracker.client.set_tag(tracker._id(), TAG_DATASET_CHECKSUM, str(data["checksum"]))
+        tracker.set_tag(S.TAG_DATASET_CHECKSUM, str(data["checksum"]))
     end_tracking(tracker, result.summary, out)
     return result.summary

@@ -11,56 +11,36 @@ anything starts, then a pre-flight task on every node). Each trial reserves what
 
 Resume: every trial writes its run under ``<storage>/<grid>/trials/<hash>/`` with per-epoch checkpoints and logs to
 MLflow. ``--resume`` re-plans the grid, skips hashes that already have a FINISHED run, and lets each unfinished
-trial continue from its checkpoint, attached to its earlier MLflow run — so a killed sweep resumes without ever
-producing two FINISHED runs for one config hash.
+trial continue from its checkpoint, attached to the MLflow run its folder names (``tracking.json``; the trial
+lifecycle is :mod:`etbench.sweep.trial`) — so a killed sweep resumes without ever producing two FINISHED runs for
+one config hash, and a Tune retry continues the same run.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etbench.errors import EtbenchError
 from etbench.logs import route_library_logs
 from etbench.storage import Storage, StorageError
+from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
-from etbench.tracking import schema as S
+from etbench.sweep.trial import (
+    SweepError,
+    SweepResult,
+    init_ray,
+    local_root,
+    plan_hash,
+    record_results,
+    trial_dir,
+)
+from etbench.sweep.tune_stage import run_tuned
 
-LOCAL_RAY_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the external interface; other loopback addresses stay local
-
-
-class SweepError(EtbenchError, RuntimeError):
-    """The sweep cannot start as asked (partial results without --resume, bad address, …)."""
-
-
-@dataclass
-class SweepResult:
-    grid: str
-    experiment: str
-    tracking_uri: str
-    results_dir: Path  # the POSIX storage; for a URI storage, this node's scratch copy of the trial folders
-    planned: int
-    skipped: list[str] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    wall_s: float = 0.0
-    storage: str = ""
-    todo: list[tuple[Trial, str | None]] = field(default_factory=list)  # (trial, MLflow run id to attach to)
-
-
-def trial_dir(results_dir: Path, grid: str, config_hash: str) -> Path:
-    return Path(results_dir).resolve() / grid / "trials" / config_hash
-
-
-def local_root(st: Storage) -> Path:
-    """Where trial folders live on a node: the POSIX storage itself, or node-local scratch for a URI storage."""
-    return Path(tempfile.gettempdir()) / "etbench-trials" if st.is_uri else st.local
-
+LOCAL_RAY_IP = lifecycle.LOCAL_RAY_IP
+run_trial = lifecycle.run_trial  # the shared trial lifecycle (etbench.sweep.trial), under its older address
+__all__ = ["LOCAL_RAY_IP", "SweepError", "SweepResult", "init_ray", "local_root", "plan", "record_results",
+           "run_sweep", "run_trial", "trial_dir", "trial_resources"]
 
 def trial_resources(config: dict[str, Any]) -> Any:
     """The Tune trial's placement group, from the trial's own resolved ``dist`` section.
@@ -107,50 +87,6 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
     }
 
 
-def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-    """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried.
-
-    The tuning stage's per-epoch reports to Tune: ``on_epoch(epoch, row)`` is called after every epoch of a
-    one-worker run; a distributed run forwards ``tune_report``'s metric from its ranks instead
-    (:func:`etbench.engine.launch.fit`)."""
-    from etbench.config import RunConfig
-    from etbench.engine.backend import DivergedError
-    from etbench.engine.launch import has_started
-    from etbench.engine.tracked import TrackingSpec
-    from etbench.tracking.mlflow_log import find_finished
-
-    if payload.get("marker"):  # the node this trial landed on (maybe added by the autoscaler) sees the storage
-        from etbench.storage import check_marker
-
-        check_marker(*payload["marker"])
-    cfg = RunConfig.model_validate(payload["config"])
-    if cfg.hash() != payload["config_hash"]:
-        raise RuntimeError(f"config hash mismatch in trial payload: {cfg.hash()} != {payload['config_hash']}")
-    if find_finished(payload["uri"], payload["experiment"], cfg.hash()):
-        return {"status": "skipped", "config_hash": cfg.hash()}
-    out = Path(payload["out"])
-    ray_storage = payload.get("ray_storage")
-    resume = has_started(cfg, out, ray_storage)  # a retry (or --resume) continues the trial's own run/checkpoint
-    spec = TrackingSpec(uri=payload["uri"], experiment=payload["experiment"], grid=payload["grid"],
-                        run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
-                        run_id=payload.get("run_id") if resume else None, tags=payload.get("tags") or {})
-    try:
-        if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
-            from etbench.engine.tracked import run_tracked
-
-            summary = run_tracked(cfg, out, spec, resume=resume, progress=False, on_epoch=on_epoch)
-        else:
-            from etbench.engine.launch import fit
-
-            summary = fit(cfg, out, tracking=spec, resume=resume, progress=False, storage_path=ray_storage,
-                          extra_resources=payload.get("custom") or None, tune_report=tune_report)
-    except DivergedError as e:
-        return {"status": "diverged", "config_hash": cfg.hash(), "error": str(e)}
-    best = {k.replace("/", "_"): v for k, v in summary.get("best", {}).items() if isinstance(v, int | float)}
-    return {"status": "finished", "config_hash": cfg.hash(), **best}
-
-
 def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
     dist = config["trial"]["config"].get("dist", {})
     if int(dist.get("workers", 1)) == 1:  # an in-actor run uses the CPUs its trial reserved, not the whole node
@@ -158,32 +94,6 @@ def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
 
         torch.set_num_threads(max(1, int(float(dist.get("cpus_per_worker", 1)))))
     return {**run_trial(config["trial"]), "finished_unix": time.time()}  # Tune's own stamp has 1 s resolution
-
-
-def init_ray(address: str | None, use_gpu: bool, state_api: bool = False) -> bool:
-    """Attach to ``address`` or start a loopback-only local Ray; returns True when this call started Ray.
-    ``state_api``: a local Ray also serves Ray's state API (see :func:`etbench.ray_local.init_local_ray`)."""
-    import ray
-
-    from etbench.storage import check_address, job_env_extra, worker_env_vars
-
-    if ray.is_initialized():
-        return False
-    check_address(address)
-    env = worker_env_vars(use_gpu)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside `ray job submit`: the job's runtime env applies …
-        extra = job_env_extra(env)  # … plus what it lacks (ETBENCH_DATA, provenance, … of this driver)
-        ray.init(address=address or "auto", log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
-    elif address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        from etbench.ray_local import init_local_ray
-
-        init_local_ray(LOCAL_RAY_IP, env, state_api=state_api, log_to_driver=False,
-                       **({} if state_api else {"include_dashboard": False}))
-    return True
 
 
 def plan(grid_path: str | Path) -> tuple[GridSpec, list[Trial]]:
@@ -209,8 +119,6 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
     t0 = time.perf_counter()
     spec, trials = plan(grid_path)
     if spec.tuning is not None:  # a search stage per model, then the final stage (etbench.sweep.tune_stage)
-        from etbench.sweep.tune_stage import run_tuned
-
         return run_tuned(spec, storage=storage if storage is not None else results_dir, address=address,
                          tracking_uri=tracking_uri, resume=resume, force=force, progress=progress)
     flag = "--results" if storage is None and results_dir is not None else "--storage"
@@ -264,43 +172,52 @@ def _default_uri(st: Storage, flag: str) -> str:
 
 def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, resume: bool, force: bool,
                  only: int | None, progress: bool) -> SweepResult:
-    """Which trials still need to run (dedup by config hash against MLflow); refuses partial results w/o --resume."""
+    """Which trials still need to run (dedup by config hash against MLflow); refuses partial results w/o --resume.
+
+    Every planned hash keeps at most one live run: the one its trial folder names (:func:`plan_hash`); other
+    RUNNING/SCHEDULED runs of the hash, also of hashes already FINISHED, are closed KILLED with a reason."""
     from etbench.storage import exists
 
     experiment = spec.tracking.experiment or spec.name
     results_dir = local_root(st)
     res = SweepResult(spec.name, experiment, uri, results_dir, planned=len(trials), storage=st.root)
     existing = _runs_by_hash(uri, experiment)
-    partial = []
+    todo: list[tuple[Trial, list[Any], Path, bool]] = []
     for t in trials:
         runs = existing.get(t.config_hash, [])
-        if not force and any(r.info.status == "FINISHED" for r in runs):
-            res.skipped.append(t.config_hash)
-            continue
         d = trial_dir(results_dir, spec.name, t.config_hash)
-        started = d.exists() or (st.is_uri and exists(st.join(spec.name, "trials", t.config_hash)))
-        if started:
-            partial.append(t.config_hash)
-            if force:
-                _remove_trial(st, d, spec.name, t.config_hash)
-        live = [r for r in runs if r.info.status in ("RUNNING", "KILLED", "SCHEDULED")]
-        run_id = live[-1].info.run_id if (resume and live and started) else None
-        res.todo.append((t, run_id))
+        if not force and any(r.complete for r in runs):
+            res.skipped.append(t.config_hash)
+            todo.append((t, runs, d, False))
+            continue
+        todo.append((t, runs, d, d.exists() or (st.is_uri and exists(st.join(spec.name, "trials", t.config_hash)))))
+    partial = [t.config_hash for t, _, _, started in todo if started]
     if partial and not (resume or force):
         raise SweepError(f"{len(partial)} trial(s) of {spec.name} have partial results under "
                          f"{st.join(spec.name, 'trials')} ({', '.join(partial[:5])}…); pass --resume to continue "
                          f"them or --force to restart them")
-    if only is not None:
-        res.todo = res.todo[:only]
+    chosen = [t.config_hash for t, _, _, _ in todo if t.config_hash not in res.skipped][:only]
+    for t, runs, d, started in todo:
+        if t.config_hash in res.skipped:
+            res.closed += plan_hash(uri, runs, d, started=False, resume=False)[1]
+        elif t.config_hash in chosen:
+            if started and force:
+                _remove_trial(st, d, spec.name, t.config_hash)
+                started = False
+            run_id, closed = plan_hash(uri, runs, d, started=started, resume=resume)
+            res.closed += closed
+            res.todo.append((t, run_id))
     if progress:
         print(f"grid {spec.name}: {len(trials)} trials planned, {len(res.skipped)} already FINISHED in "
               f"{experiment!r}, {len(res.todo)} to run (max {spec.max_concurrent_trials} concurrent); tracking {uri}; "
-              f"storage {st.describe()}")
-    _close_stale_runs(uri, existing, {t.config_hash for t, rid in res.todo if rid is None})
+              f"storage {st.describe()}" + (f"; {len(res.closed)} stale live run(s) closed KILLED" if res.closed
+                                            else ""))
     return res
 
 
 def _remove_trial(st: Storage, d: Path, grid: str, config_hash: str) -> None:
+    import shutil
+
     if d.exists():
         shutil.rmtree(d)
     if st.is_uri:
@@ -308,18 +225,6 @@ def _remove_trial(st: Storage, d: Path, grid: str, config_hash: str) -> None:
 
         fs, path = _fs(st.join(grid, "trials", config_hash))
         fs.delete_dir(path)
-
-
-def _close_stale_runs(uri: str, existing: dict[str, list[Any]], hashes: set[str]) -> None:
-    """Runs left RUNNING by a killed sweep, for trials that will start afresh, are marked KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    for h in hashes:
-        for r in existing.get(h, []):
-            if r.info.status == "RUNNING":
-                client.set_tag(r.info.run_id, S.TAG_ERROR, "interrupted; superseded by a new run of the same config")
-                client.set_terminated(r.info.run_id, status="KILLED")
 
 
 def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, address: str | None,
@@ -353,19 +258,3 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
     finally:
         if started:
             ray.shutdown()
-
-
-def record_results(grid: Any, res: Any) -> None:
-    """Sort a Tune ResultGrid of ``run_trial`` trials into ``res.finished`` / ``failed`` (errors and diverged
-    runs, with the reason) / ``skipped`` (already FINISHED in MLflow), by config hash."""
-    for result in grid:
-        h = ((result.config or {}).get("trial") or {}).get("config_hash", "?")
-        m = result.metrics or {}
-        if result.error is not None:
-            res.failed[h] = str(result.error)
-        elif m.get("status") == "diverged":
-            res.failed[h] = m.get("error", "diverged")
-        elif m.get("status") == "skipped":
-            res.skipped.append(h)
-        else:
-            res.finished.append(h)

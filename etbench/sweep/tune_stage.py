@@ -30,8 +30,9 @@ from unittest import mock
 from etbench.logs import route_library_logs
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
-from etbench.sweep.runner import SweepError, SweepResult, init_ray, record_results, run_trial
+from etbench.sweep.trial import SweepError, SweepResult, init_ray, plan_hash, record_results, run_trial
 from etbench.tracking import schema as S
+from etbench.tracking.lookup import run_refs
 
 SEARCH_DONE = "search_done.json"
 
@@ -62,15 +63,6 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def _runs_with_hash(ctx: dict[str, Any], config_hash: str, status: str | None = None) -> list[Any]:
-    client = _client(ctx["uri"])
-    exp = client.get_experiment_by_name(ctx["experiment"])
-    if exp is None:
-        return []
-    flt = f"tags.`{S.TAG_CONFIG_HASH}` = '{config_hash}'" + (f" and attributes.status = '{status}'" if status else "")
-    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=100))
-
-
 def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any], tags: dict[str, str],
              run_id: str | None) -> dict[str, Any]:
     return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
@@ -79,17 +71,18 @@ def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any],
             "ray_storage": None, "marker": None, "custom": {}, "tags": tags}
 
 
+def _complete_runs(ctx: dict[str, Any], config_hash: str) -> list[Any]:
+    """FINISHED runs of the hash that stand for it: never one stopped early by ASHA or superseded."""
+    refs = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash, status="FINISHED")
+    return [r for r in refs if r.complete]
+
+
 def _attach_or_close(ctx: dict[str, Any], config_hash: str) -> str | None:
-    """The MLflow run an interrupted trial continues (its folder exists), else stale RUNNING runs are closed."""
-    live = [r for r in _runs_with_hash(ctx, config_hash) if r.info.status in ("RUNNING", "KILLED")]
-    if (Path(ctx["trials"]) / config_hash).exists() and live:
-        return sorted(live, key=lambda r: r.info.start_time)[-1].info.run_id
-    client = _client(ctx["uri"])
-    for r in live:
-        if r.info.status == "RUNNING":
-            client.set_tag(r.info.run_id, S.TAG_ERROR, "interrupted before its first checkpoint; superseded")
-            client.set_terminated(r.info.run_id, status="KILLED")
-    return None
+    """The MLflow run an interrupted trial continues (the one its folder names, :func:`plan_hash`); every other
+    live run of the hash is closed KILLED with a reason."""
+    folder = Path(ctx["trials"]) / config_hash
+    refs = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash)
+    return plan_hash(ctx["uri"], refs, folder, started=folder.exists(), resume=True)[0]
 
 
 def _threads(ctx: dict[str, Any]) -> None:
@@ -118,9 +111,9 @@ def search_trial(config: dict[str, Any]) -> None:
     _threads(ctx)
     cfg = T.config_from(ctx["over"], params)
     h, key, last = cfg.hash(), T.metric_key(ctx["metric"]), cfg.train.epochs
-    done = _runs_with_hash(ctx, h, "FINISHED")
+    done = _complete_runs(ctx, h)
     if done:  # evaluated before (an earlier, interrupted driver): report its result, never train it again
-        value = done[0].data.metrics.get(f"best/{ctx['metric']}")
+        value = _client(ctx["uri"]).get_run(done[0].run_id).data.metrics.get(f"best/{ctx['metric']}")
         tune.report({"status": "skipped", "epoch": last, "config_hash": h,
                      **({key: value} if value is not None else {})})
         return
@@ -237,7 +230,7 @@ def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int
     path = Path(ctx["trials"]) / config_hash / "metrics.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     cut = T.stopped_at(rows, budget_epochs)
-    running = _runs_with_hash(ctx, config_hash, "RUNNING")
+    running = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash, status="RUNNING")
     if not running or not rows:
         return cut
     metric, sign = ctx["metric"], 1.0 if ctx["mode"] == "min" else -1.0
@@ -451,7 +444,7 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
         tags = {S.TAG_STAGE: S.STAGE_FINAL, S.TAG_TUNE_GROUP: g.gid, S.TAG_TUNE_PARAMS: T.params_json(best["params"]),
                 S.TAG_TUNED_FROM: best["run_id"], S.TAG_TUNE_METRIC: f"{g.metric}:{g.mode}"}
         for seed, split, cfg in T.final_configs(spec, g, best["params"]):
-            if _runs_with_hash(ctx, cfg.hash(), "FINISHED"):
+            if _complete_runs(ctx, cfg.hash()):
                 res.skipped.append(cfg.hash())
                 continue
             name = f"{g.model} final seed={seed}" + (f" split={split}" if split is not None else "")

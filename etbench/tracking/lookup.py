@@ -25,10 +25,17 @@ class RunRef:
     status: str
     start_time: int | None
     config_hash: str
+    stopped_early: bool = False  # tag etbench.stopped_early: a truncated (ASHA-stopped) run, never a full result
+    superseded: bool = False  # tag etbench.superseded: replaced by `--force`, never reused or deduplicated against
 
     @property
     def info(self) -> RunRef:
         return self
+
+    @property
+    def complete(self) -> bool:
+        """A FINISHED run that stands for its config hash: not stopped early, not superseded."""
+        return self.status == "FINISHED" and not self.stopped_early and not self.superseded
 
 
 def is_sql_store(uri: str | None) -> bool:
@@ -70,8 +77,11 @@ def _sql_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
     if status is not None:
         where.append("r.status = :status")
         args["status"] = status
-    query = text("SELECT r.run_uuid, r.status, r.start_time, t.value FROM runs r JOIN tags t "
-                 "ON t.run_uuid = r.run_uuid AND t.key = :key WHERE " + " AND ".join(where) +
+    args.update(stop=S.TAG_STOPPED_EARLY, sup=S.TAG_SUPERSEDED)
+    query = text("SELECT r.run_uuid, r.status, r.start_time, t.value, s.value, u.value FROM runs r JOIN tags t "
+                 "ON t.run_uuid = r.run_uuid AND t.key = :key "
+                 "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = :stop "
+                 "LEFT JOIN tags u ON u.run_uuid = r.run_uuid AND u.key = :sup WHERE " + " AND ".join(where) +
                  " ORDER BY r.start_time DESC, r.run_uuid")  # search_runs' default order
     engine = create_engine(uri)
     try:
@@ -79,7 +89,8 @@ def _sql_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
             rows = conn.execute(query, args).all()
     finally:
         engine.dispose()
-    return [RunRef(run_id=r[0], status=r[1], start_time=r[2], config_hash=r[3]) for r in rows]
+    return [RunRef(run_id=r[0], status=r[1], start_time=r[2], config_hash=r[3], stopped_early=bool(r[4]),
+                   superseded=r[5] == "true") for r in rows]
 
 
 def _api_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None) -> list[RunRef]:
@@ -96,8 +107,10 @@ def _api_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
         for r in page:
             h = r.data.tags.get(S.TAG_CONFIG_HASH)
             if h:
+                tags = r.data.tags
                 out.append(RunRef(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time,
-                                  config_hash=h))
+                                  config_hash=h, stopped_early=bool(tags.get(S.TAG_STOPPED_EARLY)),
+                                  superseded=tags.get(S.TAG_SUPERSEDED) == "true"))
         token = page.token
         if not token:
             return out
@@ -123,5 +136,6 @@ def runs_by_hash(uri: str, experiment: str) -> dict[str, list[RunRef]]:
 
 
 def finished_run_ids(uri: str, experiment: str, config_hash: str) -> list[str]:
-    """Run ids of FINISHED runs with this config hash (the per-trial dedup check)."""
-    return [r.run_id for r in run_refs(uri, experiment, config_hash=config_hash, status="FINISHED")]
+    """Run ids of the complete FINISHED runs with this config hash (the per-trial dedup check): a run stopped early
+    by a scheduler or superseded by ``--force`` is never taken for a finished trial."""
+    return [r.run_id for r in run_refs(uri, experiment, config_hash=config_hash, status="FINISHED") if r.complete]

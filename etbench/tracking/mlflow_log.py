@@ -17,6 +17,7 @@ from typing import Any
 from etbench.tracking import schema as S
 from etbench.tracking.ui import EXPERIMENT_TAGS, mark_model_training, publish_runs_view
 
+EPOCH_KEY = "train/loss"  # logged at every epoch of every task (etbench.engine.loop)
 PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "torch_geometric", "numpy", "etbench")
 
 
@@ -95,11 +96,16 @@ def _finite(v: Any) -> bool:
 class RunTracker:
     """One MLflow run: tags + params at start, per-epoch metrics, summary/trace/artifacts at the end, status."""
 
+    identity_dir: Path | None = None  # the trial folder whose tracking.json each logged epoch refreshes
+    _steps: set[int] | None = None  # epochs (steps) this run already holds: never logged twice
+    _attached: bool = False  # an existing run (its epochs are read from the store), not one this tracker created
+
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_root: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
         self.uri = tracking_uri
+        self.experiment = experiment
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
         self.run_name = run_name
         self.run_id: str | None = None
@@ -130,11 +136,23 @@ class RunTracker:
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
         self.run_id = run.info.run_id
+        self._steps, self._attached = set(), False
         self.log_params(cfg.flat())
         return self.run_id
 
     def attach(self, run_id: str) -> None:
         self.run_id = run_id
+        self._steps, self._attached = None, True  # its epochs are read from the store on the first one logged
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self._id(), key, value)
+
+    def logged_epochs(self) -> set[int]:
+        """The epochs (1-based steps of ``train/loss``, which every epoch row has) the run already holds."""
+        if self._steps is None:
+            self._steps = ({m.step for m in self.client.get_metric_history(self._id(), EPOCH_KEY)}
+                           if self._attached else set())
+        return self._steps
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -158,7 +176,16 @@ class RunTracker:
             self.client.log_batch(self._id(), metrics=items[i : i + 1000])
 
     def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        """Epoch ``epoch`` (0-based) at step ``epoch + 1``, unless the run already holds that step (a retried or
+        resumed attempt re-trains epochs after its checkpoint: the run keeps each epoch once)."""
+        if epoch + 1 in self.logged_epochs():
+            return
         self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        self.logged_epochs().add(epoch + 1)
+        if self.identity_dir is not None:
+            from etbench.tracking.identity import heartbeat
+
+            heartbeat(self.identity_dir)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch."""

@@ -29,6 +29,13 @@ Tags (all strings):
     etbench.tune.search_seed  the grid's tuning.search_seed of a tuning run (the searcher's own seed is derived
                               from it and the group: tuning.group_seed); tells independent searches of one group
                               apart
+    etbench.attempts          how many times the run was opened (1 + retries, restarts and --resume re-attaches);
+                              set from the second attempt on (absent: opened once);
+                              the run id itself is kept in the trial folder's tracking.json (tracking/identity.py)
+    etbench.superseded        "true" on a run that `etbench sweep run --force` replaced; such a run is never
+                              reused, deduplicated against, or analysed (its folder is moved aside, not deleted)
+    etbench.superseded_at     UTC time of the --force that superseded the run
+    etbench.closed_reason     why the sweep closed a run KILLED (a second live run of a config hash, say)
 
 Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
 
@@ -46,9 +53,10 @@ Metrics (step = epoch unless noted):
     energy/rel_update         ET only; step = update t (0..T−1): mean over samples of ‖x_{t+1} − x_t‖ / ‖x_t‖
     energy/fixed_point_step   ET only; the first update t at which energy/rel_update is below the tolerance
                               (``etbench.models.energy.FIXED_POINT_TOL``); absent when it never is
-    cost/params, cost/wall_s, cost/flops_per_sample (inference: forward FLOPs per sample), cost/throughput
-                              (training samples per second), cost/peak_mem_mb (peak memory of the training
-                              step: GPU allocator peak / CPU live tensor bytes), cost/process_peak_rss_mb
+    cost/params, cost/wall_s (summed over the run's attempts), cost/flops_per_sample (inference: forward FLOPs
+                              per sample), cost/throughput (training samples per second), cost/peak_mem_mb
+                              (peak memory of the training step: GPU allocator peak / CPU live tensor bytes),
+                              cost/process_peak_rss_mb
                               (the process's peak RSS during the trial: interpreter, libraries, data)
 
 Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose, and
@@ -86,6 +94,10 @@ TAG_TUNE_METRIC = "etbench.tune.metric"
 TAG_TUNED_FROM = "etbench.tuned_from"
 TAG_STOPPED_EARLY = "etbench.stopped_early"
 TAG_TUNE_SEARCH_SEED = "etbench.tune.search_seed"
+TAG_ATTEMPTS = "etbench.attempts"
+TAG_SUPERSEDED = "etbench.superseded"
+TAG_SUPERSEDED_AT = "etbench.superseded_at"
+TAG_CLOSED_REASON = "etbench.closed_reason"
 STAGE_TUNE, STAGE_FINAL = "tune", "final"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
