@@ -146,3 +146,23 @@ def test_threshold_table_covers_the_float_types() -> None:
     plan = att.plan(graph("undirected"), N)
     out, e, saved = csr_forward(plan, tokens(), att.wq.detach(), att.wk.detach(), att.beta)
     assert out.shape == (N, CFG["dim"]) and e.shape == () and len(saved) == 7
+
+
+@pytest.mark.parametrize("boost", [1.2, 40.0])
+def test_a_component_does_not_change_another_components_gradient(boost: float, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """The graph-wide score shift must not couple disjoint components: the gradient on a graph equals its rows in the
+    disjoint union with a copy whose tokens are scaled up (a larger largest score; at ×40, not at ×1.2, the first
+    component's row sums fall below the threshold and the per-row path runs)."""
+    ei, att = graph("undirected"), attention(True)
+    g = tokens()
+    calls = count_row_max(monkeypatch)
+    alone, e_alone = att.grad(g, ei)
+    assert calls[0] == 0
+    union = torch.cat([ei, ei + N], 1)
+    both, _ = att.grad(torch.cat([g, boost * g]), union)
+    assert (calls[0] > 0) == (boost > 10)
+    torch.testing.assert_close(both[:N], alone, rtol=1e-12, atol=1e-12)
+    e_other, _ = oracle(att, boost * g, ei)
+    torch.testing.assert_close(att.grad(torch.cat([g, boost * g]), union)[1], e_alone + e_other.detach(),
+                               rtol=1e-12, atol=1e-9)

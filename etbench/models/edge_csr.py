@@ -6,7 +6,7 @@ query C (edges B → C). Per step, with P the unnormalised weights and z their r
 
     S  = β · sampled(Q Kᵀ)                   (SDDMM: ``torch.sparse.sampled_addmm``, in place, only on the pattern)
     P  = exp(S − max S)                      (one shift; per row, by ``torch.segment_reduce``, where a row needs it)
-    [P K, z] = P [K, 1]                       (SpMM: ``torch.mm`` on CSR; the row sums z ride along as a column)
+    [P K, z] = P [K, 1]                       (SpMM: ``torch.sparse.mm``; the row sums z ride along as a column)
     A₁ = Ω K = (P K) / z,   A₂ = Ωᵀ Q = Pᵀ (Q / z)    (Pᵀ: the values through a stored permutation)
 
 Ω itself is never formed: 1/z scales the thin (H·N, Y) operands instead of the H·E weights. The backward
@@ -146,13 +146,13 @@ def _weights(plan: EdgePlan, q: Tensor, k: Tensor, beta: float) -> tuple[Tensor,
     if tiny is not None and s.numel():
         top = s.max()
         p = s.sub_(top).exp_()
-        a1z = torch.mm(plan.csr(p), k1)
+        a1z = torch.sparse.mm(plan.csr(p), k1)
         if not bool(((a1z[:, -1] < tiny) & (plan.lengths > 0)).any()):
             return p, torch.where(plan.lengths > 0, top, torch.zeros_like(top)), a1z  # rows without keys: 0
         s = plan.sddmm(q * beta, k)
     m = plan.row_max(s)
     p = s.sub_(m.index_select(0, plan.rows)).exp_()  # P = exp(S − rowmax), in place
-    return p, m, torch.mm(plan.csr(p), k1)
+    return p, m, torch.sparse.mm(plan.csr(p), k1)
 
 
 def csr_forward(plan: EdgePlan, g: Tensor, wq: Tensor, wk: Tensor, beta: float
@@ -166,7 +166,7 @@ def csr_forward(plan: EdgePlan, g: Tensor, wq: Tensor, wk: Tensor, beta: float
     inv_z, lse = z.reciprocal(), m + torch.log(z)
     a1 = a1z[:, :y].mul_(inv_z[:, None])  # Σ_B ω[C,B] K_B, at the query
     p_t = plan.transpose_values(p)
-    a2 = torch.mm(plan.csr_t(p_t), q * inv_z[:, None])  # Σ_C ω[C,B] Q_C, at the key
+    a2 = torch.sparse.mm(plan.csr_t(p_t), q * inv_z[:, None])  # Σ_C ω[C,B] Q_C, at the key
     out = torch.mm(_pair_nodes_first(a1, a2, h), _fused_w(wq, wk)).neg_()
     return out, -lse.sum() / beta, (q, k, p, p_t, inv_z, a1, a2)
 
@@ -204,13 +204,13 @@ class CSRAttentionGrad(torch.autograd.Function):
         da = torch.mm(u, w_all.T).neg_().view(-1, 2, h, y)  # (N, 2, H, Y): [dA₁, dA₂] per node
         da1, da2 = _heads_first(da[:, 0]), _heads_first(da[:, 1])
         pdw = plan.sddmm(torch.cat([da1, q], 1), torch.cat([k, da2], 1)).mul_(p)  # P ⊙ dω
-        x = torch.mm(plan.csr(p), da2)  # P dA₂ = z · Ω dA₂
+        x = torch.sparse.mm(plan.csr(p), da2)  # P dA₂ = z · Ω dA₂
         z1 = inv_z[:, None]
         r = (da1 * a1).sum(-1) + (q * x).sum(-1) * inv_z  # Σ_B ω dω per row
         br = (beta * r)[:, None]
-        dq = torch.mm(plan.csr(pdw), k).mul_(beta).add_(x).mul_(z1).sub_(br * a1)
-        dk = torch.mm(plan.csr_t(p_t), (da1 - br * q).mul_(z1))
-        dk.add_(torch.mm(plan.csr_t(plan.transpose_values(pdw)), q * z1), alpha=beta)
+        dq = torch.sparse.mm(plan.csr(pdw), k).mul_(beta).add_(x).mul_(z1).sub_(br * a1)
+        dk = torch.sparse.mm(plan.csr_t(p_t), (da1 - br * q).mul_(z1))
+        dk.add_(torch.sparse.mm(plan.csr_t(plan.transpose_values(pdw)), q * z1), alpha=beta)
         dqk = _pair_nodes_first(dq, dk, h)  # (N, 2HY)
         dg = torch.mm(dqk, w_all)
         dw_all = torch.mm(dqk.T, g).sub_(torch.mm(_pair_nodes_first(a1, a2, h).T, u))
