@@ -6,8 +6,9 @@ A *task* is one (dataset, protocol) pair; its *runs* are every finished run of a
 *method* is a model with the axis values it was run with (``et (steps=6)``), so no configuration is chosen after
 looking at test numbers. Implemented with numpy/scipy (rliable, the authors' library, is archived).
 
-Scores of bounded metrics (AUROC, AUPRC, macro-F1, Rec@K: all in [0, 1]) are pooled as they are; any other metric
-(MSE, PSNR) is min–max normalised per task over all runs of all methods there, so that tasks weigh alike.
+Scores of bounded metrics (AUROC, AUPRC, macro-F1, Rec@K, accuracy: all in [0, 1]) are pooled as they are; any
+other metric (MSE, PSNR) is min–max normalised per task over all runs of all methods there, so that tasks weigh
+alike.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from etbench.analysis.metrics import column, higher_is_better, short_name
 from etbench.analysis.style import model_order
 from etbench.analysis.tables import NA_AXIS, Table, latex_escape
 
-BOUNDED = ("auroc", "auprc", "macro_f1", "rec_at_k")
+BOUNDED = ("auroc", "auprc", "macro_f1", "rec_at_k", "acc")
 TASK_KEYS = ["dataset", "protocol"]
 
 

@@ -24,6 +24,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
         best_metric("test", "macro_f1"),
         best_metric("test", "rec_at_k"),
     ),
+    "graphcls": (best_metric("test", "acc"),),  # graph classification: accuracy on the outer test fold
 }
 
 #: Direction per metric leaf name: True when a larger value is better.
@@ -37,6 +38,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "auprc": True,
     "macro_f1": True,
     "rec_at_k": True,
+    "acc": True,
     "params": False,
     "flops_per_sample": False,
     "wall_s": False,

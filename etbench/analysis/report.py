@@ -17,7 +17,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -94,8 +94,9 @@ def make_report(
 
     tuned_grid = "stage" in runs.columns and bool(runs["stage"].notna().any())  # only then ask MLflow for stages
     finals = tuning_report.final_run_ids(client, experiment) if tuned_grid else None  # comparisons: final runs only
-    if finals is not None:
-        runs = runs[runs["run_id"].isin(finals)].reset_index(drop=True)
+    if finals is not None:  # runs without a stage (an untuned grid of the same experiment) are compared too
+        runs = runs[runs["run_id"].isin(finals) | runs["stage"].isna()].reset_index(drop=True)
+    runs, axes = folds_as_splits(runs, axes)
     progress(f"[report] {len(runs)} runs analysed, {len(table.excluded)} left out; axes: {axes or 'none'}")
     if runs.empty:
         reasons = table.excluded["reason"].value_counts().head(5).to_dict()
@@ -152,6 +153,31 @@ def make_report(
     progress(f"[report] wrote {len(result.tables)} table files, {len(result.figures)} figure files, "
              f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index})")
     return result
+
+
+FOLD_AXES = ("axis.task.fold", "axis.task.repeat", "axis.task.dataset")  # the last one is the dataset column
+
+
+def folds_as_splits(runs: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Graph classification runs with their outer fold as the ``split`` replicate (repeat × n_folds + fold, from the
+    logged ``task.fold`` / ``task.repeat`` params), so the tables and comparisons aggregate folds the way they
+    aggregate a graph task's stored splits (n = folds, folds paired across models); a fold or repeat axis is then
+    no grid cell key, nor a dataset axis (the dataset column already says it). Other runs are returned unchanged."""
+    graphcls = runs["task"] == "graphcls" if "task" in runs.columns else pd.Series(False, index=runs.index)
+    if not graphcls.any():
+        return runs, list(axes)
+    from etbench.tasks.graphcls_folds import N_FOLDS
+
+    missing = [c for c in ("params.task.fold", "params.task.repeat") if c not in runs.columns]
+    if missing:
+        raise ValueError(f"graph classification runs lack the logged param(s) {missing}: cannot tell their folds")
+    fold = pd.to_numeric(runs.loc[graphcls, "params.task.fold"], errors="raise").astype(int)
+    repeat = pd.to_numeric(runs.loc[graphcls, "params.task.repeat"], errors="raise").astype(int)
+    runs = runs.copy()
+    runs["split"] = runs["split"].astype(object)
+    runs.loc[graphcls, "split"] = repeat * N_FOLDS + fold
+    runs["split"] = pd.to_numeric(runs["split"]).astype(int)
+    return runs, [a for a in axes if a not in FOLD_AXES]
 
 
 MANIFEST = ".etbench-report.json"
@@ -222,7 +248,10 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
             margins: Mapping[str, float] | None = None) -> list[str]:
     """Results and comparison tables, per split and (graph protocols with stored splits) over splits."""
     sections = []
-    for over in ("seed", "split") if _splits_vary(block) else ("seed",):
+    views = ("seed", "split") if _splits_vary(block) else ("seed",)
+    if tables.is_folds(block):  # graph classification: folds are the replicates (one run each), a t interval
+        views, ci = ("split",), replace(ci, method="t")  # over them (see tables.FOLD_NOTE), no per-fold tables
+    for over in views:
         progress(f"[report]   tables over {over}s")
         made = tables.results_tables(block, chosen, axes, over=over, cfg=ci, references=refs)
         made += tables.comparison_tables(block, chosen, axes, reference=reference, over=over, cfg=ci,
@@ -230,6 +259,8 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
         for t in made:
             result.tables += tables.write_table(t, folder)
             sections.append(tables.to_markdown(t))
+    if tables.is_folds(block):  # training accuracy ('authors') is no task to pool with held-out scores
+        block = block[block["protocol"] != "authors"]
     if len(block[["dataset", "protocol"]].drop_duplicates()) >= 2:  # IQM + P(improvement) across datasets
         progress("[report]   aggregates across datasets")
         made, notes = aggregate.aggregate_tables(block, chosen, axes, task=str(block["task"].iloc[0]),

@@ -191,4 +191,6 @@ class GraphClsTask:
         f = self.fold
         return {**self.ds.info.summary(), "dataset": self.ds.info.name, "num_features": self.ds.info.num_node_features,
                 "protocol": f.protocol, "repeat": f.repeat, "fold": f.fold, "fold_seed": f.seed,
-                "training_accuracy": f.training_accuracy, "split_sizes": f.sizes(), "pe_dim": self.cfg.task.pe_dim}
+                "training_accuracy": f.training_accuracy, "split_sizes": f.sizes(), "pe_dim": self.cfg.task.pe_dim,
+                # the graphs of each part, recorded in summary.json so a run's protocol can be audited afterwards
+                "fold_indices": {part: getattr(f, part).tolist() for part in ("train", "val", "test")}}
