@@ -560,7 +560,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    "URI (default: the grid's storage:, $ETBENCH_STORAGE, ./results)")
     r.add_argument("--results", help="older name of --storage (a directory)")
     r.add_argument("--resume", action="store_true", help="continue interrupted trials from their checkpoints")
-    r.add_argument("--force", action="store_true", help="re-run trials even if FINISHED")
+    r.add_argument("--force", action="store_true",
+                   help="re-run every trial, also FINISHED ones: earlier runs stay in MLflow tagged "
+                        "etbench.superseded (left out of reports), earlier folders are moved to <hash>.superseded-*")
     r.set_defaults(func=_sweep_run)
     rep = sub.add_parser("report", help="tables and figures for one grid (MLflow experiment)")
     rep.add_argument("--experiment", required=True)

@@ -31,7 +31,7 @@ AXIS_PREFIX = "axis."
 INCLUDED_STATUSES = ("FINISHED",)
 FAILED_STATUSES = ("FAILED", "KILLED")
 
-#: Short column name → tag name. All but the last five are required of an etbench run.
+#: Short column name → tag name. All but the last six are required of an etbench run.
 TAG_COLUMNS: dict[str, str] = {
     "task": schema.TAG_TASK,
     "model": schema.TAG_MODEL,
@@ -44,6 +44,7 @@ TAG_COLUMNS: dict[str, str] = {
     "grid": schema.TAG_GRID,
     "error": schema.TAG_ERROR,
     "stage": schema.TAG_STAGE,  # set on the runs of a tuned grid (search / final stage)
+    "superseded": schema.TAG_SUPERSEDED,  # "true" on a run `etbench sweep run --force` replaced: never analysed
 }
 REQUIRED_TAGS = ("task", "model", "dataset", "protocol", "seed", "split")
 
@@ -242,6 +243,8 @@ def _exclusion_reason(row: pd.Series, include_failed: bool) -> str | None:
     missing = [TAG_COLUMNS[c] for c in REQUIRED_TAGS if pd.isna(row[c])]
     if missing:
         return f"not an etbench run: missing tag(s) {', '.join(missing)}"
+    if row.get("superseded") == "true":
+        return "superseded: `etbench sweep run --force` re-ran its config (tag etbench.superseded)"
     allowed = INCLUDED_STATUSES + (FAILED_STATUSES if include_failed else ())
     if row["status"] not in allowed:
         error = row.get("error")
@@ -259,7 +262,8 @@ def runs_frame(runs: list[Run], *, include_failed: bool = False) -> tuple[pd.Dat
 def _exclusion_reasons(frame: pd.DataFrame, include_failed: bool) -> pd.Series:
     """``_exclusion_reason`` of every row; computed row by row only for the (few) rows not analysed."""
     allowed = INCLUDED_STATUSES + (FAILED_STATUSES if include_failed else ())
-    fine = frame["status"].isin(allowed) & frame[list(REQUIRED_TAGS)].notna().all(axis=1)
+    fine = (frame["status"].isin(allowed) & frame[list(REQUIRED_TAGS)].notna().all(axis=1)
+            & (frame["superseded"] != "true"))
     reasons = pd.Series(None, index=frame.index, dtype=object)
     if (~fine).any():
         reasons[~fine] = frame[~fine].apply(_exclusion_reason, axis=1, args=(include_failed,))

@@ -14,6 +14,10 @@ MLflow. ``--resume`` re-plans the grid, skips hashes that already have a FINISHE
 trial continue from its checkpoint, attached to the MLflow run its folder names (``tracking.json``; the trial
 lifecycle is :mod:`etbench.sweep.trial`) — so a killed sweep resumes without ever producing two FINISHED runs for
 one config hash, and a Tune retry continues the same run.
+
+``--force`` supersedes, never destroys: every planned trial runs again in a new MLflow run; its earlier runs are
+tagged ``etbench.superseded`` (kept in the store, left out of dedup, resume and reports) and its earlier folder is
+moved aside to ``trials/<hash>.superseded-<UTC time>``.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from etbench.sweep.trial import (
     local_root,
     plan_hash,
     record_results,
+    set_aside,
     trial_dir,
 )
 from etbench.sweep.tune_stage import run_tuned
+from etbench.tracking import schema as S
+from etbench.tracking.identity import supersede_runs
 
 LOCAL_RAY_IP = lifecycle.LOCAL_RAY_IP
 run_trial = lifecycle.run_trial  # the shared trial lifecycle (etbench.sweep.trial), under its older address
@@ -197,13 +204,17 @@ def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, res
                          f"{st.join(spec.name, 'trials')} ({', '.join(partial[:5])}…); pass --resume to continue "
                          f"them or --force to restart them")
     chosen = [t.config_hash for t, _, _, _ in todo if t.config_hash not in res.skipped][:only]
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for t, runs, d, started in todo:
         if t.config_hash in res.skipped:
             res.closed += plan_hash(uri, runs, d, started=False, resume=False)[1]
+        elif force and t.config_hash in chosen:  # supersede, never destroy: old runs tagged, old folders kept
+            res.superseded += supersede_runs(uri, runs, when)
+            set_aside(d, "superseded")
+            if st.is_uri:
+                set_aside(st.join(spec.name, "trials", t.config_hash), "superseded")
+            res.todo.append((t, None))
         elif t.config_hash in chosen:
-            if started and force:
-                _remove_trial(st, d, spec.name, t.config_hash)
-                started = False
             run_id, closed = plan_hash(uri, runs, d, started=started, resume=resume)
             res.closed += closed
             res.todo.append((t, run_id))
@@ -211,20 +222,10 @@ def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, res
         print(f"grid {spec.name}: {len(trials)} trials planned, {len(res.skipped)} already FINISHED in "
               f"{experiment!r}, {len(res.todo)} to run (max {spec.max_concurrent_trials} concurrent); tracking {uri}; "
               f"storage {st.describe()}" + (f"; {len(res.closed)} stale live run(s) closed KILLED" if res.closed
-                                            else ""))
+                                            else "") + (f"; --force: {len(res.superseded)} earlier run(s) tagged "
+                                                        f"{S.TAG_SUPERSEDED}, their folders moved aside to "
+                                                        f"<hash>.superseded-*" if force else ""))
     return res
-
-
-def _remove_trial(st: Storage, d: Path, grid: str, config_hash: str) -> None:
-    import shutil
-
-    if d.exists():
-        shutil.rmtree(d)
-    if st.is_uri:
-        from etbench.storage import _fs
-
-        fs, path = _fs(st.join(grid, "trials", config_hash))
-        fs.delete_dir(path)
 
 
 def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, address: str | None,

@@ -159,3 +159,20 @@ def close_live_runs(uri: str, refs: list[Any], keep: str | None, reason: str) ->
         client.set_terminated(run_id, status="KILLED")
     return closing
 
+
+def supersede_runs(uri: str, refs: list[Any], when: str) -> list[str]:
+    """``--force``: tag every run in ``refs`` not yet superseded ``etbench.superseded=true`` (and the time); live
+    ones are closed KILLED. Nothing is deleted: the runs stay in the store, out of dedup, resume and reports."""
+    todo = [r for r in refs if not r.superseded]
+    if not todo:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for r in todo:
+        client.set_tag(r.run_id, S.TAG_SUPERSEDED, "true")
+        client.set_tag(r.run_id, S.TAG_SUPERSEDED_AT, when)
+        if r.status in ("RUNNING", "SCHEDULED"):
+            client.set_tag(r.run_id, S.TAG_CLOSED_REASON, f"superseded by --force at {when}")
+            client.set_terminated(r.run_id, status="KILLED")
+    return [r.run_id for r in todo]
