@@ -97,6 +97,10 @@ def test_rows_for_every_finished_run_and_step_resumable(grid: dict[str, Any], tm
     again = _probe(grid, out)  # resumable: nothing new to probe, the table untouched
     assert again.probed == [] and again.skipped == done and (out / GRID_CSV).read_bytes() == before
 
+    more = probe_grid([grid["path"]], grid["results"], out, [2], [1.0], say=lambda _: None)  # another T': added
+    assert more.probed == done
+    merged = pd.read_csv(out / GRID_CSV, dtype={"config_hash": str})
+    assert len(merged) == len(table) + 3 and set(merged["eval_steps"]) == {0, 1, 2, 3}
     _train(trials[-1], grid["results"], grid["uri"])  # the last trial finishes: only it is probed next
     try:
         third = _probe(grid, out)

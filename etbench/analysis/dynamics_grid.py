@@ -120,7 +120,8 @@ CURVE_PANELS = (("energy_change", "E(x_t) − E(x_0)", False), ("grad_norm", "�
 def curves_figure(curves: pd.DataFrame, out: Path) -> list[Path]:
     """Per-step E change, gradient norm and relative update along the longest probed descent (rows) per training
     T (columns); the mean over seeds of the test-image means."""
-    curves = curves[np.isclose(curves["alpha_scale"].astype(float), 1.0)].copy()
+    curves = curves[np.isclose(curves["alpha_scale"].astype(float), 1.0)]
+    curves = curves[curves["eval_steps"] == curves["eval_steps"].max()].copy()  # the longest descent only
     curves["arm"] = [arm(m, a) for m, a in zip(curves["model"], curves["train_alpha"].astype(float), strict=True)]
     start = curves[curves["step"] == 0].set_index("config_hash")["energy"]
     curves["energy_change"] = curves["energy"] - curves["config_hash"].map(start)
@@ -167,14 +168,16 @@ def run_table(table: pd.DataFrame) -> pd.DataFrame:
     for h, g in table.groupby("config_hash", sort=False):
         by = g.set_index("eval_steps")
         t = int(g["train_steps"].iloc[0])
-        at = {k: float(by[metric].get(k, math.nan)) for k in (0, t, longest)}
+        ref = next((k for k in sorted(by.index) if k >= t), t)  # T itself, else the next probed T'
+        at = {k: float(by[metric].get(k, math.nan)) for k in (0, longest)}
+        at[t] = float(by[metric].get(ref, math.nan))
         best = by[metric].idxmin() if metric.endswith(("mse", "mse_masked", "loss")) else by[metric].idxmax()
         last = by.loc[longest] if longest in by.index else None
         full = f"recorded_{metric}"
         rows.append({"arm": g["arm"].iloc[0], "train_steps": t, "seed": int(g["seed"].iloc[0]), "config_hash": h,
                      "test_images": int(g["test_images"].iloc[0]) if "test_images" in g else -1,
                      "recorded_full_test": float(g[full].iloc[0]) if full in g else math.nan,
-                     "at_0": at[0], "at_train": at[t], "at_longest": at[longest],
+                     "at_0": at[0], "train_ref_steps": int(ref), "at_train": at[t], "at_longest": at[longest],
                      "change_beyond_train": at[longest] - at[t], "best_eval_steps": int(best),
                      "best": float(by[metric].loc[best]),
                      "rose_fraction": float(last["rose_fraction"]) if last is not None else math.nan,
@@ -198,8 +201,8 @@ def summary_table(runs: pd.DataFrame, metric: str, longest: int) -> tuple[pd.Dat
     groups = sorted(runs.groupby(["arm", "train_steps"]), key=lambda kv: (kv[0][1], order[kv[0][0]]))
     rows, lines = [], []
     name = short_name(metric)
-    lines.append(f"| training T | arm | seeds | recorded, whole test split, T' = T | {name} at T' = 0 | at T' = T | "
-                 f"at T' = {longest} | change T → {longest} | best T' (per seed) | E rose (share of updates, "
+    lines.append(f"| training T | arm | seeds | recorded, whole test split, T' = T | {name} at T' = 0 | at T' = T* | "
+                 f"at T' = {longest} | change T* → {longest} | best T' (per seed) | E rose (share of updates, "
                  f"T' = {longest}) | fixed-point step (per seed) | config hashes |")
     lines.append("|---" * 12 + "|")
     for (a, t), g in groups:
@@ -211,7 +214,9 @@ def summary_table(runs: pd.DataFrame, metric: str, longest: int) -> tuple[pd.Dat
             "recorded_full_test", "at_0", "at_train", "at_longest", "change_beyond_train", "rose_fraction")},
             "best_eval_steps": best, "fixed_point_step": fixed, "config_hashes": hashes})
         change = g["change_beyond_train"]
-        lines.append(f"| {t} | {a} | {len(g)} | {_fmt(g['recorded_full_test'])} | {_fmt(g['at_0'])} "
+        ref = int(g["train_ref_steps"].iloc[0])
+        label = f"{t}" if ref == t else f"{t} (T* = {ref})"
+        lines.append(f"| {label} | {a} | {len(g)} | {_fmt(g['recorded_full_test'])} | {_fmt(g['at_0'])} "
                      f"| {_fmt(g['at_train'])} | {_fmt(g['at_longest'])} "
                      f"| {'+' if change.mean() > 0 else ''}{_fmt(change)} | {best} | {_fmt(g['rose_fraction'], 3)} "
                      f"| {fixed} | {hashes} |")
@@ -233,7 +238,8 @@ def grid_report(csv_path: Path, curves_path: Path, out: Path) -> list[Path]:
     images = sorted(set(runs["test_images"]))
     paths[2].write_text(f"{short_name(metric)} at α'/α = 1, mean (min … max) over seeds; probed on the first "
                         f"{', '.join(map(str, images))} test images (under their fixed masks), the recorded column on "
-                        f"the whole test split\n\n" + markdown)
+                        f"the whole test split. T*: the training T, or the next probed T' where T was not "
+                        f"probed\n\n" + markdown)
     paths += metric_figure(table, out)
     if Path(curves_path).is_file():
         curves = pd.read_csv(curves_path, dtype={"config_hash": str})

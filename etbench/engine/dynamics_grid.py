@@ -121,6 +121,19 @@ def _write(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``old`` with ``new``'s rows added, replacing the rows of the same (config hash, eval_steps, alpha_scale): a
+    run probed again at other T' keeps its earlier rows."""
+    if old.empty:
+        return new
+    if new.empty:
+        return old
+    key = ["config_hash", "eval_steps", "alpha_scale"]
+    fresh = pd.MultiIndex.from_frame(new[key].astype({"eval_steps": int, "alpha_scale": float}))
+    stale = pd.MultiIndex.from_frame(old[key].astype({"eval_steps": int, "alpha_scale": float})).isin(fresh)
+    return pd.concat([old[~stale], new], ignore_index=True)
+
+
 def _probed(table: pd.DataFrame, run: GridRun, steps: Sequence[int], scales: Sequence[float]) -> bool:
     if table.empty:
         return False
@@ -160,12 +173,8 @@ def probe_grid(grids: Sequence[str | Path], results: Path, out: Path, steps: Seq
         pd.DataFrame(curve).to_csv(paths[1], index=False)
         if log:
             dyn.log_to_mlflow(run.tracking_uri, run.run_id, paths)
-        new = pd.DataFrame([{**keys, **r} for r in rows])
-        old = table[table["config_hash"] != run.config_hash] if not table.empty else table
-        table = pd.concat([old, new], ignore_index=True) if not old.empty else new
-        new_c = pd.DataFrame([{**keys, **c} for c in curve])
-        old_c = curves[curves["config_hash"] != run.config_hash] if not curves.empty else curves
-        curves = pd.concat([old_c, new_c], ignore_index=True) if not old_c.empty else new_c
+        table = _merge(table, pd.DataFrame([{**keys, **r} for r in rows]))
+        curves = _merge(curves, pd.DataFrame([{**keys, **c} for c in curve]))
         _write(table, csv_path)
         _write(curves, curves_path)
         done.append(run.config_hash)
