@@ -17,12 +17,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from etbench.engine.tracked import TrackingSpec
 from etbench.sweep import runner
 from etbench.sweep.grid import expand, load_grid
 from etbench.tracking import schema as S
 
 BASE = {"task": {"kind": "image", "dataset": "digits", "limit_train": 64, "limit_eval": 32},
-        "train": {"epochs": 4, "batch_size": 32, "lr": 0.003, "eval_trace_samples": 2}}
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.003, "eval_trace_samples": 2}}
 
 
 class NodeLost(RuntimeError):
@@ -75,13 +76,13 @@ def _crash_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
 
 
 def test_a_retried_one_worker_trial_reattaches_its_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh sweep's payload names no run; the first attempt dies in epoch 3 (FAILED, epochs 1-2 checkpointed),
+    """A fresh sweep's payload names no run; the first attempt dies in epoch 2 (FAILED, epoch 1 checkpointed),
     Tune's retry re-enters the trainable: it continues the same run and the history has each epoch once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, payload = _payload(tmp_path, uri)
     out = Path(payload["out"])
     with monkeypatch.context() as m:
-        _crash_at_epoch(m, 3)
+        _crash_at_epoch(m, 2)
         with pytest.raises(NodeLost):
             runner.run_trial(payload)
     (first,) = _runs(uri, "ident")
@@ -89,7 +90,7 @@ def test_a_retried_one_worker_trial_reattaches_its_run(tmp_path: Path, monkeypat
     ident = json.loads((out / "tracking.json").read_text())
     assert ident["run_id"] == first.info.run_id  # written before the first epoch, kept on the trial's storage
     attempt1 = json.loads((out / "metrics.json").read_text())
-    assert len(attempt1) == 3
+    assert len(attempt1) == 2
     assert runner.run_trial(payload)["status"] == "finished"  # the retry
     (run,) = _runs(uri, "ident")  # no second run
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
@@ -97,8 +98,8 @@ def test_a_retried_one_worker_trial_reattaches_its_run(tmp_path: Path, monkeypat
     assert run.data.tags[S.TAG_ATTEMPTS] == "2"
     assert_history_is_metrics_json(uri, run.info.run_id, out)
     final = json.loads((out / "metrics.json").read_text())
-    # wall time over both attempts: attempt 1's three epochs plus attempt 2's epochs 3-4 (epoch 3 trained twice)
-    floor = sum(r["time/epoch_s"] for r in attempt1) + sum(r["time/epoch_s"] for r in final[2:])
+    # wall time over both attempts: attempt 1's two epochs plus attempt 2's epochs 2-3 (epoch 2 trained twice)
+    floor = sum(r["time/epoch_s"] for r in attempt1) + sum(r["time/epoch_s"] for r in final[1:])
     assert run.data.metrics["cost/wall_s"] >= floor
     assert json.loads((out / "summary.json").read_text())["cost"]["wall_s"] == run.data.metrics["cost/wall_s"]
 
@@ -194,7 +195,6 @@ def test_distributed_trials_reopen_their_run_from_failed(tmp_path: Path) -> None
     RUNNING with its error cleared and the attempt counted, before any worker starts."""
     from etbench.config import resolve_run_config
     from etbench.engine import launch
-    from etbench.engine.tracked import TrackingSpec
 
     uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "trial"
     cfg = resolve_run_config({**BASE, "dist": {"workers": 2, "cpus_per_worker": 0.5}})
@@ -210,3 +210,39 @@ def test_distributed_trials_reopen_their_run_from_failed(tmp_path: Path) -> None
     run = MlflowClient(uri).get_run(first.run_id)
     assert run.info.status == "RUNNING" and S.TAG_ERROR not in run.data.tags and run.data.tags[S.TAG_ATTEMPTS] == "2"
     assert len(_runs(uri, "ds")) == 1
+
+
+def test_ray_train_epochs_reach_mlflow_only_once_checkpointed(tmp_path: Path) -> None:
+    """Rank 0 logs an epoch before the ranks checkpoint it; with checkpoints every 2 epochs, a worker group that
+    dies in epoch 4 and restarts from the epoch-2 checkpoint re-trains epochs 3-4: the run must not hold attempt
+    1's epoch 3, and ends with exactly metrics.json (as the trial's end_tracking reconciles it)."""
+    from etbench.config import resolve_run_config
+    from etbench.engine import launch
+    from etbench.engine.tracked import end_tracking
+
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "trial"
+    cfg = resolve_run_config({**BASE, "train": {**BASE["train"], "checkpoint_every": 2, "epochs": 4},
+                              "dist": {"workers": 2, "cpus_per_worker": 0.5}})
+    out.mkdir()
+    spec = launch._tracking(TrackingSpec(uri=uri, experiment="ds", grid="ds", run_name="ds"), cfg, out)
+    assert spec is not None and spec.commit_every == 2
+
+    def row(epoch: int, attempt: int) -> dict[str, float]:
+        return {"epoch": float(epoch + 1), "train/loss": 1.0 / (epoch + 1) + attempt, "time/epoch_s": 0.1}
+
+    first = spec.tracker()  # attempt 1's rank 0 (etbench.engine.worker: spec.tracker() + attach)
+    first.attach(spec.run_id)
+    for e in range(3):  # epochs 1-3 done, checkpoint after epoch 2; the group dies in epoch 4
+        first.log_epoch(e, row(e, 0))
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(spec.run_id, "train/loss")) == [1, 2]
+    second = spec.tracker()  # the restarted group resumes from the epoch-2 checkpoint
+    second.attach(spec.run_id)
+    history = [row(0, 0), row(1, 0)]
+    for e in range(2, 4):
+        history.append(row(e, 1))
+        second.log_epoch(e, history[-1])
+    (out / "metrics.json").write_text(json.dumps(history))
+    end_tracking(second, {"best": {}, "cost": {"wall_s": 1.0}}, out)
+    hist = client.get_metric_history(spec.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in hist) == [(i + 1, r["train/loss"]) for i, r in enumerate(history)]

@@ -86,7 +86,8 @@ def _tracking(spec: TrackingSpec | None, cfg: RunConfig, out: Path) -> TrackingS
     from dataclasses import replace
 
     tracker = start_tracking(spec, cfg, out)
-    return replace(spec, run_id=tracker.run_id, identity_dir=str(out))
+    # rank 0 logs an epoch before the ranks checkpoint it: held back until a checkpoint covers it (RunTracker)
+    return replace(spec, run_id=tracker.run_id, identity_dir=str(out), commit_every=cfg.train.checkpoint_every)
 
 
 def has_started(cfg: RunConfig, out: Path, storage_path: str | None = None) -> bool:

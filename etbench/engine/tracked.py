@@ -42,11 +42,13 @@ class TrackingSpec:
     run_id: str | None = None  # the run to attach to when the trial folder names none (an older folder)
     tags: dict[str, str] = field(default_factory=dict)  # extra tags at creation (tuning stage, selected-from run)
     identity_dir: str | None = None  # the trial folder whose tracking.json the tracker's epochs refresh
+    commit_every: int | None = None  # Ray Train ranks: an epoch reaches MLflow once a checkpoint covers it
 
     def tracker(self) -> RunTracker:
         tracker = RunTracker(self.uri, self.experiment, self.run_name,
                              Path(self.artifact_root) if self.artifact_root else None)
         tracker.identity_dir = Path(self.identity_dir) if self.identity_dir else None
+        tracker.commit_every = self.commit_every
         return tracker
 
 
@@ -65,8 +67,12 @@ def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str
 
 
 def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path) -> None:
-    """Summary, artifacts, FINISHED. ``cost/wall_s`` becomes the wall time over every attempt of the trial (from
-    ``out/tracking.json``), also in ``summary`` and ``out/summary.json``."""
+    """The epochs MLflow lacks (from ``out/metrics.json``), summary, artifacts, FINISHED. ``cost/wall_s`` becomes
+    the wall time over every attempt of the trial (from ``out/tracking.json``), also in ``summary`` and
+    ``out/summary.json``."""
+    metrics = Path(out) / "metrics.json"
+    if metrics.exists():  # epochs the attempt recorded but MLflow lacks (held back until checkpointed): added now
+        tracker.log_history(json.loads(metrics.read_text()))
     wall = cumulative_wall_s(out)
     if wall is not None and isinstance(summary.get("cost"), dict):
         summary["cost"]["wall_s"] = max(wall, float(summary["cost"].get("wall_s", 0.0)))

@@ -405,7 +405,7 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
             if progress:
                 print(f"  selected {g.gid}: {best['params']} ({g.metric} = {best['value']:.5g}, run "
                       f"{best['run_id']})", flush=True)
-        payloads = _final_payloads(spec, gs, res, uri, experiment, trials_root, root, resume)
+        payloads = _final_payloads(spec, gs, res, uri, experiment, trials_root, root)
         if payloads:
             if progress:
                 print(f"stage final: {len(payloads)} runs ({finals_per_group} per model and axis combination)")
@@ -431,7 +431,7 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
 
 
 def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: str, experiment: str,
-                    trials_root: Path, root: Path, resume: bool) -> list[dict[str, Any]]:
+                    trials_root: Path, root: Path) -> list[dict[str, Any]]:
     """Final runs still to do (a config hash with a FINISHED run is skipped; an interrupted one is continued)."""
     out = []
     for g in gs:
@@ -449,6 +449,6 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
                 continue
             name = f"{g.model} final seed={seed}" + (f" split={split}" if split is not None else "")
             p = _payload(ctx, cfg, name, g.axes, tags,  # searched values: tag etbench.tune.params, not axes
-                         _attach_or_close(ctx, cfg.hash()) if resume else None)
+                         _attach_or_close(ctx, cfg.hash()))  # closes the hash's other live runs, resume or not
             out.append({**p, "threads": spec.resources.cpus_per_worker})
     return out

@@ -99,6 +99,8 @@ class RunTracker:
     identity_dir: Path | None = None  # the trial folder whose tracking.json each logged epoch refreshes
     _steps: set[int] | None = None  # epochs (steps) this run already holds: never logged twice
     _attached: bool = False  # an existing run (its epochs are read from the store), not one this tracker created
+    commit_every: int | None = None  # log an epoch only once a checkpoint covers it (every k epochs); None: at once
+    _pending: dict[int, dict[str, float]] | None = None
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_root: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
@@ -177,7 +179,32 @@ class RunTracker:
 
     def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
         """Epoch ``epoch`` (0-based) at step ``epoch + 1``, unless the run already holds that step (a retried or
-        resumed attempt re-trains epochs after its checkpoint: the run keeps each epoch once)."""
+        resumed attempt re-trains epochs after its checkpoint: the run keeps each epoch once).
+
+        With ``commit_every = k`` (a Ray Train run, whose ranks checkpoint every k epochs after logging) an epoch
+        waits until a later epoch is logged and a checkpoint covers it, so an epoch that a restarted worker group
+        trains again never reached MLflow; :meth:`log_history` adds what is still waiting at the end."""
+        if self.commit_every is None:
+            self._log_epoch_now(epoch, row)
+            return
+        if self._pending is None:
+            self._pending = {}
+        self._pending[epoch + 1] = row
+        covered = (epoch // self.commit_every) * self.commit_every  # the last checkpointed epoch before this one
+        missing = [s for s in range(1, covered + 1) if s not in self.logged_epochs() and s not in self._pending]
+        if missing and self.identity_dir is not None and (self.identity_dir / "metrics.json").exists():
+            rows = json.loads((self.identity_dir / "metrics.json").read_text())  # a resumed attempt's checkpointed
+            self._pending.update({s: rows[s - 1] for s in missing if s <= len(rows)})  # epochs, in step order
+        for step in sorted(s for s in self._pending if s <= covered):
+            self._log_epoch_now(step - 1, self._pending.pop(step))
+
+    def log_history(self, history: list[dict[str, float]]) -> None:
+        """Every epoch of a finished attempt's history (metrics.json) the run does not hold yet."""
+        self._pending = {}
+        for i, row in enumerate(history):
+            self._log_epoch_now(i, row)
+
+    def _log_epoch_now(self, epoch: int, row: dict[str, float]) -> None:
         if epoch + 1 in self.logged_epochs():
             return
         self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
