@@ -284,6 +284,14 @@ EFFECTIVE_FLOPS = {"image": {"cpu": 60e9, "gpu": 200e12}, "graph": {"cpu": 2.5e9
                    "graphcls": {"cpu": 1e9, "gpu": 50e9}}
 
 
+def estimate_seconds(trial: Trial) -> float:
+    """The plan's wall-time guess for one trial at the effective rates above (GPU rate when the trial asks for a
+    GPU); NaN where the cost is unknown."""
+    pflop = estimate_cost(trial)["train_pflop"]
+    rate = EFFECTIVE_FLOPS[trial.config.task.kind]["gpu" if trial.config.dist.use_gpu else "cpu"]
+    return pflop * 1e15 / rate
+
+
 def _graph_cost(trial: Trial) -> dict[str, float]:
     """Full-graph training cost: (3 for training + 1 for the per-epoch evaluation) × forward FLOPs per node × nodes
     × epochs (NaN for unknown graphs)."""

@@ -228,6 +228,14 @@ def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, res
     return res
 
 
+def _estimates(res: SweepResult) -> dict[str, float]:
+    """The plan's seconds per trial to run (config hash → s), for the progress line's ETA; unknown costs left out."""
+    from etbench.sweep.grid import estimate_seconds
+
+    out = {t.config_hash: estimate_seconds(t) for t, _ in res.todo}
+    return {h: s for h, s in out.items() if s == s}
+
+
 def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, address: str | None,
                    res: SweepResult, progress: bool) -> None:
     import ray
@@ -251,7 +259,8 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=st.ray_path(),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                callbacks=[TrialProgress(len(payloads), enabled=progress)],
+                callbacks=[TrialProgress(len(payloads), enabled=progress, concurrency=spec.max_concurrent_trials,
+                                         estimates=_estimates(res))],
                 verbose=0,
             ),
         )
