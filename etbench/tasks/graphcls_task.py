@@ -137,6 +137,9 @@ class GraphClsTask:
         """This rank's graphs of ``split`` in as many batches as every other rank (ranks forward in step)."""
         if split not in self._eval:
             every = getattr(self.fold, split)
+            if every.size == 0:  # no inner holdout ('authors'): the split is empty on every rank, its metrics NaN
+                self._eval[split] = []
+                return self._eval[split]
             idx = every[self.rank::self.world]
             largest = math.ceil(every.size / self.world)  # the largest rank's share
             chunks = np.array_split(idx, math.ceil(largest / EVAL_BATCH))
