@@ -139,7 +139,7 @@ def _dynamics(a: argparse.Namespace) -> int:
 def _dynamics_grid(a: argparse.Namespace) -> int:
     from etbench.analysis.dynamics_grid import grid_report
     from etbench.engine import dynamics as dyn
-    from etbench.engine.dynamics_grid import probe_grid
+    from etbench.sweep.dynamics_grid import probe_grid
 
     if a.run_dir is not None or a.run_id is not None:
         raise dyn.DynamicsError("give RUN_DIR / --run-id or --grid, not both")

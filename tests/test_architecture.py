@@ -78,11 +78,6 @@ class Import:
 
 #: (importing file, imported module) → why it is not fixed here, and the issue that owns the fix.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("etbench/engine/dynamics_grid.py", "etbench.sweep.grid"):
-        "arrow engine → sweep: the grid-wide dynamics probe plans a grid; the module belongs above engine "
-        "(sweep/ or the CLI), which moves a file another session owns (issue 24.3)",
-    ("etbench/engine/dynamics_grid.py", "etbench.sweep.runner"):
-        "arrow engine → sweep, as above (issue 24.3)",
     ("etbench/analysis/report.py", "etbench.tasks.graphcls_folds"):
         "arrow analysis → tasks: the report reads N_FOLDS from the task; the constant belongs in "
         "tracking/schema.py (the contract), a change to a file another session owns (issue 26)",

@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 from etbench.analysis.dynamics_grid import GridReportError, grid_report
 from etbench.cli import main
 from etbench.engine import dynamics as dyn
-from etbench.engine.dynamics_grid import CURVES_CSV, GRID_CSV, probe_grid
 from etbench.engine.dynamics_prefix import probe_prefix
 from etbench.engine.tracked import TrackingSpec, run_tracked
+from etbench.sweep.dynamics_grid import CURVES_CSV, GRID_CSV, probe_grid
 from etbench.sweep.grid import expand, load_grid
 
 GRID = """

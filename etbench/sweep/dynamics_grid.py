@@ -25,7 +25,7 @@ import pandas as pd
 
 from etbench.engine import dynamics as dyn
 from etbench.engine.dynamics_prefix import probe_prefix
-from etbench.models.energy import FIXED_POINT_TOL
+from etbench.tracking.schema import FIXED_POINT_TOL
 
 GRID_CSV = "dynamics_grid.csv"
 CURVES_CSV = "dynamics_grid_curves.csv"
