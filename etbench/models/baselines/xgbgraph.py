@@ -67,7 +67,7 @@ class XGBGraph(nn.Module):
             raise ValueError(f"xgbgraph was built for {self.in_dim} node features, got {x.shape[1]}")
         key = (x.data_ptr(), tuple(x.shape), x._version, edge_index.data_ptr(), tuple(edge_index.shape))
         if self._cache is None or self._cache[0] != key:
-            z = aggregate_features(x.detach().float(), edge_index, self.hops)
+            z = aggregate_features(x.detach().double(), edge_index, self.hops)  # float32 after summing in float64
             self._cache = (key, z.cpu().numpy().astype(np.float32))
         return self._cache[1]
 
