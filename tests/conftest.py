@@ -83,7 +83,8 @@ def xdist_unit(module_file: str) -> str:
     return "ray-cli-clusters" if module_file in CLI_CLUSTER_MODULES else module_file
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks into the node ids (registered
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # after us: runs first)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(xdist_unit(item.path.name)))
     if not os.environ.get("PYTEST_XDIST_WORKER"):
@@ -91,3 +92,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda it: (rank.get(xdist_unit(it.path.name), len(rank)), order[id(it)]))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse to run when ``--dist loadgroup`` did not take: every test would be scheduled on its own, and the
+    ray-CLI cluster modules would run side by side (seen with pytest 9, whose node ids xdist 3.x cannot suffix)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup"):
+        ungrouped = [it.nodeid for it in session.items if "@" not in it.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"pytest-xdist --dist loadgroup did not group {len(ungrouped)} tests (e.g. "
+                                    f"{ungrouped[0]}); pytest {pytest.__version__}: see pyproject's pytest pin")
