@@ -167,6 +167,9 @@ def test_blocker_bites_without_a_bundled_distribution(tmp_path: Path) -> None:
     assert attempts and attempts[0].startswith("hjson <- ")
     assert gb.unexpected_imports(["mlflow <- /x/deepspeed/autotuning/autotuner.py:31", "mlflow <- /r/etbench/a.py:3"]) \
         == ["mlflow <- /r/etbench/a.py:3"]  # DeepSpeed's optional probe is fine, etbench needing mlflow is not
+    assert gb.unexpected_imports(["xgboost <- /x/deepspeed/autotuning/tuner/cost_model.py:9",
+                                  "xgboost <- /r/etbench/models/baselines/xgbgraph.py:40"]) \
+        == ["xgboost <- /r/etbench/models/baselines/xgbgraph.py:40"]
 
 
 def test_blocked_set_ignores_vendored_copies_a_library_put_on_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:

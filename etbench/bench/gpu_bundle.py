@@ -394,8 +394,10 @@ def write_blocker(directory: Path, allowed: Iterable[str] | None = None) -> tupl
 
 
 # Libraries that probe optional packages inside try/except: on the image those are absent, and that is fine.
-# (urllib3 probes PySocks for requests' SOCKS proxies; a venv has it whenever some dependency pulls it in.)
-OPTIONAL_PROBES = {"mlflow": "deepspeed/autotuning/autotuner.py", "socks": "urllib3/contrib/socks.py"}
+# (urllib3 probes PySocks for requests' SOCKS proxies; a venv has it whenever some dependency pulls it in. DeepSpeed's
+# autotuner cost model probes xgboost, which the venv has since etbench's XGBGraph baseline.)
+OPTIONAL_PROBES = {"mlflow": "deepspeed/autotuning/autotuner.py", "socks": "urllib3/contrib/socks.py",
+                   "xgboost": "deepspeed/autotuning/tuner/cost_model.py"}
 
 
 def unexpected_imports(log_lines: Iterable[str]) -> list[str]:
