@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from etbench.analysis import tables
-from etbench.analysis.stats import CIConfig, compare, holm, mean_ci, summarize
+from etbench.analysis.metrics import primary_metric
+from etbench.analysis.stats import SECONDARY, CIConfig, compare, holm, mean_ci, summarize
 
 MSE, PSNR = "best/test/mse_masked", "best/test/psnr"
 
@@ -88,48 +89,66 @@ def test_holm_against_hand_computation() -> None:
     assert holm([]).size == 0
 
 
-def test_comparison_table_holm_family_effect_size_and_favours() -> None:
-    """Four comparisons (2 metrics × 2 baselines) form one family; a raw p < 0.05 that Holm lifts above 0.05
-    must read "no difference shown"."""
+def test_comparison_table_holm_over_the_primary_metric_only() -> None:
+    """The primary metric's rows (the image task's: masked MSE; 3 baselines) form the one Holm family; a raw
+    p < 0.05 that Holm lifts above 0.05 reads "no difference shown"; the secondary metric (PSNR) is descriptive:
+    raw p, no Holm p, no verdict however small its p. Naming PSNR primary swaps the roles."""
     base = np.array([0.50, 0.52, 0.49, 0.51, 0.50])
     diffs = {("mse", "vit"): np.array([-0.10, -0.11, -0.09, -0.10, -0.12]),
              ("psnr", "vit"): np.array([-1.0, -1.1, -0.9, -1.05, -0.95]),
              ("mse", "mlp"): np.array([0.012, 0.022, 0.004, 0.015, 0.002]),
-             ("psnr", "mlp"): np.array([0.3, -0.2, 0.1, -0.4, 0.25])}
+             ("psnr", "mlp"): np.array([0.3, -0.2, 0.1, -0.4, 0.25]),
+             ("mse", "vit-tied"): np.array([0.010, 0.020, 0.004, 0.016, 0.002]),
+             ("psnr", "vit-tied"): np.array([0.5, 0.6, 0.4, 0.55, 0.45])}
     et_psnr = 20 + base
-    values = {"et": {MSE: base, PSNR: et_psnr},
-              "vit": {MSE: base - diffs[("mse", "vit")], PSNR: et_psnr - diffs[("psnr", "vit")]},
-              "mlp": {MSE: base - diffs[("mse", "mlp")], PSNR: et_psnr - diffs[("psnr", "mlp")]}}
+    values = {"et": {MSE: base, PSNR: et_psnr}}
+    for b in ("vit", "mlp", "vit-tied"):
+        values[b] = {MSE: base - diffs[("mse", b)], PSNR: et_psnr - diffs[("psnr", b)]}
     rows = [{"dataset": "digits", "protocol": "masked-completion", "model": m, "task": "image", "split": -1,
              "seed": s, "paper_comparable": False, "metrics." + MSE: v[MSE][s], "metrics." + PSNR: v[PSNR][s]}
             for m, v in values.items() for s in range(5)]
     runs = pd.DataFrame(rows)
     runs[["split", "seed"]] = runs[["split", "seed"]].astype("Int64")
-    (table,) = tables.comparison_tables(runs, [MSE, PSNR])
-    data = table.data.set_index(["metric", "baseline"])
     raw = {k: stats.ttest_1samp(d, 0).pvalue for k, d in diffs.items()}
-    order = sorted(raw, key=raw.get)
-    hand, running = {}, 0.0
-    for i, k in enumerate(order):  # Holm by hand over the family of 4
-        running = max(running, min(1.0, (4 - i) * raw[k]))
-        hand[k] = running
-    assert raw[("mse", "mlp")] < 0.05 <= hand[("mse", "mlp")]  # the constructed case: raw says yes, Holm says no
+
+    def by_hand(metric: str) -> dict[tuple[str, str], float]:  # Holm over one metric's 3 rows
+        family = sorted((k for k in raw if k[0] == metric), key=raw.get)
+        out, running = {}, 0.0
+        for i, k in enumerate(family):
+            running = max(running, min(1.0, (len(family) - i) * raw[k]))
+            out[k] = running
+        return out
+
     name = {"mse": MSE, "psnr": PSNR}
-    for (m, b), d in diffs.items():
-        row = data.loc[(name[m], b)]
-        assert row["p_ttest"] == pytest.approx(raw[(m, b)])
-        assert row["p_holm"] == pytest.approx(hand[(m, b)])
-        assert row["d_z"] == pytest.approx(d.mean() / d.std(ddof=1))
+    for primary in ("mse", "psnr"):
+        (table,) = tables.comparison_tables(runs, [MSE, PSNR], primary=None if primary == "mse" else PSNR)
+        data = table.data.set_index(["metric", "baseline"])
+        hand = by_hand(primary)
+        for (m, b), d in diffs.items():
+            row = data.loc[(name[m], b)]
+            assert row["p_ttest"] == pytest.approx(raw[(m, b)])
+            assert row["d_z"] == pytest.approx(d.mean() / d.std(ddof=1))
+            if m == primary:
+                assert row["p_holm"] == pytest.approx(hand[(m, b)])
+            else:
+                assert np.isnan(row["p_holm"]) and row["favours"] == SECONDARY
+        assert "Holm-adjusted paired-t p over the 3 comparisons of the primary metric" in table.caption
+        assert f"test {'mse_masked' if primary == 'mse' else 'psnr'} (one family" in table.caption
+        assert "Secondary metrics are descriptive" in table.caption
+    (table,) = tables.comparison_tables(runs, [MSE, PSNR])  # the default primary: the image task's masked MSE
+    data = table.data.set_index(["metric", "baseline"])
+    assert raw[("mse", "mlp")] < 0.05 <= by_hand("mse")[("mse", "mlp")]  # the constructed case: raw yes, Holm no
     assert data.loc[(MSE, "vit"), "favours"] == "et"  # lower MSE
-    assert data.loc[(PSNR, "vit"), "favours"] == "vit"  # higher PSNR
     assert data.loc[(MSE, "mlp"), "favours"] == "no difference shown"
-    assert data.loc[(PSNR, "mlp"), "favours"] == "no difference shown"
+    assert raw[("psnr", "vit")] < 1e-4 and data.loc[(PSNR, "vit"), "favours"] == SECONDARY
     assert {"d_z (paired)", "p (Holm)", "p (paired t)"} <= set(table.display.columns)
-    assert "Holm-adjusted paired-t p over the 4 comparisons" in table.caption
-    # compare() alone: one metric is its own family of 2
+    # compare() alone: one metric is its own family of 3
     alone = compare(runs, MSE).set_index("baseline")
-    assert alone.loc["mlp", "p_holm"] == pytest.approx(min(1.0, max(2 * min(raw[("mse", "vit")], raw[("mse", "mlp")]),
-                                                                  raw[("mse", "mlp")])))
+    assert alone.loc["mlp", "p_holm"] == pytest.approx(by_hand("mse")[("mse", "mlp")])
+    # one task's declared primary; an override without it falls back to the first metric asked for
+    assert primary_metric(runs, [PSNR, MSE]) == MSE and primary_metric(runs, [PSNR]) == PSNR
+    graph = pd.DataFrame({"task": ["graph"]})
+    assert primary_metric(graph, ["best/test/auroc", "best/test/auprc"]) == "best/test/auprc"
 
 
 def test_single_pair_is_no_test() -> None:

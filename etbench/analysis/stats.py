@@ -312,26 +312,35 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 NO_DIFFERENCE = "no difference shown"
+#: "favours" of a secondary-metric row: its p is shown raw, it is no hypothesis of the table's Holm family.
+SECONDARY = "descriptive (secondary metric)"
 
 
-def decide(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Holm-adjust ``p_ttest`` over every row of ``table`` (one family) and set ``favours`` from it.
+def decide(table: pd.DataFrame, alpha: float = 0.05, family: Sequence[bool] | None = None) -> pd.DataFrame:
+    """Holm-adjust ``p_ttest`` over the rows of ``table`` in ``family`` (all rows when ``None``) and set
+    ``favours`` from it.
 
     ``favours`` names the better model (by each row's ``metric`` direction) only when the adjusted p < ``alpha``;
-    otherwise "no difference shown" ("no test (n=…)" when fewer than two pairs exist).
+    otherwise "no difference shown" ("no test (n=…)" when fewer than two pairs exist). Rows outside ``family``
+    (secondary metrics) get no adjusted p and no verdict: they are descriptive.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha {alpha} must lie in (0, 1)")
     table = table.copy()
-    table["p_holm"] = holm(table["p_ttest"].to_numpy(float)) if len(table) else np.array([], dtype=float)
+    tested = np.ones(len(table), dtype=bool) if family is None else np.asarray(family, dtype=bool)
+    if tested.shape != (len(table),):
+        raise ValueError(f"family has {tested.size} entries for a table of {len(table)} rows")
+    p_raw = table["p_ttest"].to_numpy(float) if len(table) else np.array([], dtype=float)
+    table["p_holm"] = holm(np.where(tested, p_raw, np.nan))
     n = table["n"].to_numpy().astype(int)
     p_holm = table["p_holm"].to_numpy(float)
     higher = np.array([higher_is_better(str(m)) for m in table["metric"]], dtype=bool)
     better = (table["mean_diff"].to_numpy(float) > 0) == higher
     named = np.where(better, table["reference"].astype(str).to_numpy(object),
                      table["baseline"].astype(str).to_numpy(object))
+    verdict = np.where(~np.isnan(p_holm) & (p_holm < alpha), named, NO_DIFFERENCE)
     favours = np.where(n < 2, np.array([f"no test (n={k})" for k in n], dtype=object),
-                       np.where(~np.isnan(p_holm) & (p_holm < alpha), named, NO_DIFFERENCE))
+                       np.where(tested, verdict, SECONDARY))
     table["favours"] = pd.Series(favours, index=table.index, dtype=object)
     return table
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from etbench.analysis import references as refs_mod
-from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, short_name
+from etbench.analysis.metrics import COST_COLUMNS, column, higher_is_better, primary_metric, short_name
 from etbench.analysis.power import power_columns
-from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, CIConfig, compare, decide
+from etbench.analysis.stats import DEFAULT_CI, NO_DIFFERENCE, SECONDARY, CIConfig, compare, decide
 from etbench.analysis.style import model_order
 from etbench.analysis.summary_cache import cached_summarize
 
@@ -297,12 +297,15 @@ def comparison_tables(
     alpha: float = 0.05,
     power: float = 0.8,
     margins: Mapping[str, float] | None = None,
+    primary: str | None = None,
 ) -> list[Table]:
     """One table per (dataset, protocol): ``reference`` − each baseline, paired, with CI, effect size and
-    p-values; the paired-t p are Holm-adjusted over all rows of the table (one family), and "favours" names a
-    model only when the adjusted p < ``alpha``. Beside each "no difference shown" the minimum detectable effect
-    at ``power`` (:mod:`etbench.analysis.power`); for metrics with an equivalence margin in ``margins`` (metric
-    name → margin in its units), the TOST verdict."""
+    p-values. The paired-t p of the ``primary`` metric (default: the task's,
+    :data:`etbench.analysis.metrics.PRIMARY_METRIC`) are Holm-adjusted across baselines (one family), and
+    "favours" names a model only when the adjusted p < ``alpha``; the other metrics' rows are descriptive (raw p,
+    no verdict). Beside each "no difference shown" the minimum detectable effect at ``power``
+    (:mod:`etbench.analysis.power`); for metrics with an equivalence margin in ``margins`` (metric name → margin
+    in its units), the TOST verdict."""
     tables = []
     for (dataset, protocol), block in runs.groupby(["dataset", "protocol"], sort=True):
         present, keys = _key_columns(block, axes, over)
@@ -310,7 +313,9 @@ def comparison_tables(
         parts = [p for p in parts if not p.empty]
         if not parts:
             continue
-        data = decide(pd.concat(parts, ignore_index=True), alpha)  # one Holm family: every row of this table
+        main = primary or primary_metric(block, metrics)
+        data = pd.concat(parts, ignore_index=True)
+        data = decide(data, alpha, family=(data["metric"] == main).tolist())  # Holm family: the primary's rows
         data = power_columns(data, alpha, power, margins)
         row_keys = [k for k in keys if k != "model" and k in data.columns]
         display = _to_text(data, ["metric", *row_keys, "baseline"])
@@ -336,11 +341,14 @@ def comparison_tables(
             f"Dataset {dataset}, protocol {protocol}. Paired differences {reference} − baseline, matched by seed "
             f"and split and equal axis values, {_over_text(over, block)}: mean ± 95% CI half-width "
             f"({ci_text(cfg)}), paired effect size d_z = mean/sd of the differences, paired t-test p, "
-            f"Holm-adjusted paired-t p over the {family} comparisons of this table, Wilcoxon signed-rank p "
-            f"(only n ≥ 6). 'favours' names the better model ({_direction_text(metrics)}) only when the Holm p < "
-            f"{alpha:g}; otherwise '{NO_DIFFERENCE}', with the minimum detectable effect (MDE): the smallest |Δ| "
+            f"Holm-adjusted paired-t p over the {family} comparisons of the primary metric "
+            f"{short_name(main)} (one family across baselines), Wilcoxon signed-rank p (only n ≥ 6). 'favours' "
+            f"names the better model ({_direction_text(metrics)}) only when the Holm p < {alpha:g}; otherwise "
+            f"'{NO_DIFFERENCE}', with the minimum detectable effect (MDE): the smallest |Δ| "
             f"the two-sided paired t-test at α = {alpha:g} detects with {power:.0%} power at this n (exact, noncentral "
             f"t; d_z, and metric units via the observed sd of the differences; larger still at the Holm level)."
+            + (f" Secondary metrics are descriptive: raw p only, no Holm p and no verdict ('{SECONDARY}')."
+               if (data["metric"] != main).any() else "")
             + (f" TOST: two one-sided paired t-tests at α = {alpha:g} (not Holm-adjusted) against the declared "
                f"equivalence margin ±δ; 'equivalent' when both reject." if with_margin else "")
             + f" Comparability: {_comparability(block)}."
