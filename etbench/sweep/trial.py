@@ -168,9 +168,16 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
     return {"status": "finished", "config_hash": cfg.hash(), **best}
 
 
+#: Why a trial without an error and without a final result is not counted finished.
+NOT_FINISHED = ("did not finish: the sweep was interrupted (or the trial never returned its final result); "
+                "`etbench sweep run --resume` continues it from its last checkpoint, in the same MLflow run")
+
+
 def record_results(grid: Any, res: Any) -> None:
-    """Sort a Tune ResultGrid of ``run_trial`` trials into ``res.finished`` / ``failed`` (errors and diverged
-    runs, with the reason) / ``skipped`` (already FINISHED in MLflow), by config hash."""
+    """Sort a Tune ResultGrid of ``run_trial`` trials into ``res.finished`` (the trial returned its final result)
+    / ``failed`` (errors, diverged runs and trials cut short by an interrupt, with the reason) / ``skipped``
+    (already FINISHED in MLflow), by config hash. A trial that Tune stopped when the sweep was interrupted has
+    no error and at most per-epoch metrics: it is never counted finished."""
     for result in grid:
         h = ((result.config or {}).get("trial") or {}).get("config_hash", "?")
         m = result.metrics or {}
@@ -180,8 +187,10 @@ def record_results(grid: Any, res: Any) -> None:
             res.failed[h] = m.get("error", "diverged")
         elif m.get("status") == "skipped":
             res.skipped.append(h)
-        else:
+        elif m.get("status") == "finished":
             res.finished.append(h)
+        else:
+            res.failed[h] = NOT_FINISHED
 
 
 def init_ray(address: str | None, use_gpu: bool, state_api: bool = False) -> bool:
