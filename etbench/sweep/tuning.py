@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from etbench.config import ConfigError, RunConfig, resolve_run_config, set_dotted
-from etbench.hashing import config_hash
+from etbench.hashing import canonical_json, config_hash
 
 # keys a search space may not touch: they define the stage, the model or the task, not a hyper-parameter
 RESERVED = ("train.seed", "train.epochs", "model.name", "task.", "dist.")
@@ -143,6 +143,13 @@ class TuningSpec(BaseModel):
     models: dict[str, ModelTuning]
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: the grid's")
     final_epochs: int | None = Field(None, ge=1, description="epochs of the final runs (default: budget.epochs)")
+    split: int | None = Field(None, ge=0, description="the split (graph tasks) or outer fold (graphcls) the search "
+                                                      "runs on; default: the grid's first split. Outside the "
+                                                      "grid's splits, no final run is scored on data the "
+                                                      "search selected on")
+    space_ratio: float = Field(2.0, ge=1, description="the plan warns when two models searched at the same axis "
+                                                      "values differ by more than this factor in free dimensions "
+                                                      "or in discrete combinations (spaces of unequal effect)")
 
     def budget_of(self, model: str) -> Budget:
         m = self.models.get(model)
@@ -180,6 +187,10 @@ def groups(spec: Any, source: str = "grid") -> list[Group]:
     from etbench.sweep.grid import model_combos
 
     t: TuningSpec = spec.tuning
+    if t.split is not None and not spec.splits:
+        raise _source_error(source, "tuning.split", f"{t.split} set, but the grid has no splits (only grids with a "
+                                                    "'splits:' list search on one split)")
+    split = t.split if t.split is not None else (spec.splits or [None])[0]
     out = []
     for model, applied in model_combos(spec):
         probe = _probe(spec, model, applied, source)
@@ -191,7 +202,7 @@ def groups(spec: Any, source: str = "grid") -> list[Group]:
                 metric = "val/auroc"
         mode = mode or ("min" if "mse" in metric or metric.endswith("loss") else "max")
         tag = model if not applied else f"{model}-{config_hash(applied, 8)}"
-        out.append(Group(model, applied, tag, kind, (spec.splits or [None])[0], metric, mode, t.budget_of(model),
+        out.append(Group(model, applied, tag, kind, split, metric, mode, t.budget_of(model),
                          t.models[model].dims() if model in t.models else {}))
     return out
 
@@ -327,14 +338,22 @@ def _check_grace(spec: Any, g: Group, source: str) -> None:
 def select_best(runs: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The run with the best finite ``value``; ``None`` when no run has one.
 
-    Deterministic: ties on the value go to the earliest ``start`` (missing: 0), then the smallest ``run_id``
-    (lexicographic), whatever the order of ``runs``.
+    Deterministic, and the same on a re-run of the search: ties on the value go to the configuration whose
+    searched ``params`` come first as canonical JSON (sorted keys; the same draws give the same pick however the
+    trials were scheduled), then to the earliest ``start`` (missing: 0), then the smallest ``run_id``
+    (lexicographic), whatever the order of ``runs``. The stated rule is :data:`TIE_BREAK`.
     """
     ok = [r for r in runs if isinstance(r.get("value"), int | float) and math.isfinite(r["value"])]
     if not ok:
         return None
     sign = 1.0 if mode == "min" else -1.0
-    return min(ok, key=lambda r: (sign * float(r["value"]), r.get("start") or 0, str(r.get("run_id", ""))))
+    return min(ok, key=lambda r: (sign * float(r["value"]), canonical_json(r.get("params") or {}),
+                                  r.get("start") or 0, str(r.get("run_id", ""))))
+
+
+#: The selection's tie-break, as the plan and the tuned report state it.
+TIE_BREAK = ("ties on the validation value go to the searched values first in canonical JSON order, then the "
+             "earliest run, then the smallest run id")
 
 
 def stopped_at(history: list[dict[str, Any]], budget_epochs: int) -> int | None:
@@ -357,6 +376,52 @@ def group_seed(search_seed: int, gid: str) -> int:
     return int(hashlib.sha256(f"{search_seed}:{gid}".encode()).hexdigest()[:8], 16)
 
 
+def space_size(dims: dict[str, SearchDim]) -> tuple[int, int | None]:
+    """(free dimensions, discrete combinations) of a search space: a dimension is free when it can take more
+    than one value; the combinations are the product of the discrete dimensions' value counts (``None`` when a
+    continuous dimension makes them unbounded)."""
+    free, combos = 0, 1
+    for d in dims.values():
+        if d.distribution in ("uniform", "loguniform"):
+            free, combos = free + 1, None
+            continue
+        if d.distribution == "choice":
+            count = len({repr(v) for v in d.values or []})
+        else:  # randint: both bounds included
+            count = int(d.high or 0) - int(d.low or 0) + 1
+        free += count > 1
+        combos = None if combos is None else combos * count
+    return free, combos
+
+
+def space_warnings(gs: list[Group], ratio: float) -> list[str]:
+    """Searches at the same axis values whose spaces differ by more than ``ratio`` in free dimensions or (both
+    discrete) in combinations: a budget of equal configurations is then not a search of equal effect."""
+    out = []
+    by_axes: dict[str, list[Group]] = {}
+    for g in gs:
+        by_axes.setdefault(config_hash(g.axes, 8), []).append(g)
+    for block in by_axes.values():
+        sizes = {g.model: space_size(g.dims) for g in block}
+        free = {m: f for m, (f, _) in sizes.items()}
+        lo, hi = min(free, key=lambda m: free[m]), max(free, key=lambda m: free[m])
+        if free[hi] > ratio * free[lo]:
+            out.append(f"WARNING: search spaces of unequal effect{_at(block[0].axes)}: {hi} searches {free[hi]} free "
+                       f"dimension(s), {lo} {free[lo]} (more than tuning.space_ratio = {ratio:g} apart)")
+        combos = {m: c for m, (_, c) in sizes.items() if c is not None}
+        if len(combos) == len(sizes) >= 2:
+            lo, hi = min(combos, key=lambda m: combos[m]), max(combos, key=lambda m: combos[m])
+            if combos[hi] > ratio * combos[lo]:
+                out.append(f"WARNING: search spaces of unequal effect{_at(block[0].axes)}: {hi} has {combos[hi]} "
+                           f"discrete combinations, {lo} {combos[lo]} (more than tuning.space_ratio = {ratio:g} "
+                           f"apart)")
+    return out
+
+
+def _at(axes: dict[str, Any]) -> str:
+    return f" at {' '.join(f'{k}={v}' for k, v in axes.items())}" if axes else ""
+
+
 def plan_lines(spec: Any, source: str = "grid") -> list[str]:
     """What ``etbench sweep plan`` prints for a tuned grid: both stages, the budget per model, the cost."""
     from etbench.sweep.grid import EFFECTIVE_FLOPS, Trial, estimate_cost
@@ -367,6 +432,12 @@ def plan_lines(spec: Any, source: str = "grid") -> list[str]:
              f"{t.scheduler.kind}, training seed {t.seed}), stage 2 final ({len(spec.seeds)} seeds"
              + (f" × {len(spec.splits)} splits" if spec.splits else "") + f"); {len(gs)} searches; max "
              f"{t.max_concurrent_trials or spec.max_concurrent_trials} concurrent"]
+    if gs and gs[0].split is not None:
+        inside = gs[0].split in (spec.splits or [])
+        lines.append(f"search on split {gs[0].split}" + (
+            " — also a final split: the final runs on it are scored on a split the search selected on (set "
+            "tuning.split outside the grid's splits)" if inside else " (outside the final splits)"))
+    lines.append(f"selection: best validation value; {TIE_BREAK}")
     tot = {"tune": 0.0, "final": 0.0}
     hours = {"tune": 0.0, "final": 0.0}
     rng = random.Random(0)
@@ -383,9 +454,12 @@ def plan_lines(spec: Any, source: str = "grid") -> list[str]:
         axes = " ".join(f"{k}={v}" for k, v in g.axes.items())
         space = ", ".join(f"{k} {d.distribution}" + (f" {d.values}" if d.values else f" [{d.low:g}, {d.high:g}]")
                           for k, d in g.dims.items())
+        free, combos = space_size(g.dims)
         lines.append(f"  {g.gid:18s} {g.model:9s} {axes}  budget {g.budget.configurations} configurations × "
                      f"{g.budget.epochs} epochs on {g.metric} ({g.mode}); final {len(finals)} runs × "
-                     f"{t.final_epochs or g.budget.epochs} epochs; space: {space}")
+                     f"{t.final_epochs or g.budget.epochs} epochs; space: {space} ({free} free dimension(s), "
+                     + (f"{combos} discrete combinations)" if combos is not None else "continuous)"))
+    lines += space_warnings(gs, t.space_ratio)
     lines.append(f"estimated training compute: tune ≤ {tot['tune'] * 1e3:.2f} TFLOP ≈ {hours['tune']:.2f} CPU-trial-"
                  f"hours (before ASHA's savings), final {tot['final'] * 1e3:.2f} TFLOP ≈ {hours['final']:.2f} "
                  f"CPU-trial-hours; nothing was created")
