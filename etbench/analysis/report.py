@@ -3,6 +3,9 @@
 Output layout under ``out``::
 
     README.md           what was produced, what was skipped and why, which runs were left out
+    index.html          the same as one page to open in a browser, offline: the README's notes and tables, every
+                        table file, every figure and image embedded with its caption, links to the CSV/LaTeX/PDF
+                        files (etbench.analysis.html_report; written last, from the files in this folder)
     runs.csv            the analysed runs (tags, axes, params, metrics); excluded_runs.csv with reasons
     tables/             results_* and compare_* tables as .md, .tex (booktabs) and .csv
     figures/            steps_*, terms_*, memory_*, pareto_*, energy_* as .pdf and .png
@@ -26,6 +29,7 @@ from matplotlib.figure import Figure
 
 from etbench.analysis import aggregate, descent, diagnostics, figures, tables
 from etbench.analysis.cache import RunCache, energy_frame
+from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.load import client_for, load_runs
 from etbench.analysis.metrics import choose_metrics, column, higher_is_better
 from etbench.analysis.references import load_references
@@ -57,6 +61,7 @@ class ReportResult:
     warnings: list[str] = field(default_factory=list)
     excluded: pd.DataFrame = field(default_factory=pd.DataFrame)
     titles: dict[str, str] = field(default_factory=dict)  # figure file stem → its title (one line)
+    html: Path | None = None  # index.html: the report as one self-contained page
 
 
 def _splits_vary(block: pd.DataFrame) -> bool:
@@ -117,6 +122,7 @@ def make_report(
     if kept is not None:
         progress(f"[report] nothing changed since the report already in {out} (same runs, options and analysis "
                  f"code): kept its {len(kept.tables)} table and {len(kept.figures)} figure files")
+        kept.html = out / INDEX_HTML if (out / INDEX_HTML).exists() else write_html_report(out)
         return kept
     _drop_previous(out)
     sections: list[str] = []
@@ -148,10 +154,12 @@ def make_report(
         sections.insert(0, tuning_report.UNTUNED_NOTE)
     result.index.write_text(_index(experiment, tracking_uri, result, sections))
     _write_manifest(out, fingerprint, result)
+    result.html = write_html_report(out)  # last: the page shows what the folder holds
     for warning in result.warnings:
         progress(f"[report] warning: {warning}")
     progress(f"[report] wrote {len(result.tables)} table files, {len(result.figures)} figure files, "
-             f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index})")
+             f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index}, or open "
+             f"{result.html} in a browser)")
     return result
 
 
