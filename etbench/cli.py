@@ -449,6 +449,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep_plan(a: argparse.Namespace) -> int:
+    from etbench.sweep.axes import describe
     from etbench.sweep.grid import EFFECTIVE_FLOPS, GridError, estimate_cost
     from etbench.sweep.runner import plan
 
@@ -457,13 +458,16 @@ def _sweep_plan(a: argparse.Namespace) -> int:
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    layout = describe(spec)  # per-model axes, zip groups and derived values, when the grid has any
     if spec.tuning is not None:  # two stages: the search per model, then the final seeds (etbench.sweep.tuning)
         from etbench.sweep.tuning import plan_lines
 
-        print("\n".join(plan_lines(spec, source=a.file)))
+        print("\n".join(plan_lines(spec, source=a.file) + (["grid layout:", *layout] if layout else [])))
         return 0
     print(f"grid {spec.name}: {len(trials)} trials; resources per trial {spec.resources.model_dump()}; "
           f"max {spec.max_concurrent_trials} concurrent")
+    if layout:
+        print("\n".join(layout))
     total, cpu_h, gpu_min = 0.0, 0.0, 0.0
     for t in trials:
         c = estimate_cost(t)
@@ -472,7 +476,7 @@ def _sweep_plan(a: argparse.Namespace) -> int:
             total += c["train_pflop"]
             cpu_h += c["train_pflop"] * 1e15 / rate["cpu"] / 3600
             gpu_min += c["train_pflop"] * 1e15 / rate["gpu"] / 60
-        axes = " ".join(f"{k}={v}" for k, v in t.axes.items())
+        axes = " ".join([f"{k}={v}" for k, v in t.axes.items()] + [f"{k}:={v:g}" for k, v in t.derived.items()])
         print(f"  {t.config_hash}  {t.model:9s} seed={t.seed}" + (f" split={t.split}" if t.split is not None else "")
               + f"  {axes}  ~{c['train_pflop'] * 1e3:.2f} TFLOP")
     rates = "; ".join(f"{k} {v['cpu'] / 1e9:g} GFLOP/s per CPU trial, {v['gpu'] / 1e12:g} TFLOP/s per GPU"

@@ -3,14 +3,12 @@
 A grid is a base run config (overrides of the presets), axes to sweep (lists of values for a grid axis, or a
 random-search spec), seeds (and splits for graphs), the models to compare, resources per trial, concurrency and
 tracking settings. Every trial's resolved config has a stable hash; axes that only an ET has (memory size, energy
-terms, α, …) are not applied to baselines, whose duplicate trials are dropped.
+terms, α, …) are not applied to baselines, whose duplicate trials are dropped. Per-model axes, ``zip:`` groups and
+``derived:`` values are :mod:`etbench.sweep.axes` (docs/grids.md).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,42 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from etbench.config import ConfigError, GraphClsTaskConfig, RunConfig, deep_merge, resolve_run_config, set_dotted
 from etbench.errors import EtbenchError
+from etbench.sweep import axes as A
+from etbench.sweep.axes import ET_ONLY_KEYS, RandomAxis, ZipGroup  # noqa: F401  (the first two: importable here)
 from etbench.sweep.tuning import TuningSpec
-
-# ET hyper-parameters that an image baseline does not have (ViTs reuse dim, heads and steps-as-depth).
-ET_ONLY_KEYS = ("memories", "mem_ratio", "alpha", "self_attention", "hn_kind", "terms", "grad_mode", "eps",
-                "hn_beta_init", "attn_init_std", "mem_init_std", "init")
 
 
 class GridError(EtbenchError, ValueError):
     """A grid file is invalid: the message names the file, the key path and what is allowed."""
-
-
-class RandomAxis(BaseModel):
-    """A random-search axis: ``samples`` draws from a distribution, fixed by the grid's ``search_seed``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    distribution: Literal["uniform", "loguniform", "choice", "randint"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-    samples: int = Field(ge=1)
-
-    def draw(self, rng: random.Random) -> list[Any]:
-        if self.distribution == "choice":
-            if not self.values:
-                raise ValueError("a 'choice' axis needs a non-empty 'values' list")
-            return [rng.choice(self.values) for _ in range(self.samples)]
-        if self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"a {self.distribution!r} axis needs low < high, got low={self.low}, high={self.high}")
-        if self.distribution == "uniform":
-            return [rng.uniform(self.low, self.high) for _ in range(self.samples)]
-        if self.distribution == "randint":
-            return [rng.randint(int(self.low), int(self.high)) for _ in range(self.samples)]
-        if self.low <= 0:
-            raise ValueError("a 'loguniform' axis needs low > 0")
-        return [math.exp(rng.uniform(math.log(self.low), math.log(self.high))) for _ in range(self.samples)]
 
 
 class Resources(BaseModel):
@@ -87,7 +56,14 @@ class GridSpec(BaseModel):
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     models: list[str] = Field(default_factory=lambda: ["et"])
-    axes: dict[str, list[Any] | RandomAxis] = Field(default_factory=dict)
+    axes: dict[str, A.AxisSpec] = Field(default_factory=dict, description=(
+        "dotted config key → list of values, {values: [...], models: [...]} (only those models take it), or a "
+        "random-search spec"))
+    zip: dict[str, ZipGroup] = Field(default_factory=dict, description=(
+        "named groups of axes that move together (equal lengths): {group: {key: [...], key2: [...]}}"))
+    derived: dict[str, A.DerivedSpec] = Field(default_factory=dict, description=(
+        "dotted config key → arithmetic over other config keys, computed per trial after the axes "
+        "(e.g. model.et.memories: 4 * model.et.dim)"))
     seeds: list[int] = Field(default_factory=lambda: [0])
     splits: list[int] | None = Field(None, description="graph anomaly detection: stored split indices (task.split); "
                                                        "graph classification: outer folds (task.fold)")
@@ -129,6 +105,7 @@ class Trial(BaseModel):
     seed: int
     split: int | None
     axes: dict[str, Any]
+    derived: dict[str, Any] = Field(default_factory=dict, description="values computed by the grid's derived:")
 
     @property
     def run_name(self) -> str:
@@ -154,7 +131,7 @@ def load_grid(path: str | Path) -> GridSpec:
     except ValidationError as err:
         lines = [f"{path}: invalid grid:"]
         for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
+            loc = ".".join(str(p) for p in A.error_path(e["loc"]))
             extra = f" (allowed keys: {', '.join(GridSpec.model_fields)})" if e["type"] == "extra_forbidden" and len(
                 e["loc"]) == 1 else ""
             lines.append(f"  {loc}: {e['msg']}{extra}")
@@ -167,22 +144,9 @@ def load_grid(path: str | Path) -> GridSpec:
     return spec
 
 
-def _axis_values(spec: GridSpec) -> dict[str, list[Any]]:
-    rng = random.Random(spec.search_seed)
-    out: dict[str, list[Any]] = {}
-    for k, v in spec.axes.items():
-        out[k] = v.draw(rng) if isinstance(v, RandomAxis) else list(v)
-    return out
-
-
 def _is_et_only(key: str, kind: str | None) -> bool:
-    """Whether axis ``key`` means nothing to a baseline of task ``kind``: ET-only keys for images (ViTs reuse dim,
-    heads and steps as depth); every ``model.et.*`` key for graph tasks (anomaly detection and graph
-    classification: the GNN and MLP baselines are sized by ``model.hidden`` / ``model.layers``)."""
-    parts = key.split(".")
-    if len(parts) != 3 or parts[:2] != ["model", "et"]:
-        return False
-    return kind in ("graph", "graphcls") or parts[2] in ET_ONLY_KEYS
+    """Whether axis ``key`` means nothing to a baseline of task ``kind`` (see :func:`etbench.sweep.axes.is_et_only`)."""
+    return A.is_et_only(key, kind)
 
 
 def _base(spec: GridSpec) -> dict[str, Any]:
@@ -192,26 +156,21 @@ def _base(spec: GridSpec) -> dict[str, Any]:
                                            "zero_stage": spec.resources.zero_stage}})
 
 
-def model_combos(spec: GridSpec) -> list[tuple[str, dict[str, Any]]]:
+def model_combos(spec: GridSpec, source: str = "grid") -> list[tuple[str, dict[str, Any]]]:
     """(model, the axis values that apply to it) for every model × axis combination, in grid order; a baseline
-    ignores ET-only axes, so its duplicate combinations are dropped."""
-    axes = _axis_values(spec)
-    names = list(axes)
-    out: list[tuple[str, dict[str, Any]]] = []
-    base_kind = (spec.base.get("task") or {}).get("kind")
-    for model in spec.models:
-        for combo in itertools.product(*(axes[n] for n in names)):
-            values = dict(zip(names, combo, strict=True))
-            kind = values.get("task.kind", base_kind)
-            applied = {n: v for n, v in values.items() if model == "et" or not _is_et_only(n, kind)}
-            if (model, applied) not in out:
-                out.append((model, applied))
-    return out
+    ignores ET-only axes and a model ignores per-model axes that do not name it, so duplicates are dropped."""
+    return A.combos(spec, source, GridError)
 
 
 def trial_overrides(spec: GridSpec, model: str, applied: dict[str, Any], seed: int,
+                    split: int | None, source: str = "grid") -> dict[str, Any]:
+    """The override dict of one trial: grid base + resources, model, seed, split, its axis values, then its derived
+    values."""
+    return A.derive(spec, model, _axis_overrides(spec, model, applied, seed, split), source, GridError)[0]
+
+
+def _axis_overrides(spec: GridSpec, model: str, applied: dict[str, Any], seed: int,
                     split: int | None) -> dict[str, Any]:
-    """The override dict of one trial: grid base + resources, model, seed, split, then its axis values."""
     over = set_dotted(_base(spec), "model.name", model)
     over = set_dotted(over, "train.seed", seed)
     if split is not None:  # a graph classification grid's splits are its outer folds (task.fold)
@@ -229,17 +188,22 @@ def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
     stages themselves are planned by :mod:`etbench.sweep.tuning`)."""
     trials: dict[str, Trial] = {}
     splits: list[int | None] = list(spec.splits) if spec.splits is not None else [None]
-    for model, applied in model_combos(spec):
+    taken: set[str] = set()
+    for model, applied in model_combos(spec, source):
         for seed in spec.seeds:
             for split in splits:
-                over = trial_overrides(spec, model, applied, seed, split)
+                where = f"{source} (model={model}, {applied}, seed={seed})"
+                over, derived = A.derive(spec, model, _axis_overrides(spec, model, applied, seed, split), where,
+                                         GridError)
+                taken.update(derived)
                 try:
-                    cfg = resolve_run_config(over, source=f"{source} (model={model}, {applied}, seed={seed})")
+                    cfg = resolve_run_config(over, source=where)
                 except ConfigError as e:
                     raise GridError(str(e)) from None
                 h = cfg.hash()
                 trials.setdefault(h, Trial(config=cfg, config_hash=h, model=model, seed=seed, split=split,
-                                           axes=applied))
+                                           axes=applied, derived=derived))
+    A.unused_derived(spec, source, GridError, taken)
     return list(trials.values())
 
 
