@@ -319,5 +319,5 @@ def describe(spec: Any) -> list[str]:
         lines.append(f"  zip {name} ({n} points, moving together){only(group.models)}:")
         lines += [f"    {k}: {v}" for k, v in lists.items()]
     for key, d in spec.derived.items():
-        lines.append(f"  derived {key} = {d.expr}{only(d.models)}")
+        lines.append(f"  derived {key} = {d.expr}" + (f"  (only {', '.join(d.models)})" if d.models else ""))
     return lines
