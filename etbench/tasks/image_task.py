@@ -120,9 +120,13 @@ class ImageTask:
         return tr
 
     def write_artifacts(self, model: nn.Module, out: Path, n: int = 8) -> list[Path]:
-        """reconstruction.png (masked input | reconstruction | original) and, for the ET, memories.png."""
+        """reconstruction.png (masked input | reconstruction | original) and, for the ET, memories.png.
+
+        The images are the first ``n`` test images under the fixed test masks (``EVAL_MASK_SEED``): the same
+        images and masks for every model, seed and configuration of a dataset, so reconstructions compare side by
+        side; they are shown, never selected on."""
         core: MaskedPatchModel = getattr(model, "module", model)
-        images, mask = self._to_device(*self.eval_batch(n))
+        images, mask = self._to_device(*self.eval_batch(n, "test"))
         with torch.no_grad():
             pred = core(images, mask.replaced).float()
         images = images.float()
