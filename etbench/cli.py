@@ -449,7 +449,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep_plan(a: argparse.Namespace) -> int:
-    from etbench.sweep.axes import describe
+    from etbench.sweep.axes import describe, trial_values
     from etbench.sweep.grid import EFFECTIVE_FLOPS, GridError, estimate_cost
     from etbench.sweep.runner import plan
 
@@ -476,7 +476,7 @@ def _sweep_plan(a: argparse.Namespace) -> int:
             total += c["train_pflop"]
             cpu_h += c["train_pflop"] * 1e15 / rate["cpu"] / 3600
             gpu_min += c["train_pflop"] * 1e15 / rate["gpu"] / 60
-        axes = " ".join([f"{k}={v}" for k, v in t.axes.items()] + [f"{k}:={v:g}" for k, v in t.derived.items()])
+        axes = trial_values(t.axes, t.derived)
         print(f"  {t.config_hash}  {t.model:9s} seed={t.seed}" + (f" split={t.split}" if t.split is not None else "")
               + f"  {axes}  ~{c['train_pflop'] * 1e3:.2f} TFLOP")
     rates = "; ".join(f"{k} {v['cpu'] / 1e9:g} GFLOP/s per CPU trial, {v['gpu'] / 1e12:g} TFLOP/s per GPU"

@@ -321,3 +321,9 @@ def describe(spec: Any) -> list[str]:
     for key, d in spec.derived.items():
         lines.append(f"  derived {key} = {d.expr}" + (f"  (only {', '.join(d.models)})" if d.models else ""))
     return lines
+
+
+def trial_values(axes: dict[str, Any], derived: dict[str, Any]) -> str:
+    """A trial's axis values then its derived values (``key:=value``), as ``sweep plan`` prints them."""
+    return " ".join([f"{k}={v}" for k, v in axes.items()]
+                    + [f"{k}:={v:.6g}" if isinstance(v, float) else f"{k}:={v}" for k, v in derived.items()])
