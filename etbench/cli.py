@@ -513,7 +513,16 @@ def _report(a: argparse.Namespace) -> int:
     res = make_report(a.experiment, uri, Path(a.out), include_failed=a.include_failed,
                       references=refs if refs.exists() else None)
     print(f"report for {a.experiment!r}: {len(res.tables)} tables, {len(res.figures)} figures → {res.index}")
+    _attach_report(a.experiment, uri, Path(a.out))
     return 0
+
+
+def _attach_report(experiment: str, uri: str, out: Path) -> None:
+    """The report as artifacts of the grid's parent run(s) in the store, when there are any (never fails)."""
+    from etbench.tracking.grid_run import attach_report
+
+    for run_id in attach_report(experiment, uri, out):
+        print(f"report attached to the grid's parent run {run_id} (artifacts report/)")
 
 
 QUICKSTART_GRIDS = ("quickstart.yaml", "quickstart_graph.yaml")
@@ -535,6 +544,7 @@ def _quickstart(a: argparse.Namespace) -> int:
         res = run_sweep(grid, results_dir=a.results, resume=True)
         out = Path(a.results).resolve() / res.grid / "report"
         done.append((res, out, make_report(res.experiment, res.tracking_uri, out)))
+        _attach_report(res.experiment, res.tracking_uri, out)
         failed += len(res.failed)
     print("\nquickstart done:")
     for res, out, rep in done:

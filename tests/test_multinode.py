@@ -204,7 +204,8 @@ def runs_of(mn: MultiNode, experiment: str) -> list[Any]:
 
     ml = MlflowClient(mn.tracking_uri)
     exp = ml.get_experiment_by_name(experiment)
-    return [] if exp is None else list(ml.search_runs([exp.experiment_id]))
+    runs = [] if exp is None else list(ml.search_runs([exp.experiment_id]))
+    return [r for r in runs if r.data.tags.get("etbench.kind") != "grid"]  # the grid's parent run holds no trial
 
 
 def head_commit() -> str:

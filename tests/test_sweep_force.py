@@ -49,16 +49,19 @@ def test_force_reruns_every_trial_and_keeps_the_old_results(tmp_path: Path, caps
     assert "0 finished, 0 failed, 2 skipped" in capsys.readouterr().out
     client = MlflowClient(uri)
     exp_id = client.get_experiment_by_name("f").experiment_id
-    old = {r.info.run_id: r for r in client.search_runs([exp_id])}
+    (parent,) = [r for r in client.search_runs([exp_id]) if r.data.tags.get(S.TAG_KIND) == S.KIND_GRID]
+    old = {r.info.run_id: r for r in client.search_runs([exp_id]) if r.info.run_id != parent.info.run_id}
     assert len(old) == 2 and {r.info.status for r in old.values()} == {"FINISHED"}
+    # runs logged before the sweep had a parent are adopted by it (issue 28.2)
+    assert {r.data.tags.get(S.TAG_PARENT_RUN) for r in old.values()} == {parent.info.run_id}
     trials = results / "f" / "trials"
     old_summary = {d.name: (d / "summary.json").read_text() for d in trials.iterdir()}
     capsys.readouterr()
 
     assert main(["sweep", "run", str(grid), "--results", str(results), "--force"]) == 0
     assert "2 finished, 0 failed, 0 skipped" in capsys.readouterr().out
-    runs = {r.info.run_id: r for r in client.search_runs([exp_id])}
-    assert len(runs) == 4
+    runs = {r.info.run_id: r for r in client.search_runs([exp_id]) if r.info.run_id != parent.info.run_id}
+    assert len(runs) == 4 and {r.data.tags.get(S.TAG_PARENT_RUN) for r in runs.values()} == {parent.info.run_id}
     for run_id in old:  # the old runs: kept, FINISHED, tagged superseded with the time of the --force
         tags = runs[run_id].data.tags
         assert runs[run_id].info.status == "FINISHED" and tags[S.TAG_SUPERSEDED] == "true"

@@ -248,7 +248,16 @@ def _runs(uri: str, experiment: str) -> list[Any]:
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=1000))
+    runs = [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=1000))
+    return [r for r in runs if r.data.tags.get("etbench.kind") != "grid"]  # the grid's parent run: no trial
+
+
+def _grid_runs(uri: str, experiment: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return list(client.search_runs([exp.experiment_id], "tags.`etbench.kind` = 'grid'"))
 
 
 def _stage(runs: list[Any], stage: str, model: str | None = None) -> list[Any]:
@@ -277,6 +286,12 @@ def test_tiny_tuned_grid_end_to_end(tuned_sweep: tuple[Any, Path, Path]) -> None
     res, _, tmp = tuned_sweep
     runs = _runs(res.tracking_uri, "tiny_tuned")
     assert not res.failed, res.failed
+    from mlflow.tracking import MlflowClient
+
+    (parent,) = _grid_runs(res.tracking_uri, "tiny_tuned")  # one parent run; every search and final run its child
+    logged = {a.path for a in MlflowClient(res.tracking_uri).list_artifacts(parent.info.run_id)}
+    assert parent.info.status == "FINISHED" and {"grid", "plan.json", "cost.json"} <= logged
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent.info.run_id}
     for model in ("et", "vit"):
         tune = _stage(runs, "tune", model)
         assert len(tune) == 4 and len({r.data.tags["etbench.config_hash"] for r in tune}) == 4  # exactly its budget

@@ -31,7 +31,7 @@ AXIS_PREFIX = "axis."
 INCLUDED_STATUSES = ("FINISHED",)
 FAILED_STATUSES = ("FAILED", "KILLED")
 
-#: Short column name → tag name. All but the last six are required of an etbench run.
+#: Short column name → tag name. All but the last seven are required of an etbench run.
 TAG_COLUMNS: dict[str, str] = {
     "task": schema.TAG_TASK,
     "model": schema.TAG_MODEL,
@@ -45,6 +45,7 @@ TAG_COLUMNS: dict[str, str] = {
     "error": schema.TAG_ERROR,
     "stage": schema.TAG_STAGE,  # set on the runs of a tuned grid (search / final stage)
     "superseded": schema.TAG_SUPERSEDED,  # "true" on a run `etbench sweep run --force` replaced: never analysed
+    "kind": schema.TAG_KIND,  # "grid" on a grid's parent run: no trial, ignored (not even listed as left out)
 }
 REQUIRED_TAGS = ("task", "model", "dataset", "protocol", "seed", "split")
 
@@ -272,9 +273,12 @@ def _exclusion_reasons(frame: pd.DataFrame, include_failed: bool) -> pd.Series:
 
 def frame_from_wide(frame: pd.DataFrame, *, include_failed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame,
                                                                                    list[str]]:
-    """:func:`runs_frame` from the wide frame (one row per run, ``_row``'s columns) of either reader."""
+    """:func:`runs_frame` from the wide frame (one row per run, ``_row``'s columns) of either reader. A grid's
+    parent run (tag ``etbench.kind = grid``) is no trial: it is dropped before anything else."""
     if frame.empty:
         frame = pd.DataFrame(columns=[*INFO_COLUMNS, *TAG_COLUMNS])
+    if "kind" in frame.columns:
+        frame = frame[frame["kind"] != schema.KIND_GRID].reset_index(drop=True)
     reasons = _exclusion_reasons(frame, include_failed) if len(frame) else pd.Series(dtype=object)
     keep = reasons.isna() if len(frame) else pd.Series(dtype=bool)
     excluded = frame.loc[~keep, ["run_id", "status"]].assign(reason=reasons[~keep]).reset_index(drop=True)

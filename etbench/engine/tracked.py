@@ -43,6 +43,11 @@ class TrackingSpec:
     tags: dict[str, str] = field(default_factory=dict)  # extra tags at creation (tuning stage, selected-from run)
     identity_dir: str | None = None  # the trial folder whose tracking.json the tracker's epochs refresh
     commit_every: int | None = None  # Ray Train ranks: an epoch reaches MLflow once a checkpoint covers it
+    parent_run_id: str | None = None  # the grid's parent run (tag mlflow.parentRunId; etbench.tracking.grid_run)
+
+    def creation_tags(self) -> dict[str, str]:
+        """The extra tags of a new run: ``tags`` plus the nested-run tag naming the grid's parent run."""
+        return {**self.tags, **({S.TAG_PARENT_RUN: self.parent_run_id} if self.parent_run_id else {})}
 
     def tracker(self) -> RunTracker:
         tracker = RunTracker(self.uri, self.experiment, self.run_name,
@@ -58,11 +63,15 @@ def error_reason(exc: BaseException) -> str:
 
 def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str, Any] | None = None
                    ) -> RunTracker:
-    """The tracker of the trial in ``out``: its earlier run re-attached, or a new run; ``tracking.json`` written."""
+    """The tracker of the trial in ``out``: its earlier run re-attached, or a new run; ``tracking.json`` written.
+    Either way the run is a child of the grid's parent run when the spec names one (a re-attached run is re-tagged:
+    it may predate the parent, or come from a sweep whose parent run was replaced)."""
     tracker = spec.tracker()
     tracker.identity_dir = Path(out)
     open_run(tracker, out, lambda: tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data,
-                                                 extra_tags=spec.tags), fallback_run_id=spec.run_id)
+                                                 extra_tags=spec.creation_tags()), fallback_run_id=spec.run_id)
+    if spec.parent_run_id and tracker.attached:
+        tracker.set_tag(S.TAG_PARENT_RUN, spec.parent_run_id)
     return tracker
 
 
@@ -93,7 +102,7 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
 
         old, prev = tracker.client, read_identity(out)
         old_id = tracker._id()
-        run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.tags)
+        run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.creation_tags())
         why = (f"held epochs up to {max(held)} but the trial restarted from epoch {state.epoch} (its checkpoint is "
                f"older or gone); continued as run {run_id}")
         old.set_tag(old_id, S.TAG_CLOSED_REASON, why)

@@ -15,6 +15,10 @@ trial continue from its checkpoint, attached to the MLflow run its folder names 
 lifecycle is :mod:`etbench.sweep.trial`) — so a killed sweep resumes without ever producing two FINISHED runs for
 one config hash, and a Tune retry continues the same run.
 
+The grid is one MLflow parent run (:mod:`etbench.sweep.grid_parent`): opened, or re-opened by ``--resume`` and any
+re-run into the same storage, before the trials; it holds the grid file, the plan and the cost estimate; every
+trial run is its child (``mlflow.parentRunId``); it ends FINISHED when every planned trial finished.
+
 ``--force`` supersedes, never destroys: every planned trial runs again in a new MLflow run; its earlier runs are
 tagged ``etbench.superseded`` (kept in the store, left out of dedup, resume and reports) and its earlier folder is
 moved aside to ``trials/<hash>.superseded-<UTC time>``.
@@ -28,6 +32,7 @@ from typing import Any
 
 from etbench.logs import route_library_logs
 from etbench.storage import Storage, StorageError
+from etbench.sweep import grid_parent
 from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
 from etbench.sweep.trial import (
@@ -75,7 +80,8 @@ def _runs_by_hash(uri: str, experiment: str) -> dict[str, list[Any]]:
 
 
 def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Storage | Path, resume: bool,
-                   run_id: str | None, marker: tuple[str, str] | None = None) -> dict[str, Any]:
+                   run_id: str | None, marker: tuple[str, str] | None = None,
+                   parent_run_id: str | None = None) -> dict[str, Any]:
     if not isinstance(st, Storage):
         from etbench.storage import resolve_storage
 
@@ -91,6 +97,7 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
         "custom": dict(spec.resources.custom),  # extra Ray resources per worker (accelerator types, test stand-ins)
         # a tracking server stores (proxies) artifacts itself; a local store keeps them beside the results
         "artifact_root": None if uri.startswith("http") or st.is_uri else str(results_dir / "artifacts"),
+        "parent_run_id": parent_run_id,  # the grid's parent run (etbench.sweep.grid_parent)
     }
 
 
@@ -127,7 +134,8 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
     spec, trials = plan(grid_path)
     if spec.tuning is not None:  # a search stage per model, then the final stage (etbench.sweep.tune_stage)
         return run_tuned(spec, storage=storage if storage is not None else results_dir, address=address,
-                         tracking_uri=tracking_uri, resume=resume, force=force, progress=progress)
+                         tracking_uri=tracking_uri, resume=resume, force=force, progress=progress,
+                         grid_file=grid_path)
     flag = "--results" if storage is None and results_dir is not None else "--storage"
     st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
     log = route_library_logs(local_root(st) / spec.name)  # Tune/Ray/MLflow chatter → a kept file (etbench.logs)
@@ -144,14 +152,22 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
             stg.check_cluster_storage(st, uri, stg.cluster_size(), storage_flag=flag)
         uri = uri or _default_uri(st, flag)
         res = _plan_trials(spec, trials, st, uri, resume, force, only, progress)
-        if res.todo:
-            if on_cluster:  # (a local Ray is admitted against once _run_with_tune has started it)
-                admit([t.config for t, _ in res.todo], custom=spec.resources.custom)
-                marker = stg.preflight(st, [t.config for t, _ in res.todo])
-                if progress:
-                    print(f"pre-flight: {stg.cluster_size()} node(s) see storage {st.root} and the data")
-            payloads = [_trial_payload(t, spec, uri, res.experiment, st, resume, rid, marker) for t, rid in res.todo]
-            _run_with_tune(spec, payloads, st, address, res, progress)
+        if res.todo and on_cluster:  # (a local Ray is admitted against once _run_with_tune has started it)
+            admit([t.config for t, _ in res.todo], custom=spec.resources.custom)
+            marker = stg.preflight(st, [t.config for t, _ in res.todo])
+            if progress:
+                print(f"pre-flight: {stg.cluster_size()} node(s) see storage {st.root} and the data")
+        hashes = {t.config_hash for t in trials}  # a refused grid (above) opens no parent run: nothing is created
+        parent = grid_parent.open_parent(
+            uri=uri, experiment=res.experiment, grid=spec.name, grid_file=grid_path, root=st.root,
+            artifact_root=None if uri.startswith("http") or st.is_uri else local_root(st) / "artifacts",
+            files=grid_parent.plain_plan(spec, trials, str(grid_path)), progress=progress)
+        grid_parent.adopt_orphans(uri, res.experiment, parent, hashes)
+        with grid_parent.closing(uri, parent, res, hashes, spec.name):
+            if res.todo:
+                payloads = [_trial_payload(t, spec, uri, res.experiment, st, resume, rid, marker, parent)
+                            for t, rid in res.todo]
+                _run_with_tune(spec, payloads, st, address, res, progress)
     finally:
         if marker is not None:
             stg.remove(marker[0])

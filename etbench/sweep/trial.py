@@ -151,7 +151,8 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
     resume = has_started(cfg, out, ray_storage)  # a retry (or --resume) continues the trial's own run/checkpoint
     spec = TrackingSpec(uri=payload["uri"], experiment=payload["experiment"], grid=payload["grid"],
                         run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
-                        run_id=payload.get("run_id") if resume else None, tags=payload.get("tags") or {})
+                        run_id=payload.get("run_id") if resume else None, tags=payload.get("tags") or {},
+                        parent_run_id=payload.get("parent_run_id"))
     try:
         if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
             from etbench.engine.tracked import run_tracked

@@ -28,6 +28,7 @@ from typing import Any
 from unittest import mock
 
 from etbench.logs import route_library_logs
+from etbench.sweep import grid_parent
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
 from etbench.sweep.trial import SweepError, SweepResult, init_ray, plan_hash, record_results, run_trial
@@ -68,7 +69,18 @@ def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any],
     return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
             "out": str(Path(ctx["trials"]) / cfg.hash()), "uri": ctx["uri"], "experiment": ctx["experiment"],
             "grid": ctx["grid"], "resume": True, "run_id": run_id, "artifact_root": ctx["artifact_root"],
-            "ray_storage": None, "marker": None, "custom": {}, "tags": tags}
+            "ray_storage": None, "marker": None, "custom": {}, "tags": tags, "parent_run_id": _parent(ctx)}
+
+
+def _parent(ctx: dict[str, Any]) -> str | None:
+    """The grid's parent run, read from the results folder's ``grid_run.json`` (which the driver writes before any
+    trial): a restored search's stored ``ctx`` may come from a sweep before the parent existed."""
+    try:
+        d = json.loads((Path(ctx["trials"]).parent / S.GRID_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    same = isinstance(d, dict) and d.get("uri") == ctx["uri"] and d.get("experiment") == ctx["experiment"]
+    return d.get("run_id") if same else None
 
 
 def _complete_runs(ctx: dict[str, Any], config_hash: str) -> list[Any]:
@@ -343,22 +355,20 @@ def select(uri: str, experiment: str, g: T.Group) -> dict[str, Any] | None:
 
 def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str | None = None,
               tracking_uri: str | None = None, resume: bool = False, force: bool = False,
-              progress: bool = True) -> TunedResult:
+              progress: bool = True, grid_file: str | Path | None = None) -> TunedResult:
     """Both stages of a tuned grid; see the module docstring. Tune's settings for the search (searcher and trial
     state saved every second; no strict metric check, since diverged and stopped trials report no metric) hold for
-    this call only: a later sweep in the same process gets Tune's defaults."""
+    this call only: a later sweep in the same process gets Tune's defaults. ``grid_file``: the grid's file, recorded
+in the grid's parent run (:mod:`etbench.sweep.grid_parent`; without it the trials run without a parent)."""
     env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1"),
            "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     with mock.patch.dict(os.environ, env):
         return _run_tuned(spec, storage=storage, address=address, tracking_uri=tracking_uri, resume=resume,
-                          force=force, progress=progress)
+                          force=force, progress=progress, grid_file=grid_file)
 
 
 def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | None, tracking_uri: str | None,
-               resume: bool, force: bool, progress: bool) -> TunedResult:
-    import ray
-    from ray import tune
-
+               resume: bool, force: bool, progress: bool, grid_file: str | Path | None) -> TunedResult:
     from etbench.tracking.mlflow_log import default_tracking_uri
 
     t0 = time.perf_counter()
@@ -384,6 +394,26 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
 
     # the driver creates the store and experiment: concurrent trials must not both create the SQLite tables
     ensure_experiment(_client(uri), experiment, None if uri.startswith("http") else root / "artifacts")
+    parent = None if grid_file is None else grid_parent.open_parent(
+        uri=uri, experiment=experiment, grid=spec.name, grid_file=grid_file, root=str(root),
+        artifact_root=None if uri.startswith("http") else root / "artifacts",
+        files=grid_parent.tuned_plan(spec, str(grid_file)), progress=progress)
+    with grid_parent.closing(uri, parent, res, None, spec.name):
+        _stages(spec, gs, res, root, uri, experiment, trials_root, address, finals_per_group, progress)
+    res.wall_s = time.perf_counter() - t0
+    if progress:
+        print(f"grid {spec.name}: tuned {sum(res.evaluated.values())} configurations in {len(gs)} searches, "
+              f"{len(res.finished)} runs finished, {len(res.failed)} failed, {len(res.skipped)} skipped in "
+              f"{res.wall_s:.0f} s; MLflow {uri}, experiment {experiment!r}")
+    return res
+
+
+def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri: str, experiment: str,
+            trials_root: Path, address: str | None, finals_per_group: int, progress: bool) -> None:
+    """Stage 1 (a search per group, then its selection) and stage 2 (the final runs) on Ray Tune."""
+    import ray
+    from ray import tune
+
     started = init_ray(address, spec.resources.use_gpu, state_api=not _in_actor(spec))  # stopped Train trials
     try:
         for g in gs:
@@ -422,12 +452,6 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
     finally:
         if started:
             ray.shutdown()
-    res.wall_s = time.perf_counter() - t0
-    if progress:
-        print(f"grid {spec.name}: tuned {sum(res.evaluated.values())} configurations in {len(gs)} searches, "
-              f"{len(res.finished)} runs finished, {len(res.failed)} failed, {len(res.skipped)} skipped in "
-              f"{res.wall_s:.0f} s; MLflow {uri}, experiment {experiment!r}")
-    return res
 
 
 def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: str, experiment: str,

@@ -27,6 +27,7 @@ class RunRef:
     config_hash: str
     stopped_early: bool = False  # tag etbench.stopped_early: a truncated (ASHA-stopped) run, never a full result
     superseded: bool = False  # tag etbench.superseded: replaced by `--force`, never reused or deduplicated against
+    parent_run_id: str | None = None  # tag mlflow.parentRunId: the grid's parent run (etbench.tracking.grid_run)
 
     @property
     def info(self) -> RunRef:
@@ -77,11 +78,12 @@ def _sql_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
     if status is not None:
         where.append("r.status = :status")
         args["status"] = status
-    args.update(stop=S.TAG_STOPPED_EARLY, sup=S.TAG_SUPERSEDED)
-    query = text("SELECT r.run_uuid, r.status, r.start_time, t.value, s.value, u.value FROM runs r JOIN tags t "
-                 "ON t.run_uuid = r.run_uuid AND t.key = :key "
+    args.update(stop=S.TAG_STOPPED_EARLY, sup=S.TAG_SUPERSEDED, parent=S.TAG_PARENT_RUN)
+    query = text("SELECT r.run_uuid, r.status, r.start_time, t.value, s.value, u.value, p.value FROM runs r JOIN "
+                 "tags t ON t.run_uuid = r.run_uuid AND t.key = :key "
                  "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = :stop "
-                 "LEFT JOIN tags u ON u.run_uuid = r.run_uuid AND u.key = :sup WHERE " + " AND ".join(where) +
+                 "LEFT JOIN tags u ON u.run_uuid = r.run_uuid AND u.key = :sup "
+                 "LEFT JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = :parent WHERE " + " AND ".join(where) +
                  " ORDER BY r.start_time DESC, r.run_uuid")  # search_runs' default order
     engine = create_engine(uri)
     try:
@@ -90,7 +92,7 @@ def _sql_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
     finally:
         engine.dispose()
     return [RunRef(run_id=r[0], status=r[1], start_time=r[2], config_hash=r[3], stopped_early=bool(r[4]),
-                   superseded=r[5] == "true") for r in rows]
+                   superseded=r[5] == "true", parent_run_id=r[6] or None) for r in rows]
 
 
 def _api_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None) -> list[RunRef]:
@@ -110,7 +112,8 @@ def _api_refs(uri: str, exp_id: str, config_hash: str | None, status: str | None
                 tags = r.data.tags
                 out.append(RunRef(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time,
                                   config_hash=h, stopped_early=bool(tags.get(S.TAG_STOPPED_EARLY)),
-                                  superseded=tags.get(S.TAG_SUPERSEDED) == "true"))
+                                  superseded=tags.get(S.TAG_SUPERSEDED) == "true",
+                                  parent_run_id=tags.get(S.TAG_PARENT_RUN) or None))
         token = page.token
         if not token:
             return out

@@ -146,6 +146,11 @@ class RunTracker:
         self.run_id = run_id
         self._steps, self._attached = None, True  # its epochs are read from the store on the first one logged
 
+    @property
+    def attached(self) -> bool:
+        """Whether the tracker re-attached an existing run (not one it created)."""
+        return self._attached
+
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self._id(), key, value)
 

@@ -1,6 +1,7 @@
 """The MLflow layout every etbench run follows; analysis reads exactly these names.
 
-One MLflow run = one resolved run config (one model, one seed, one split) of one grid.
+One MLflow run = one resolved run config (one model, one seed, one split) of one grid; each grid also has one parent
+run (below) whose children the trial runs are.
 
 Experiment: the grid name (``etbench-single`` for a run started outside a grid).
 
@@ -36,6 +37,24 @@ Tags (all strings):
                               reused, deduplicated against, or analysed (its folder is moved aside, not deleted)
     etbench.superseded_at     UTC time of the --force that superseded the run
     etbench.closed_reason     why the sweep closed a run KILLED (a second live run of a config hash, say)
+    mlflow.parentRunId        the grid's parent run (MLflow's nested-run tag: the UI folds a grid's trials under
+                              one row); set when a trial's run is created or re-attached by a sweep
+
+The grid's parent run (one per grid, results folder and experiment; ``etbench.sweep.grid_parent``) holds no config
+hash, params or metrics; every reader of trial runs leaves it out by its tag ``etbench.kind``:
+    etbench.kind              "grid" on the parent run (absent on trial runs)
+    etbench.grid              grid name
+    etbench.grid.key          the grid's identity: hash of grid name, experiment and results folder (the parent
+                              is found by it when the results folder's grid_run.json is lost)
+    etbench.grid.content_hash sha256 of the grid file the latest sweep ran
+    etbench.grid.storage      the results folder (storage root) the grid runs into
+    etbench.attempts          how many sweeps opened the parent run (set from the second on)
+    etbench.closed_reason     why it ended FAILED or KILLED (trials failed, trials not run, sweep interrupted)
+  Status: RUNNING while a sweep runs; FINISHED when every trial of the grid finished; FAILED (a trial failed or
+  the sweep raised) or KILLED (interrupted, or trials left unrun) otherwise; re-opened by the next sweep.
+  Artifacts: grid/<grid file>, plan.json (trial list with config hashes; a tuned grid: its searches), cost.json
+  (the plan's cost estimate), history/<content hash>/ (those of an earlier version of the grid file), and after
+  ``etbench report`` report/ (the report folder, its cache left out).
 
 Params: the resolved config flattened with dotted keys (``model.steps``, ``train.lr``, ...).
 
@@ -99,6 +118,14 @@ TAG_SUPERSEDED = "etbench.superseded"
 TAG_SUPERSEDED_AT = "etbench.superseded_at"
 TAG_CLOSED_REASON = "etbench.closed_reason"
 STAGE_TUNE, STAGE_FINAL = "tune", "final"
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nested-run tag (mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID)
+TAG_KIND = "etbench.kind"
+KIND_GRID = "grid"
+TAG_GRID_KEY = "etbench.grid.key"
+TAG_GRID_CONTENT_HASH = "etbench.grid.content_hash"
+TAG_GRID_STORAGE = "etbench.grid.storage"
+GRID_RUN_FILE = "grid_run.json"  # <results>/<grid>/grid_run.json: the grid's parent run id (etbench.sweep.grid_parent)
+REPORT_ARTIFACT_DIR = "report"
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
 ENERGY_RISE = "energy/rise_fraction"
