@@ -120,6 +120,8 @@ def test_per_model_zip_and_random_axes(tmp_path: Path) -> None:
         ({"train.lr": {"values": [0.1], "models": []}}, "axes.train.lr.models: List should have at least 1"),
         ({"train.lr": {"values": [0.1], "modles": ["vit"]}}, "modles"),
         ({"train.lr": 0.1}, "an axis is a list of values"),
+        ({"train.lr": {"distribution": "uniform", "low": 0.1, "high": 0.01, "samples": 2}}, "axes.train.lr: a "
+                                                                                              "'uniform' axis needs"),
     ],
 )
 def test_bad_per_model_axes_are_refused(tmp_path: Path, axes: dict[str, Any], needle: str) -> None:

@@ -177,7 +177,10 @@ def dimensions(spec: Any, source: str, fail: Callable[[str], Exception]) -> list
     dims: list[Dimension] = []
     for key, axis in spec.axes.items():
         if isinstance(axis, RandomAxis):
-            values, models = axis.draw(rng), axis.models
+            try:
+                values, models = axis.draw(rng), axis.models
+            except ValueError as e:
+                raise fail(f"{source}: axes.{key}: {e}") from None
         elif isinstance(axis, ValuesAxis):
             values, models = list(axis.values), axis.models
         else:
