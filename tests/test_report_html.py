@@ -18,7 +18,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from etbench.analysis import tuning_report
+from etbench.analysis import html_report, tuning_report
+from etbench.analysis import report as report_mod
 from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.report import ReportResult, make_report
 from etbench.bench.report_store import StoreShape, generate_store
@@ -81,7 +82,7 @@ def _embedded(page: _Page) -> list[bytes]:
 
 def test_index_lists_every_table_and_figure_file_and_fetches_nothing(report: ReportResult) -> None:
     out = report.out
-    assert report.html == out / INDEX_HTML
+    assert report.html == out / INDEX_HTML and html_report.MANIFEST == report_mod.MANIFEST
     text = report.html.read_text(encoding="utf-8")
     page = _Page(text)
     written = [str(p.relative_to(out)) for p in report.tables + report.figures + report.images]

@@ -53,17 +53,22 @@ class _Folder:
     files: list[str]
     titles: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    by_stem: dict[str, list[str]] = field(default_factory=dict)  # "tables/x" → its .md, .tex, .csv
+    rank: dict[str, int] = field(default_factory=dict)  # path or stem → its place in the manifest
+
+    def __post_init__(self) -> None:
+        for path in self.files:
+            self.by_stem.setdefault(_stem(path), []).append(path)
+        for i, path in enumerate(self.order):
+            self.rank.setdefault(path, i)
+            self.rank.setdefault(_stem(path), i)
 
     def under(self, folder: str) -> list[str]:
         return [f for f in self.files if f.startswith(folder + "/")]
 
     def ordered(self, names: Iterable[str]) -> list[str]:
         """``names`` (paths or stems) in the order the report wrote them (manifest), the rest alphabetically after."""
-        rank: dict[str, int] = {}
-        for i, path in enumerate(self.order):
-            rank.setdefault(path, i)
-            rank.setdefault(_stem(path), i)
-        return sorted(names, key=lambda n: (rank.get(n, len(self.order)), n))
+        return sorted(names, key=lambda n: (self.rank.get(n, len(self.order)), n))
 
 
 def _scan(root: Path) -> _Folder:
@@ -71,14 +76,13 @@ def _scan(root: Path) -> _Folder:
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts)
                    and p.relative_to(root).as_posix() != INDEX_HTML)
-    folder = _Folder(root, [f.replace("\\", "/") for f in files])
     try:
         saved = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
-        return folder
-    folder.titles = {str(k): str(v) for k, v in saved.get("titles", {}).items()}
-    folder.order = [str(p) for key in ("tables", "figures", "images") for p in saved.get(key, [])]
-    return folder
+        saved = {}
+    return _Folder(root, [f.replace("\\", "/") for f in files],
+                   titles={str(k): str(v) for k, v in saved.get("titles", {}).items()},
+                   order=[str(p) for key in ("tables", "figures", "images") for p in saved.get(key, [])])
 
 
 def _markdown() -> MarkdownIt:
@@ -124,13 +128,14 @@ def _readme_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
 def _tables_section(body: str, folder: _Folder, md: MarkdownIt, shown: set[str]) -> str:
     """The README's tables section rendered; each table that is also a file gets its links (md/tex/csv) below it.
     The stems of the tables found inline are added to ``shown``."""
-    spans = []
-    for path in folder.under("tables"):
-        if path.endswith(".md"):
-            content = (folder.root / path).read_text().strip()
-            at = body.find(content) if content else -1
-            if at >= 0:
-                spans.append((at, at + len(content), _stem(path)))
+    spans, cursor = [], 0
+    for path in folder.ordered(p for p in folder.under("tables") if p.endswith(".md")):
+        content = (folder.root / path).read_text().strip()
+        at = body.find(content, cursor) if content else -1  # the README holds them in the order they were written
+        at = body.find(content) if content and at < 0 else at
+        if at >= 0:
+            spans.append((at, at + len(content), _stem(path)))
+            cursor = at + len(content)
     parts, pos = [], 0
     for start, end, stem in sorted(spans):
         if start < pos:
@@ -145,7 +150,7 @@ def _tables_section(body: str, folder: _Folder, md: MarkdownIt, shown: set[str])
 
 def _table_block(rendered: str, stem: str, folder: _Folder) -> str:
     anchor = _e("table-" + stem.replace("/", "-"))
-    files = [p for p in folder.files if _stem(p) == stem]
+    files = folder.by_stem.get(stem, [])
     rendered = rendered.replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     return (f'<section class="table" id="{anchor}">{rendered}'
             f'<p class="files">files: {_links(folder.ordered(files))}</p></section>\n')
@@ -177,7 +182,7 @@ def _other_tables(folder: _Folder, md: MarkdownIt, shown: set[str]) -> str:
         elif csv_path in folder.files:
             blocks.append(_table_block(_csv_table(csv_path, folder), stem, folder))
         else:
-            files = [p for p in folder.files if _stem(p) == stem]
+            files = folder.by_stem.get(stem, [])
             blocks.append(f'<p class="files">{_e(Path(stem).name)}: {_links(files)}</p>\n')
     if not blocks:
         return ""
