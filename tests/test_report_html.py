@@ -140,6 +140,26 @@ def test_page_escapes_text_and_shows_files_the_readme_does_not_name(report: Repo
     assert "[a link](https://example.org)" in text  # Markdown links and images stay text: nothing to fetch
 
 
+def test_long_tables_are_cut_and_pictures_past_the_budget_linked(report: ReportResult, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(report.out, out)
+    rows = html_report.TABLE_MAX_ROWS + 50
+    (out / "tables" / "long.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(rows)))
+    pictures = sorted(_pictures(out), key=len)
+    monkeypatch.setattr(html_report, "EMBED_MAX_BYTES", len(pictures[0]))  # room for the smallest picture only
+    text = write_html_report(out).read_text(encoding="utf-8")
+    block = text.split('id="table-tables-long"', 1)[1].split("</section>", 1)[0]
+    assert f"the first {html_report.TABLE_MAX_ROWS} of {rows} rows" in block
+    assert block.count("<tr") == html_report.TABLE_MAX_ROWS + 1  # the header row and the first rows
+    srcs = _Page(text).srcs
+    embedded = [s for s in srcs if s.startswith("data:")]
+    linked = [unquote(s) for s in srcs if not s.startswith("data:")]
+    assert len(embedded) >= 1 and len(embedded) + len(linked) == len(pictures)
+    assert all((out / p).is_file() and not SCHEME.match(p) for p in linked)
+    assert f"{len(linked)} pictures beyond" in text
+
+
 def _browser(profile: Path):  # type: ignore[no-untyped-def]
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 from markdown_it import MarkdownIt
@@ -96,8 +97,6 @@ def _e(text: object) -> str:
 
 def _href(path: str) -> str:
     """A relative link to a file of the report (percent-encoded: names may hold spaces or '#')."""
-    from urllib.parse import quote
-
     return _e(quote(path))
 
 
@@ -164,11 +163,11 @@ def _csv_table(path: str, folder: _Folder) -> str:
         frame = pd.DataFrame()
     if frame.empty:
         return f"<h3>{_e(Path(path).stem)}</h3>\n<p>(no rows)</p>\n"
-    note = (f" (first {TABLE_MAX_ROWS} of {len(frame)} rows; the CSV holds them all)"
-            if len(frame) > TABLE_MAX_ROWS else f" ({len(frame)} rows)")
+    note = (f"the first {TABLE_MAX_ROWS} of {len(frame)} rows (the CSV holds them all)"
+            if len(frame) > TABLE_MAX_ROWS else f"{len(frame)} rows")
     body = frame.head(TABLE_MAX_ROWS).to_html(index=False, border=0, na_rep="", escape=True,
                                                float_format=lambda v: f"{v:.6g}")
-    return f"<h3>{_e(Path(path).stem)}</h3>\n<p>{_e(note.strip(' ()'))}</p>\n{body}\n"
+    return f"<h3>{_e(Path(path).stem)}</h3>\n<p>{_e(note)}</p>\n{body}\n"
 
 
 def _other_tables(folder: _Folder, md: MarkdownIt, shown: set[str]) -> str:
@@ -177,12 +176,12 @@ def _other_tables(folder: _Folder, md: MarkdownIt, shown: set[str]) -> str:
     blocks = []
     for stem in stems:
         md_path, csv_path = stem + ".md", stem + ".csv"
-        if md_path in folder.files:
+        files = folder.by_stem.get(stem, [])
+        if md_path in files:
             blocks.append(_table_block(md.render((folder.root / md_path).read_text()), stem, folder))
-        elif csv_path in folder.files:
+        elif csv_path in files:
             blocks.append(_table_block(_csv_table(csv_path, folder), stem, folder))
         else:
-            files = folder.by_stem.get(stem, [])
             blocks.append(f'<p class="files">{_e(Path(stem).name)}: {_links(files)}</p>\n')
     if not blocks:
         return ""
