@@ -237,7 +237,9 @@ def test_sweep_plan_shows_zip_per_model_and_derived(tmp_path: Path, capsys: pyte
 # A grid edited on purpose later gets its entry re-recorded with grid_entry; one converted to the new syntax keeps its
 # hashes and is listed here with how its run names (axis tags) changed.
 CONVERTED = {"graph_dynamics_amazon.yaml": re.compile(
-    r"et terms=(attn\+hn|hn) steps=[1248] alpha=(0\.5|0\.25|0\.125|0\.0625) seed=0 split=[0-4]")}
+    r"et terms=(attn\+hn|hn) steps=[1248] alpha=(0\.5|0\.25|0\.125|0\.0625) seed=0 split=[0-4]"),
+    "graph_dynamics_tolokers.yaml": re.compile(
+    r"et terms=(attn\+hn|hn) steps=[1248] alpha=(1|0\.5|0\.25|0\.125) seed=0 split=[0-4]")}
 
 
 def grid_entry(path: Path) -> tuple[dict[str, Any], list[str]]:
