@@ -1,4 +1,5 @@
-"""The MLflow UI opens an etbench experiment on its runs table (not MLflow 3's GenAI overview), in a real browser.
+"""The MLflow UI opens an etbench experiment on its runs table (not MLflow 3's GenAI overview), in a real browser,
+with a grid as one collapsible row: its parent run, whose trial runs show when the row is expanded (issue 28.2).
 
 The store is written by etbench's own tracking code (``RunTracker``); ``mlflow ui`` serves it on 127.0.0.1; headless
 Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by Selenium) opens the link etbench prints. Only the
@@ -22,31 +23,38 @@ from pathlib import Path
 import pytest
 
 from etbench.config import resolve_run_config
+from etbench.tracking import schema as S
+from etbench.tracking.grid_run import close_grid_run, grid_key, open_grid_run
 from etbench.tracking.mlflow_log import RunTracker
-from etbench.tracking.ui import EXPERIMENT_KIND_TAG, MODEL_TRAINING, VIEW_TAG, runs_page_url, ui_hint
+from etbench.tracking.ui import EXPERIMENT_KIND_TAG, MODEL_TRAINING, VIEW_TAG, publish_runs_view, runs_page_url, ui_hint
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("ETBENCH_TEST_ARTIFACTS", REPO / "results" / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 RUN_NAMES = ("et-digits-seed0", "vit-digits-seed1")
+GRID_ROW = "grid ui-grid"  # the parent run's name (etbench.tracking.grid_run)
 # what MLflow 3's GenAI experiment overview shows, and its runs table never does
 GENAI_MARKERS = ("Token Usage", "Detect Issues", "Tokens per Trace")
 
 
 def _store(tmp_path: Path, experiment: str = "ui-grid") -> tuple[str, str]:
-    """Two finished runs with names, per-epoch metrics and a summary, written by etbench's tracker."""
+    """Two finished runs with names, per-epoch metrics and a summary, written by etbench's tracker, children of
+    their grid's parent run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = None
+    parent = open_grid_run(uri, experiment, grid=experiment, key=grid_key(experiment, experiment, str(tmp_path)),
+                           storage=str(tmp_path), artifact_root=tmp_path / "artifacts")
     for i, name in enumerate(RUN_NAMES):
         cfg = resolve_run_config({"task": {"kind": "image", "dataset": "digits"}, "train": {"seed": i}})
         tracker = RunTracker(uri, experiment, name, tmp_path / "artifacts")
-        tracker.start(cfg, grid=experiment)
+        tracker.start(cfg, grid=experiment, extra_tags={S.TAG_PARENT_RUN: parent})
         for e in range(2):
             tracker.log_epoch(e, {"train/loss": 1.0 / (e + 1), "val/mse_masked": 0.3 - 0.1 * e - 0.01 * i})
         tracker.log_summary({"best": {"val/mse_masked": 0.2 - 0.01 * i, "test/mse_masked": 0.21 - 0.01 * i},
                              "best_epoch": 2, "energy": {"rise_fraction": 0.0, "E": [1.0, 0.5]}})
         tracker.finish()
+    close_grid_run(uri, parent, "FINISHED")
     assert tracker is not None
     return uri, tracker.experiment_id
 
@@ -61,7 +69,12 @@ def test_experiments_are_model_training_with_a_metric_view(tmp_path: Path) -> No
     view = json.loads(tags[VIEW_TAG])
     assert view["selectedColumns"] == ["metrics.`best/test/mse_masked`", "metrics.`best/val/mse_masked`",
                                        "metrics.`energy/rise_fraction`"]
-    assert view["orderByKey"] == "metrics.`best/val/mse_masked`" and view["orderByAsc"] is True
+    # newest first: the only order in which MLflow's UI nests a grid's trial runs under its parent run
+    assert view["orderByKey"] == "attributes.start_time" and view["orderByAsc"] is False
+    old = {**view, "orderByKey": "metrics.`best/val/mse_masked`", "orderByAsc": True}  # the view before issue 28.2
+    client.set_experiment_tag(exp_id, VIEW_TAG, json.dumps(old))
+    publish_runs_view(client, exp_id, ["best/val/mse_masked"])  # (as each finished run does) … is re-sorted
+    assert json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["orderByKey"] == "attributes.start_time"
     # an experiment made elsewhere, without the tag, gets it when etbench logs into it; an explicit choice stays
     old = client.create_experiment("made-by-hand")
     RunTracker(uri, "made-by-hand", "r")
@@ -125,14 +138,22 @@ def test_mlflow_ui_opens_the_runs_table_in_chromium(tmp_path: Path, record_prope
         try:
             driver.get(runs_page_url(exp_id, base))
 
-            def table_text(d) -> str | bool:  # type: ignore[no-untyped-def]
+            def table_text(d) -> str:  # type: ignore[no-untyped-def]
                 headers = " ".join(e.text for e in d.find_elements("css selector", "[role=columnheader]"))
-                body = d.find_element("tag name", "body").text
-                ready = all(n in body for n in RUN_NAMES) and "best/val/mse_masked" in headers
-                return f"{headers}\n{body}" if ready else False
+                return f"{headers}\n{d.find_element('tag name', 'body').text}"
+
+            def folded_grid(d):  # type: ignore[no-untyped-def]
+                """The table with its metric columns and the grid's row, folded: (its text, the row's expander)."""
+                text = table_text(d)
+                toggles = d.find_elements("css selector", "button[data-component-id*='runnamecellrenderer']")
+                return (text, toggles[0]) if GRID_ROW in text and "best/val/mse_masked" in text and toggles else False
 
             try:
-                text = WebDriverWait(driver, 90, 0.5).until(table_text)
+                folded, toggle = WebDriverWait(driver, 90, 0.5).until(folded_grid)
+                assert not [n for n in RUN_NAMES if n in folded], f"trial runs not folded under the grid:\n{folded}"
+                toggle.click()  # one click unfolds the grid's trial runs
+                text = WebDriverWait(driver, 30, 0.5).until(
+                    lambda d: table_text(d) if all(n in table_text(d) for n in RUN_NAMES) else False)
             finally:
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 shot = ARTIFACTS / "mlflow_ui_runs.png"
@@ -143,7 +164,7 @@ def test_mlflow_ui_opens_the_runs_table_in_chromium(tmp_path: Path, record_prope
             assert "Run Name" in text and "Metrics" in text
             for column in ("best/val/mse_masked", "best/test/mse_masked", "energy/rise_fraction"):
                 assert column in text
-            assert "2 matching runs" in text
+            assert GRID_ROW in text and "3 matching runs" in text  # the grid's parent and its 2 trial runs
             assert not [m for m in GENAI_MARKERS if m in text], "GenAI overview shown instead of the runs table"
         finally:
             driver.quit()

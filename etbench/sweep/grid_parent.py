@@ -109,8 +109,7 @@ def open_parent(*, uri: str, experiment: str, grid: str, grid_file: str | Path, 
               "grid_file": str(grid_file), "content_hash": content, "opened_unix": time.time()}
     stg.write_text(target, json.dumps(record, indent=2))
     if progress:
-        again = "re-opened" if run_id in (hint, prev.get("run_id")) else "opened"
-        print(f"grid {grid}: parent run {run_id} {again} (trials are its children); {target}")
+        print(f"grid {grid}: MLflow parent run {run_id} (the trials are its children; named in {target})")
     return run_id
 
 

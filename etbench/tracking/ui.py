@@ -6,6 +6,9 @@ The 3.x UI installed here (3.17) chooses the workspace from its own ``workflowTy
 else the browser's last choice, default GenAI), so etbench also prints a link that names it, and a *shared view*
 (the experiment tag ``mlflow.sharedViewState.<key>``, the UI's own mechanism for a saved table layout) whose key
 the link carries, so the runs table shows the runs' headline metrics instead of only the default attribute columns.
+The view sorts by start time ("Created", newest first): the only order in which the UI nests child runs under their
+parent, so each grid (its parent run, :mod:`etbench.tracking.grid_run`) is one collapsible row; a metric column
+sorts on a click (the UI then lists every run flat).
 ``tests/test_mlflow_ui_browser.py`` checks all of this in a real browser.
 """
 
@@ -22,7 +25,7 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
 VIEW_KEY = "etbench"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 MAX_VIEW_METRICS = 8
-PRIMARY = ("best/val/mse_masked", "best/val/macro_f1", "best/val/auroc")  # the tasks' model-selection metrics
+ORDER_BY = "attributes.start_time"  # the UI's "Created" column: it nests child runs only in this order
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
 log = logging.getLogger(__name__)
 
@@ -63,16 +66,10 @@ def _publish(client: Any, experiment_id: str, new: list[str]) -> None:
         state = {}
     columns = [c for c in state.get("selectedColumns", []) if isinstance(c, str)]
     wanted = (columns + [c for c in (f"metrics.`{k}`" for k in new) if c not in columns])[:2 * MAX_VIEW_METRICS]
-    if wanted == columns and state.get("orderByKey"):
+    if wanted == columns and state.get("orderByKey") == ORDER_BY:  # (a view sorted by a metric is re-sorted)
         return
-    primary = next((k for k in PRIMARY if k in new), new[0])
-    state = {"selectedColumns": wanted, "orderByKey": state.get("orderByKey") or f"metrics.`{primary}`",
-             "orderByAsc": state.get("orderByAsc", _lower_is_better(primary))}
+    state = {"selectedColumns": wanted, "orderByKey": ORDER_BY, "orderByAsc": False}
     client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(state))
-
-
-def _lower_is_better(metric: str) -> bool:
-    return any(s in metric for s in ("mse", "loss", "error", "rise_fraction"))
 
 
 def runs_page_url(experiment_id: str, base: str = DEFAULT_UI) -> str:
