@@ -49,7 +49,8 @@ def test_the_schema_names_mlflows_own_nested_run_tag() -> None:
 
 
 def test_a_reattached_trial_run_becomes_the_grids_child(tmp_path: Path) -> None:
-    """A trial run opened before the grid had a parent (here: FAILED) is re-attached, not replaced, and tagged."""
+    """A trial run opened before the grid had a parent (here: FAILED) is re-attached, not replaced, and tagged; new
+    runs carry the tag from their creation, also a Ray Train trial's (opened by ``launch.fit``'s driver side)."""
     from etbench.config import resolve_run_config
     from etbench.engine.tracked import TrackingSpec, start_tracking
     from etbench.tracking.grid_run import grid_key, open_grid_run
@@ -67,6 +68,11 @@ def test_a_reattached_trial_run_becomes_the_grids_child(tmp_path: Path) -> None:
     assert client.get_run(first.run_id).data.tags[S.TAG_PARENT_RUN] == parent
     fresh = start_tracking(TrackingSpec(**{**spec.__dict__, "parent_run_id": parent}), cfg, tmp_path / "other")
     assert fresh.run_id != first.run_id and client.get_run(fresh.run_id).data.tags[S.TAG_PARENT_RUN] == parent
+    # a Ray Train (DeepSpeed) trial's run is opened by the trial's driver before its workers attach to it
+    from etbench.engine.launch import _tracking
+
+    dist = _tracking(TrackingSpec(**{**spec.__dict__, "parent_run_id": parent}), cfg, tmp_path / "dist")
+    assert dist is not None and client.get_run(dist.run_id).data.tags[S.TAG_PARENT_RUN] == parent
     # the key finds the same parent again (no second one), and a store without the file is never created
     assert open_grid_run(uri, "x", grid="x", key=grid_key("x", "x", str(tmp_path)), storage=str(tmp_path)) == parent
     from etbench.tracking.grid_run import attach_report
