@@ -51,8 +51,24 @@ def vit_flops(d: int, f: int, depth: int) -> int:
     return 4 * N * P * d + depth * (8 * T * d * d + 4 * T * T * d + 4 * T * d * f)
 
 
+def ladder_case(rung: Any) -> tuple[int, float]:
+    """An ET-ladder rung (etbench.models.ladder): per block its LN (γ scalar, or D with a per-feature gain, and δ),
+    W^K, W^Q (+ W^V, W^O) (H, Y, D), ξ (+ ξ_down) (M, D); untied: T blocks and an output LN (2D). Per step
+    projections and read-outs 2TDHY each (Q, K, read-out; + V; + the second term's read-out through W^K), 2HT²Y for
+    scores, ω·V (+ ωᵀ·Q), Hopfield 4TMD."""
+    d, hy, m = ET.dim, ET.heads * ET.head_dim, ET.num_memories
+    block = (d if rung.feature_norm else 1) + d + 2 * hy * d * (1 + rung.value) + m * d * (1 + rung.untied_hopfield)
+    blocks = 1 if rung.tied_steps else ET.steps
+    params = patch_io_params(d) + blocks * block + (0 if rung.tied_steps else 2 * d)
+    attn = 2 * T * d * hy * (3 + rung.value + rung.second_term) + 2 * hy * T * T * (2 + rung.second_term)
+    step = attn + 4 * T * m * d
+    return params, 4 * N * P * d + ET.steps * step
+
+
 def image_cases(model: Any) -> tuple[int, float]:
     """(params, FLOPs per image) of the built image model, by hand."""
+    if hasattr(model, "rung"):
+        return ladder_case(model.rung)
     if not hasattr(model, "arch"):  # the ET: encoder + decoder, T dense steps over T² (query, key) pairs
         flops = 4 * N * P * ET.dim + ET.steps * et_step_flops(ET, T, T * T)
         return patch_io_params(ET.dim) + et_block_params(ET), flops
@@ -135,6 +151,7 @@ GRAPHCLS: dict[str, Callable[[], tuple[int, float]]] = {
 }
 CLOSED = {"graph": GRAPH, "graphcls": GRAPHCLS}
 
+LADDER = tuple(f"ladder-{i}" for i in range(1, 6))
 CASES = [(kind, name) for kind in KINDS for name in registry.names(kind)]
 
 
@@ -163,7 +180,8 @@ def test_the_parameter_matched_vit_is_within_five_percent_of_the_et() -> None:
 
 
 def test_names_kinds_and_families() -> None:
-    assert registry.names("image") == ("et", "vit", "vit-tied", "vit-pm")
+    assert registry.names("image") == ("et", *LADDER, "vit", "vit-tied", "vit-pm")
+    assert registry.names("image", family="ladder") == LADDER
     assert registry.names("graph") == ("et", "mlp", "gcn", "sage", "gat", "gin", "bwgnn", "xgbgraph")
     assert registry.names("graph", family="gnn") == registry.names("graph")[1:-1]
     assert registry.names("graph", family="trees") == ("xgbgraph",)
@@ -179,7 +197,8 @@ def test_names_kinds_and_families() -> None:
 
 
 def test_unknown_names_and_kinds_give_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown image model 'gcn'; allowed: et, vit, vit-tied, vit-pm$"):
+    allowed = ", ".join(("et", *LADDER, "vit", "vit-tied", "vit-pm"))
+    with pytest.raises(ValueError, match=rf"unknown image model 'gcn'; allowed: {allowed}$"):
         registry.build("image", "gcn", **IMAGE)
     with pytest.raises(ValueError,
                        match=r"unknown graph model 'vit'; allowed: et, mlp, gcn, sage, gat, gin, bwgnn, xgbgraph$"):

@@ -30,11 +30,16 @@ DOUBLE_COLUMN_IN = 6.9
 FONT_PT = 8
 
 #: Registry model names in registry order (``registry.all_names()``; analysis may not import models, so a test
-#: checks the two agree); the position fixes the colour.
-MODELS = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn", "xgbgraph")
+#: checks the two agree); the position fixes the colour (the ladder's: its place on its ramp).
+_CORE = ("et", "vit", "vit-tied", "vit-pm", "mlp", "gcn", "sage", "gat", "gin", "bwgnn", "xgbgraph")
+#: The ET-ladder rungs (etbench.models.ladder), between the ET and the ViTs, on one sequential ramp (an order).
+LADDER = tuple(f"ladder-{i}" for i in range(1, 6))
+MODELS = (_CORE[0], *LADDER, *_CORE[1:])
 # the 10 colour-blind-safe colours, then black (seaborn's palette would repeat the ET's blue for an 11th model)
 _COLOURS = [*sns.color_palette("colorblind", 10), (0.0, 0.0, 0.0)]
-PALETTE: dict[str, tuple[float, float, float]] = dict(zip(MODELS, _COLOURS, strict=True))
+_RAMP = sns.color_palette("flare", len(LADDER))
+PALETTE: dict[str, tuple[float, float, float]] = {**dict(zip(_CORE, _COLOURS, strict=True)),
+                                                 **dict(zip(LADDER, _RAMP, strict=True))}
 _GREYS = sns.color_palette("Greys", 6)[2:]
 
 #: Energy terms in plot order, each with a fixed line style.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from etbench.bench.common import machine_info, peak_memory_mb, summary, timed, write_json
-from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model, describe, names
+from etbench.models.registry import IMAGE_PRESETS, ImageModelSpec, build_image_model, describe, get, names
 from etbench.tasks.image_completion import draw_mask, patch_losses
 
 MASK_RATIO = 0.5
@@ -85,10 +85,10 @@ def run_image_bench(
     device: str = "cpu",
     models: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Time every model's training and inference step (``models``: default every registered image model); write
-    ``out/bench_image.json`` and return the report."""
+    """Time every model's training and inference step (``models``: default every registered image model but the
+    ET-ladder rungs, which are asked for by name); write ``out/bench_image.json`` and return the report."""
     allowed = names("image")
-    models = allowed if models is None else models
+    models = tuple(m for m in allowed if get("image", m).family != "ladder") if models is None else models
     bad = [m for m in models if m not in allowed]
     if bad or not models:
         raise ValueError(f"models must be a non-empty subset of {', '.join(allowed)}; got {list(models)}")

@@ -14,14 +14,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from etbench.models import graph, graphcls, image
+from etbench.models import graph, graphcls, image, ladder
 from etbench.models.baselines import gnn, vit, xgbgraph
 from etbench.models.baselines import graphcls as graphcls_baselines
 from etbench.models.entry import KINDS, ModelEntry
 from etbench.models.et_config import ETConfig
 from etbench.models.image import MaskedPatchModel
 
-MODEL_MODULES = (image, vit, graph, gnn, xgbgraph, graphcls, graphcls_baselines)
+MODEL_MODULES = (image, ladder, vit, graph, gnn, xgbgraph, graphcls, graphcls_baselines)
 
 _TABLE: dict[tuple[str, str], ModelEntry] = {}
 
