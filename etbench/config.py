@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from etbench.errors import EtbenchError
 from etbench.hashing import config_hash, flatten
@@ -72,6 +72,19 @@ class ModelConfig(_Strict):
     mlp_ratio: float = Field(4.0, gt=0)
     hidden: int = Field(64, ge=1, description="GNN baselines' hidden width")
     layers: int = Field(2, ge=1, description="GNN baselines' depth")
+    param: Literal["standard", "mup"] = Field(
+        "standard", description="image models' width parametrisation: mup = μP (etbench.models.width_param)")
+    base_width: int = Field(64, ge=1, description="μP: the width at which mup equals standard (lr/init reference)")
+
+    @model_serializer(mode="wrap")
+    def _standard_param_unlisted(self, handler: Any) -> Any:
+        """Leave ``param``/``base_width`` out of the dump (so out of the run hash) under the standard
+        parametrisation: every run hashed before μP existed keeps its hash."""
+        data = handler(self)
+        if self.param == "standard" and isinstance(data, dict):
+            data.pop("param", None)
+            data.pop("base_width", None)
+        return data
 
 
 class TrainConfig(_Strict):
@@ -130,6 +143,17 @@ class RunConfig(_Strict):
                 raise ValueError(f"model.name {self.model.name!r} is not trained by gradient steps: it runs in one "
                                  f"process on the full graph; got {', '.join(bad)} (use dist.workers 1, "
                                  f"dist.deepspeed false, task.batch_nodes null)")
+        return self
+
+    @model_validator(mode="after")
+    def _mup_fits_model(self) -> RunConfig:
+        if self.model.param == "mup":
+            if self.task.kind != "image":
+                raise ValueError(f"model.param 'mup' is defined for image models only; task.kind is "
+                                 f"{self.task.kind!r} (use model.param standard)")
+            if self.model.name == "et" and self.model.et.init != "width":
+                raise ValueError("model.param 'mup' with model.name 'et' needs model.et.init 'width' (μP's hidden "
+                                 f"init std ∝ 1/sqrt(D)); got model.et.init {self.model.et.init!r}")
         return self
 
     def hash(self) -> str:

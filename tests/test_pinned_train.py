@@ -124,7 +124,7 @@ def test_no_weight_decay_on_norms_biases_tokens(name: str) -> None:
         else:
             torch.testing.assert_close(p.detach(), before[n] * (1 - 0.01 * 0.1), msg=f"{name}: {n} not decayed")
     assert exempt >= 4  # tokens, LN, biases exist in every image model
-    ds = param_groups(model, 0.1)  # the DeepSpeed path splits the same way
+    ds = param_groups(model, 1e-3, 0.1)  # the DeepSpeed path splits the same way
     plain = {id(p): g["weight_decay"] for g in backend.opt.param_groups for p in g["params"]}
     assert {id(p): g["weight_decay"] for g in ds for p in g["params"]} == plain
 

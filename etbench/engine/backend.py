@@ -41,16 +41,26 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Any:
     return f
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (no decay on LN, biases, tokens, positions)."""
-    decay, no_decay = [], []
+def optimizer_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices only (no decay on LN, biases, tokens, positions), and each
+    parameter's lr = ``lr`` × the model's ``lr_multipliers()`` (μP, ``etbench.models.width_param``) where the model
+    has that hook, else ``lr``. The groups with multiplier 1 come first, so ``param_groups[0]`` carries the base lr."""
+    hook = getattr(model, "lr_multipliers", None)
+    multipliers: dict[str, float] = hook() if callable(hook) else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}  # as before μP
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
-    if not decay and not no_decay:  # a model fitted by its own step (boosted trees): the optimiser only carries
-        no_decay = [torch.zeros(0, requires_grad=True)]  # the lr schedule, over an empty placeholder tensor
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            decays = p.dim() >= 2 and "pos_embed" not in name
+            groups.setdefault((multipliers.get(name, 1.0), decays), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    return [{"params": groups[k], "lr": lr * k[0], "weight_decay": weight_decay if k[1] else 0.0} for k in order]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over :func:`optimizer_groups`."""
+    groups = optimizer_groups(model, cfg.lr, cfg.weight_decay)
+    if not any(g["params"] for g in groups):  # a model fitted by its own step (boosted trees): the optimiser only
+        groups[1]["params"] = [torch.zeros(0, requires_grad=True)]  # carries the lr schedule, over a placeholder
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from etbench.config import GraphClsTaskConfig, GraphTaskConfig, ImageTaskConfig, RunConfig
 from etbench.models import registry
+from etbench.models.width_param import apply_mup
 
 
 def seed_everything(seed: int) -> None:
@@ -45,7 +46,10 @@ def build_model(cfg: RunConfig, data_info: dict[str, Any]) -> nn.Module:
     """The registered model for this run (seeded, on CPU)."""
     seed_everything(cfg.train.seed)
     kind, name = cfg.task.kind, cfg.model.name
-    return registry.build(kind, name, **model_inputs(cfg, data_info), **registry.options(kind, name, cfg.model))
+    model = registry.build(kind, name, **model_inputs(cfg, data_info), **registry.options(kind, name, cfg.model))
+    if cfg.model.param == "mup":  # re-initialise for μP and attach the per-parameter lr multipliers
+        apply_mup(model, cfg.model.base_width)
+    return model
 
 
 def build_task(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from etbench.config import ConfigError, RunConfig
-from etbench.engine.backend import make_scheduler, rng_state, set_rng_state
+from etbench.engine.backend import make_scheduler, optimizer_groups, rng_state, set_rng_state
 
 CKPT_TAG = "ds"
 _NEVER = 10**9
@@ -102,19 +102,15 @@ def ds_config(cfg: RunConfig, world_size: int, micro_batch: int) -> dict[str, An
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The same decay / no-decay split as :func:`etbench.engine.backend.make_optimizer`."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The same groups as :func:`etbench.engine.backend.make_optimizer` (decay split, μP lr multipliers)."""
+    return optimizer_groups(model, lr, weight_decay)
 
 
 def make_ds_optimizer(model: nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer, str]:
     """(optimizer, its name): torch AdamW on CPU; DeepSpeedCPUAdam with offload; FusedAdam on GPU when it loads."""
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.lr, t.weight_decay)
     kw = {"lr": t.lr, "betas": (t.beta1, t.beta2)}
     if cfg.dist.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
