@@ -308,9 +308,13 @@ def test_a_uri_storage_holds_tune_state_and_deepspeed_checkpoints(tmp_path: Path
             assert (local_root(stg.resolve_storage(uri)) / "uri_grid" / "trials" / h / "summary.json").is_file()
         exp = MlflowClient(db).get_experiment_by_name("uri_grid")
         assert exp is not None
-        runs = [r for r in MlflowClient(db).search_runs([exp.experiment_id])
-                if r.data.tags.get("etbench.kind") != "grid"]  # the grid's parent run holds no trial
-        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+        every = MlflowClient(db).search_runs([exp.experiment_id])
+        (parent,) = [r for r in every if r.data.tags.get("etbench.kind") == "grid"]  # issue 28.2
+        runs = [r for r in every if r.info.run_id != parent.info.run_id]
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"] and parent.info.status == "FINISHED"
+        # both trials (the DeepSpeed one's run opened by its driver) are the grid's children; the URI storage names it
+        assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent.info.run_id}
+        assert json.loads((real / "etb" / "uri_grid" / "grid_run.json").read_text())["run_id"] == parent.info.run_id
     finally:
         for h in res.finished:
             shutil.rmtree(local_root(stg.resolve_storage(uri)) / "uri_grid" / "trials" / h, ignore_errors=True)

@@ -131,15 +131,16 @@ def adopt_orphans(uri: str, experiment: str, parent: str | None, hashes: set[str
 
 def outcome(res: Any, planned: set[str] | None) -> tuple[str, str | None]:
     """The parent's end status from a sweep result: FAILED when a trial failed, KILLED when planned trials were
-    left unrun (``--only``), else FINISHED. ``planned``: the grid's config hashes (None: a tuned grid, whose
-    trials the search draws)."""
+    left unrun (``--only``, a stopped sweep), else FINISHED. ``planned``: the grid's config hashes (None: a tuned
+    grid, whose trials the search draws)."""
     if res.failed:
         shown = ", ".join(sorted(res.failed)[:10])
         return "FAILED", f"{len(res.failed)} trial(s) failed: {shown}"
     if planned is not None:
         left = planned - set(res.finished) - set(res.skipped)
         if left:
-            return "KILLED", f"{len(left)} of {len(planned)} planned trial(s) not run (--only); a re-run continues"
+            return "KILLED", (f"{len(left)} of {len(planned)} planned trial(s) not run (--only, or the sweep was "
+                              f"stopped); a re-run continues them")
     return "FINISHED", None
 
 
