@@ -8,7 +8,8 @@ Output layout under ``out``::
                         files (etbench.analysis.html_report; written last, from the files in this folder)
     runs.csv            the analysed runs (tags, axes, params, metrics); excluded_runs.csv with reasons
     tables/             results_* and compare_* tables as .md, .tex (booktabs) and .csv
-    figures/            steps_*, terms_*, memory_*, pareto_*, energy_* as .pdf and .png
+    figures/            steps_*, terms_*, memory_*, pareto_*, energy_* as .pdf and .png; scaling_* (a grid with a
+                        width axis: metric vs training FLOPs / params / seconds) with its points as .csv
     images/             reconstruction.png / memories.png of the best run per (dataset, protocol, model)
     .etbench-report.json  the files written and the fingerprint of their inputs: a report of unchanged runs,
                         options and analysis code into the same folder keeps them instead of redrawing
@@ -27,11 +28,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from etbench.analysis import aggregate, descent, diagnostics, figures, tables
+from etbench.analysis import aggregate, descent, diagnostics, figures, scaling, tables
 from etbench.analysis.cache import RunCache, energy_frame
 from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.load import client_for, load_runs
-from etbench.analysis.metrics import choose_metrics, column, higher_is_better
+from etbench.analysis.metrics import choose_metrics, column, higher_is_better, primary_metric
 from etbench.analysis.references import load_references
 from etbench.analysis.stats import DEFAULT_CI, CIConfig
 from etbench.analysis.style import save_checked
@@ -136,6 +137,7 @@ def make_report(
         sections += _tables(block, chosen, axes, reference_model, ci, refs, out / "tables", result, progress,
                             margins)
         _figures(block, chosen[0], axes, ci, out / "figures", result, progress)
+        sections += _scaling(block, primary_metric(block, chosen), axes, ci, out, result)
         _images(block, chosen[0], cache, out / "images", result)
     progress("[report] energy descent")
     energy_runs = runs[runs["model"] == reference_model]
@@ -315,6 +317,22 @@ def _figures(block: pd.DataFrame, metric: str, axes: list[str], ci: CIConfig, fo
     for family, make in FIGURE_FAMILIES.items():
         progress(f"[report]   figures: {family}")
         _save_figures(make(block, metric, axes, ci, sink=_sink(folder, result)), folder, result)
+
+
+def _scaling(block: pd.DataFrame, metric: str, axes: list[str], ci: CIConfig, out: Path,
+             result: ReportResult) -> list[str]:
+    """Width-scaling figures (with their points as CSV beside each) and the fitted-slope table
+    (``etbench.analysis.scaling``); the table's Markdown for the README."""
+    made = scaling.scaling_figures(block, metric, axes, ci, sink=_sink(out / "figures", result))
+    for name, frame in made.points:
+        path = out / "figures" / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        result.figures.append(path)
+    result.skipped += made.figures.skipped
+    if made.fit is None:
+        return []
+    result.tables += tables.write_table(made.fit, out / "tables")
+    return [tables.to_markdown(made.fit)]
 
 
 def _images(block: pd.DataFrame, metric: str, cache: RunCache, folder: Path, result: ReportResult) -> None:

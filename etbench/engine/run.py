@@ -110,6 +110,7 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
         "final": state.history[-1] if state.history else {},
         "cost": {**cost, "wall_s": wall_s,
                  "throughput": state.samples_seen / state.train_seconds if state.train_seconds else float("nan"),
+                 "samples_seen": float(state.samples_seen), "train_s": float(state.train_seconds),
                  **mem},
         "data": task.describe(),
         "artifacts": artifacts,

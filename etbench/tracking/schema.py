@@ -76,7 +76,10 @@ Metrics (step = epoch unless noted):
                               per sample), cost/throughput (training samples per second), cost/peak_mem_mb
                               (peak memory of the training step: GPU allocator peak / CPU live tensor bytes),
                               cost/process_peak_rss_mb
-                              (the process's peak RSS during the trial: interpreter, libraries, data)
+                              (the process's peak RSS during the trial: interpreter, libraries, data),
+                              cost/samples_seen (training samples over all epochs and workers; the report's
+                              training FLOPs ≈ 3 × flops_per_sample × samples_seen), cost/train_s (seconds in
+                              training epochs, evaluation and setup left out)
 
 Artifacts: config.json, metrics.csv, energy_trace.csv (columns: step, sample, E, E_att, E_hn, dx_norm, rose, and
     the diagnostics grad_norm_mean, grad_norm_max, rel_update, fixed_point_step: per sample, "" when never; traces
@@ -133,7 +136,7 @@ ENERGY_DIAGNOSTICS = ("energy/grad_norm_mean", "energy/grad_norm_max", "energy/r
 ENERGY_FIXED_POINT = "energy/fixed_point_step"
 FIXED_POINT_TOL = 1e-3  # the relative-update tolerance of fixed_point_step (= etbench.models.energy's, tested)
 COST_METRICS = ("cost/params", "cost/flops_per_sample", "cost/wall_s", "cost/throughput", "cost/peak_mem_mb",
-                "cost/process_peak_rss_mb")
+                "cost/process_peak_rss_mb", "cost/samples_seen", "cost/train_s")
 ENERGY_TRACE_ARTIFACT = "energy_trace.csv"
 ENERGY_TRACE_COLUMNS = ("step", "sample", "E", "E_att", "E_hn", "dx_norm", "rose")  # required of every trace
 ENERGY_TRACE_DIAGNOSTICS = ("grad_norm_mean", "grad_norm_max", "rel_update", "fixed_point_step")  # written, optional

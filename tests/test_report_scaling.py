@@ -1,0 +1,154 @@
+"""The report's width-scaling view (etbench.analysis.scaling): fitted log-log slopes against known power laws, the
+Pareto front per panel against a hand-computed set, the CSV beside each figure naming the runs' config hashes, no
+figure without a width axis, and the "needs ≥ 4 widths" row.
+
+Runs are a generated DataFrame (no MLflow): 2 families × 4 widths × 2 seeds whose test MSE is exactly
+A · C^alpha in training FLOPs C = 3 · fwd FLOPs/sample · samples seen (the two seeds scale it by 1 ± 2 %, so the
+per-width mean is the power law itself).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from etbench.analysis import scaling
+from etbench.analysis.html_report import write_html_report
+from etbench.analysis.report import ReportResult, _scaling, _write_manifest
+from etbench.analysis.stats import DEFAULT_CI
+
+METRIC = "best/test/mse_masked"
+SAMPLES = 1000.0
+#: family → (fwd FLOPs per sample = k · D², A, alpha, params(D), train seconds(D))
+FAMILIES = {
+    "et": (10.0, 10.0, -0.3, lambda d: float(d), lambda d: float(d)),
+    "vit": (30.0, 40.0, -0.5, lambda d: 10.0 * d * d, lambda d: 2.0 * d),
+}
+WIDTHS = (16, 32, 64, 128)
+
+
+def _runs(widths: tuple[int, ...] = WIDTHS, width_axis: str = "axis.model.dim") -> pd.DataFrame:
+    rows = []
+    for model, (k, a, alpha, params, seconds) in FAMILIES.items():
+        for d in widths:
+            flops = 3 * k * d * d * SAMPLES
+            for seed, wobble in ((0, 1.02), (1, 0.98)):
+                rows.append({
+                    "run_id": f"{model}-{d}-{seed}", "task": "image", "model": model, "dataset": "digits",
+                    "protocol": "masked-completion", "seed": seed, "split": -1, "paper_comparable": False,
+                    "config_hash": f"h-{model}-{d}-{seed}", width_axis: d, "axis.train.lr": 1e-3,
+                    f"metrics.{METRIC}": a * flops**alpha * wobble,
+                    "metrics.cost/flops_per_sample": k * d * d, "metrics.cost/samples_seen": SAMPLES,
+                    "metrics.cost/params": params(d), "metrics.cost/train_s": seconds(d),
+                    "metrics.cost/wall_s": seconds(d) + 5.0})
+    return pd.DataFrame(rows)
+
+
+def _axes(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if c.startswith("axis.")]
+
+
+def _dominated(costs: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Oracle, lower is better: a point is off the front when another costs no more and scores strictly better,
+    or costs strictly less and scores as well."""
+    return np.array([any((costs[j] <= costs[i] and means[j] < means[i]) or
+                         (costs[j] < costs[i] and means[j] <= means[i]) for j in range(len(costs)) if j != i)
+                     for i in range(len(costs))])
+
+
+def test_fitted_slopes_match_the_power_laws_and_fronts_match_by_hand() -> None:
+    runs = _runs()
+    made = scaling.scaling_figures(runs, METRIC, _axes(runs))
+    try:
+        assert [name for name, _ in made.figures.made] == ["scaling_digits_masked-completion_mse_masked"]
+    finally:
+        for _, fig in made.figures.made:
+            plt.close(fig)
+    assert made.fit is not None
+    fit = made.fit.data.set_index(["model", "x"])
+    # metric = A · C^alpha: slope alpha vs FLOPs; vs params: et's params ∝ D (C ∝ D²) → 2·alpha, vit's ∝ D² → alpha
+    for model, x, slope in (("et", "train_flops", -0.3), ("vit", "train_flops", -0.5), ("et", "params", -0.6),
+                            ("vit", "params", -0.5), ("et", "train_s", -0.6), ("vit", "train_s", -1.0)):
+        row = fit.loc[(model, x)]
+        assert row["slope"] == pytest.approx(slope, abs=1e-9)
+        assert row["se"] == pytest.approx(0.0, abs=1e-6) and row["n_widths"] == 4 and row["note"] == ""
+    display = made.fit.display
+    assert display.loc[(display["model"] == "et") & (display["x"] == "training FLOPs (≈ 3 × fwd × samples)"),
+                       "slope ± SE"].item().startswith("-0.3 ± ")
+
+    name, points = made.points[0]
+    assert name == "scaling_digits_masked-completion_mse_masked"
+    assert len(points) == 8 and set(points["n"]) == {2}
+    key = points["model"] + "@" + points["width"].astype(int).astype(str)
+    # by hand: vit beats et at every FLOP count and time from its smallest width on; only et@16 is cheaper than
+    # all of vit. By parameters (et's grow as D, vit's as 10 D²) every et width is cheaper than vit@16.
+    expected = {"train_flops": {"et@16", "vit@16", "vit@32", "vit@64", "vit@128"},
+                "train_s": {"et@16", "vit@16", "vit@32", "vit@64", "vit@128"},
+                "params": set(key)}
+    for x, members in expected.items():
+        assert set(key[points[f"pareto_{x}"]]) == members, x
+        oracle = ~_dominated(points[x].to_numpy(float), points["mean"].to_numpy(float))
+        assert set(key[oracle]) == members, x
+    flops = points.set_index(key)["train_flops"]
+    assert flops["vit@64"] == pytest.approx(3 * 30 * 64 * 64 * SAMPLES)
+
+
+def test_report_writes_the_points_csv_with_config_hashes_and_titles_the_figure(tmp_path) -> None:
+    runs = _runs()
+    result = ReportResult(out=tmp_path, index=tmp_path / "README.md", runs_csv=tmp_path / "runs.csv", n_runs=16,
+                          metrics={})
+    sections = _scaling(runs, METRIC, _axes(runs), DEFAULT_CI, tmp_path, result)
+    stem = "scaling_digits_masked-completion_mse_masked"
+    assert {p.name for p in result.figures} == {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
+    assert all(p.exists() for p in result.figures)
+    csv = pd.read_csv(tmp_path / "figures" / f"{stem}.csv")
+    for row in csv.itertuples():
+        assert row.config_hashes == f"h-{row.model}-{int(row.width)}-0;h-{row.model}-{int(row.width)}-1"
+    assert (tmp_path / "tables" / "scaling_fit_digits_masked-completion_mse_masked.csv").exists()
+    assert len(sections) == 1 and "fitted slope" in sections[0]
+    assert "vs cost over width" in result.titles[stem]
+    assert "samples seen from logged cost/samples_seen (16 runs)" in result.titles[stem]
+    result.index.write_text("# r\n\n## Tables\n\n" + sections[0] + "\n## Figures\n")
+    _write_manifest(tmp_path, "fp", result)
+    page = write_html_report(tmp_path).read_text()
+    assert stem in page and "vs cost over width" in page
+
+
+def test_no_width_axis_draws_nothing_and_says_why() -> None:
+    runs = _runs().rename(columns={"axis.model.dim": "axis.model.steps"})
+    made = scaling.scaling_figures(runs, METRIC, _axes(runs))
+    assert made.figures.made == [] and made.points == [] and made.fit is None
+    assert any("no width axis" in s for s in made.figures.skipped)
+    assert scaling.width_axes(["axis.model.et.dim", "axis.model.vit.width", "axis.model.hidden",
+                               "axis.model.steps", "axis.model.dims"]) == \
+        ["axis.model.et.dim", "axis.model.vit.width", "axis.model.hidden"]
+
+
+def test_fewer_than_four_widths_gives_the_needs_row_and_a_fallback_flops_source() -> None:
+    runs = _runs(widths=(16, 32, 64), width_axis="axis.model.vit.dim")
+    runs = runs.drop(columns="metrics.cost/samples_seen").assign(**{"params.train.epochs": "10",
+                                                                    "params.task.limit_train": "100"})
+    made = scaling.scaling_figures(runs, METRIC, _axes(runs))
+    for _, fig in made.figures.made:
+        plt.close(fig)
+    assert made.fit is not None
+    assert set(made.fit.display["slope ± SE"]) == {scaling.NEEDS_WIDTHS} == {"needs ≥ 4 widths"}
+    assert set(made.fit.data["n_widths"]) == {3}
+    _, points = made.points[0]
+    assert points["train_flops"].to_numpy() == pytest.approx(3 * points["width"] ** 2 * 1000 *
+                                                              points["model"].map({"et": 10, "vit": 30}))
+
+
+def test_fit_slope_standard_error_matches_the_closed_form() -> None:
+    x = np.array([1.0, 10.0, 100.0, 1000.0])
+    y = 10.0 ** np.array([0.0, -0.5, -0.9, -1.6])
+    slope, se, n, note = scaling.fit_slope(x, y)
+    lx, ly = np.log10(x), np.log10(y)
+    b = ((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum()
+    resid = ly - (ly.mean() + b * (lx - lx.mean()))
+    assert slope == pytest.approx(b) == pytest.approx(-0.52)
+    assert se == pytest.approx(np.sqrt((resid**2).sum() / 2 / ((lx - lx.mean()) ** 2).sum()))
+    assert (n, note) == (4, "")
+    assert scaling.fit_slope(x, -y)[3] == "values ≤ 0: no log-log fit"
