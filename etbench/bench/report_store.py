@@ -210,7 +210,8 @@ def _first_below(values: np.ndarray, tol: float) -> int | None:
 def _cost(params: float, flops: float, wall: float, shape: StoreShape) -> dict[str, float]:
     """A value for every cost metric of the schema (S.COST_METRICS), so new cost columns appear here too."""
     known = {"params": params, "flops_per_sample": flops, "wall_s": wall, "throughput": 64 * shape.epochs / wall,
-             "peak_mem_mb": 40.0 + params / 1e4, "process_peak_rss_mb": 900.0 + params / 1e4}
+             "peak_mem_mb": 40.0 + params / 1e4, "process_peak_rss_mb": 900.0 + params / 1e4,
+             "samples_seen": 64.0 * shape.epochs, "train_s": wall - 1.0}
     return {k: known.get(k, 1.0) for k in (m.removeprefix("cost/") for m in S.COST_METRICS)}
 
 
