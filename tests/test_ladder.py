@@ -5,10 +5,14 @@ differ from the ViTs only by the listed differences (counted in parameters, equa
 from __future__ import annotations
 
 import itertools
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from etbench.config import resolve_run_config
+from etbench.engine.run import run_single
 from etbench.models import registry
 from etbench.models.et_config import ETConfig
 from etbench.models.image import ImageET
@@ -165,3 +169,15 @@ def test_forward_backward_is_finite_and_reaches_every_parameter(name: str) -> No
 def test_unknown_rung_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown ladder rung 'ladder-9'; allowed: et, ladder-1, .*, ladder-5$"):
         build_rung(SHAPE, PATCH, et_config(), rung="ladder-9")
+
+
+def test_a_rung_trains_through_the_engine_from_its_registered_name(tmp_path: Path) -> None:
+    cfg = resolve_run_config({
+        "task": {"dataset": "digits", "limit_train": 128, "limit_eval": 32},
+        "model": {"name": "ladder-5", "et": {"steps": 2}},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "eval_trace_samples": 4},
+    })
+    res = run_single(cfg, tmp_path / "run", progress=False)
+    losses = [row["train/loss"] for row in res.state.history]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert (tmp_path / "run" / "metrics.json").exists()
