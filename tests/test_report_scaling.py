@@ -29,17 +29,20 @@ FAMILIES = {
 WIDTHS = (16, 32, 64, 128)
 
 
-def _runs(widths: tuple[int, ...] = WIDTHS, width_axis: str = "axis.model.dim") -> pd.DataFrame:
+def _runs(widths: tuple[int, ...] = WIDTHS, width_axis: str = "axis.model.dim", lrs: tuple[float, ...] = (1e-3,)
+          ) -> pd.DataFrame:
     rows = []
     for model, (k, a, alpha, params, seconds) in FAMILIES.items():
-        for d in widths:
+        for d, lr in ((d, lr) for d in widths for lr in lrs):
             flops = 3 * k * d * d * SAMPLES
             for seed, wobble in ((0, 1.02), (1, 0.98)):
+                suffix = "" if len(lrs) == 1 else f"-{lr}"
                 rows.append({
-                    "run_id": f"{model}-{d}-{seed}", "task": "image", "model": model, "dataset": "digits",
+                    "run_id": f"{model}-{d}-{seed}{suffix}", "task": "image", "model": model, "dataset": "digits",
                     "protocol": "masked-completion", "seed": seed, "split": -1, "paper_comparable": False,
-                    "config_hash": f"h-{model}-{d}-{seed}", width_axis: d, "axis.train.lr": 1e-3,
-                    f"metrics.{METRIC}": a * flops**alpha * wobble,
+                    "config_hash": f"h-{model}-{d}-{seed}{suffix}", width_axis: d, "axis.train.lr": lr,
+                    "axis.model.memories": 4 * d if model == "et" else np.nan,
+                    f"metrics.{METRIC}": a * flops**alpha * wobble * (lr / 1e-3),
                     "metrics.cost/flops_per_sample": k * d * d, "metrics.cost/samples_seen": SAMPLES,
                     "metrics.cost/params": params(d), "metrics.cost/train_s": seconds(d),
                     "metrics.cost/wall_s": seconds(d) + 5.0})
@@ -152,3 +155,17 @@ def test_fit_slope_standard_error_matches_the_closed_form() -> None:
     assert se == pytest.approx(np.sqrt((resid**2).sum() / 2 / ((lx - lx.mean()) ** 2).sum()))
     assert (n, note) == (4, "")
     assert scaling.fit_slope(x, -y)[3] == "values ≤ 0: no log-log fit"
+
+
+def test_an_axis_zipped_to_the_width_follows_it_and_another_axis_splits_the_figures() -> None:
+    runs = _runs(lrs=(1e-3, 2e-3))  # memories = 4 D on the ET (zipped): not a slice; lr: one figure per value
+    made = scaling.scaling_figures(runs, METRIC, _axes(runs))
+    for _, fig in made.figures.made:
+        plt.close(fig)
+    stem = "scaling_digits_masked-completion_mse_masked"
+    assert [name for name, _ in made.points] == [f"{stem}_lr-0.001", f"{stem}_lr-0.002"]
+    for _, points in made.points:
+        assert len(points) == 8 and points["axis.model.memories"].dropna().tolist() == [64, 128, 256, 512]
+    assert made.fit is not None
+    fit = made.fit.data.set_index(["cell", "model", "x"])["slope"]
+    assert fit[("lr=0.002", "vit", "train_flops")] == pytest.approx(-0.5) == fit[("lr=0.001", "vit", "train_flops")]

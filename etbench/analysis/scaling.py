@@ -6,7 +6,9 @@ per family.
 — the ET's ``model.et.dim`` is tagged so —, ``axis.model.vit.dim``, ``axis.model.width``, ``axis.model.hidden``
 for the GNN baselines). A run's width is the first of those axes it has a value for, so families whose width
 lives under different config keys share one x ordering. A grid without such an axis with ≥ 2 values gets no
-scaling figure (a note under "Skipped" says so).
+scaling figure (a note under "Skipped" says so). Another varying axis that takes one value per (model, width) —
+memories zipped to 4 × width — follows the width (a column of each point); any other (a learning-rate axis) gets
+one figure per value, named like every report figure (``_<axis>-<value>`` suffixes).
 
 **Costs** (per run, then the mean over the runs of a point):
 
@@ -107,13 +109,25 @@ def _hashes(values: pd.Series) -> str:
     return ";".join(sorted({str(v) for v in values.dropna()}))
 
 
+def with_width(block: pd.DataFrame, widths: Sequence[str]) -> pd.DataFrame:
+    """The runs of ``block`` that have a width, with it in column ``width`` (the first width axis they have)."""
+    width = block[list(widths)].apply(pd.to_numeric, errors="coerce").bfill(axis=1).iloc[:, 0]
+    block = block.assign(**{WIDTH: width})
+    return block[block[WIDTH].notna()]
+
+
+def following_width(block: pd.DataFrame, axes: Sequence[str]) -> list[str]:
+    """The ``axes`` that take one value per (model, width) in ``block`` (``width`` column set): a zipped
+    ``model.memories = 4 × dim``, say. They ride along as columns of each point instead of splitting the lines."""
+    cells = block.groupby(["model", WIDTH], dropna=False)
+    return [a for a in axes if int(cells[a].nunique(dropna=False).max()) <= 1]
+
+
 def scaling_points(block: pd.DataFrame, metric: str, widths: Sequence[str], rest: Sequence[str],
                    cfg: CIConfig = DEFAULT_CI) -> tuple[pd.DataFrame, str]:
     """One row per (model, width, ``rest`` axes) cell of ``block`` (one dataset and protocol): the metric's mean,
     interval and n, the mean cost of its runs, and the config hashes behind it; and what it is summarised over."""
-    width = block[list(widths)].apply(pd.to_numeric, errors="coerce").bfill(axis=1).iloc[:, 0]
-    block = block.assign(**{WIDTH: width})
-    block = block[block[WIDTH].notna()]
+    block = with_width(block, widths)
     over = summary_over(block)
     table = cached_summarize(block, metric, [WIDTH, *rest], over=over, cfg=cfg, complete=False)
     table = table[table["n"] > 0]
@@ -176,8 +190,10 @@ def scaling_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
             out.figures.skipped.append(f"scaling: {dataset}/{protocol} has no width axis (an axis named "
                                        f"{'/'.join(WIDTH_LEAVES)}) with ≥ 2 values")
             continue
-        rest = [a for a in varying(block, present) if a not in widths]
-        table, over = scaling_points(block, metric, widths, rest, cfg)
+        others = [a for a in varying(block, present) if a not in widths]
+        follow = following_width(with_width(block, widths), others)
+        rest = [a for a in others if a not in follow]  # each value of these: a figure of its own
+        table, over = scaling_points(block, metric, widths, [*follow, *rest], cfg)
         _, notes = run_costs(block)
         for fixed, part in _slices(table, rest):
             part = mark_front(part, metric)
@@ -283,5 +299,5 @@ def _fit_table(data: pd.DataFrame, metric: str) -> Table:
     return Table(name, title, caption, display, display.map(latex_escape), bold, data)
 
 
-__all__ = ["WIDTH_LEAVES", "X_COSTS", "ScalingOutput", "fit_slope", "mark_front", "run_costs",
-           "scaling_figures", "scaling_points", "width_axes"]
+__all__ = ["WIDTH_LEAVES", "X_COSTS", "ScalingOutput", "fit_slope", "following_width", "mark_front", "run_costs",
+           "scaling_figures", "scaling_points", "width_axes", "with_width"]
