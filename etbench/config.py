@@ -75,15 +75,20 @@ class ModelConfig(_Strict):
     param: Literal["standard", "mup"] = Field(
         "standard", description="image models' width parametrisation: mup = μP (etbench.models.width_param)")
     base_width: int = Field(64, ge=1, description="μP: the width at which mup equals standard (lr/init reference)")
+    pm_shape: Literal["width", "width-depth"] = Field(
+        "width", description="vit-pm's search: width alone at depth T, or width × depth with heads ≥ 8 wide")
 
     @model_serializer(mode="wrap")
-    def _standard_param_unlisted(self, handler: Any) -> Any:
-        """Leave ``param``/``base_width`` out of the dump (so out of the run hash) under the standard
-        parametrisation: every run hashed before μP existed keeps its hash."""
+    def _defaults_unlisted(self, handler: Any) -> Any:
+        """Leave ``param``/``base_width`` (standard parametrisation) and ``pm_shape`` (``width``) out of the dump, so
+        out of the run hash: every run hashed before these options existed keeps its hash and its meaning."""
         data = handler(self)
-        if self.param == "standard" and isinstance(data, dict):
-            data.pop("param", None)
-            data.pop("base_width", None)
+        if isinstance(data, dict):
+            if self.param == "standard":
+                data.pop("param", None)
+                data.pop("base_width", None)
+            if self.pm_shape == "width":
+                data.pop("pm_shape", None)
         return data
 
 

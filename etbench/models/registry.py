@@ -8,7 +8,7 @@ module with its ``ENTRIES`` plus one line in ``MODEL_MODULES``. Calling conventi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -129,6 +129,7 @@ class ImageModelSpec(BaseModel):
     patch: int
     et: ETConfig = Field(default_factory=ETConfig)
     mlp_ratio: float = 4.0
+    pm_shape: Literal["width", "width-depth"] = "width"
 
     @field_validator("name")
     @classmethod

@@ -6,7 +6,13 @@ They share the ET's tokens, MASK/CLS/positions, decoder, mask and loss (:class:`
 
 - ``vit``: depth T (= the ET's steps), separate weights, the ET's width and heads;
 - ``vit-tied``: ONE block applied T times (isolates "energy" from "recurrence");
-- ``vit-pm``: depth T, separate weights, width chosen so the parameter count is within 5 % of the ET's.
+- ``vit-pm``: untied, parameter count within 5 % of the ET's. ``model.pm_shape`` says how the shape is found:
+  ``width`` (the default, so every recorded run keeps its shape and hash): depth T, the width alone shrinks — on
+  digits to width 12 with heads of width 3 (``docs/image_tuned.md``); ``width-depth``: width × depth with heads of
+  width ≥ 8 (:func:`match_shape`; on digits width 16, 2 heads of 8, depth 8).
+
+The FLOP-matched ViT is ``vit`` itself: the same width × depth search matched on forward FLOPs
+(``match_shape(..., "flops")``) lands on the ET's width and depth T on the digits, MNIST and CIFAR-10 presets.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -24,6 +31,7 @@ from etbench.models.et_config import ETConfig
 from etbench.models.image import ImageET, MaskedPatchModel, flops_on_meta
 
 PARAM_MATCH_RTOL = 0.05
+MIN_HEAD_WIDTH = 8
 
 
 class ViTArch(BaseModel):
@@ -141,11 +149,17 @@ def match_parameters(image_shape: tuple[int, int, int], patch: int, et: ETConfig
 
 
 def vit_arch(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float = 4.0, *,
-             tied: bool = False, param_match: bool = False) -> ViTArch:
-    """The baseline's sizes: depth T at the ET's width and heads (``tied``: one block applied T times), or, with
-    ``param_match``, the width (and MLP width) whose parameter count is within 5 % of the ET's."""
+             tied: bool = False, param_match: bool = False,
+             match: Literal["params", "flops"] | None = None) -> ViTArch:
+    """The baseline's sizes: depth T at the ET's width and heads (``tied``: one block applied T times); with
+    ``param_match``, the width (and MLP width) whose parameter count is within 5 % of the ET's; with ``match``, the
+    width × depth shape of :func:`match_shape`."""
     if mlp_ratio <= 0:
         raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+    if match is not None:
+        if tied:
+            raise ValueError("a matched ViT is untied: give tied or match, not both")
+        return match_shape(image_shape, patch, et, mlp_ratio, match)
     if param_match:
         if tied:
             raise ValueError("a parameter-matched ViT is untied: give tied or param_match, not both")
@@ -156,10 +170,59 @@ def vit_arch(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ra
     return ViTArch(dim=et.dim, heads=et.heads, mlp_hidden=hidden, depth=et.steps, tied=tied)
 
 
+def vit_flops(image_shape: tuple[int, int, int], patch: int, arch: ViTArch) -> int:
+    """Forward FLOPs per image of :class:`MaskedViT` in closed form (the same count as its ``flops_per_image``)."""
+    c, h, w = image_shape
+    p, n = c * patch * patch, (h // patch) * (w // patch)
+    t, d, f = n + 1, arch.dim, arch.mlp_hidden
+    return 4 * n * p * d + arch.depth * (8 * t * d * d + 4 * t * t * d + 4 * t * d * f)
+
+
+def _heads_of_width(width: int, max_heads: int, min_head_width: int = MIN_HEAD_WIDTH) -> int:
+    """The most heads ≤ ``max_heads`` that divide ``width`` into heads of width ≥ ``min_head_width``."""
+    return next(h for h in range(min(max_heads, width // min_head_width), 0, -1) if width % h == 0)
+
+
+def match_shape(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float,
+                metric: Literal["params", "flops"], rtol: float = PARAM_MATCH_RTOL) -> ViTArch:
+    """The untied ViT whose ``metric`` (parameters, or forward FLOPs per image) is within ``rtol`` of the ET's.
+
+    Searched on a grid: widths the multiples of 8 (every head ≥ 8 wide: the most heads ≤ the ET's H that divide the
+    width into heads of width ≥ 8), depths 1 … 2T, MLP width ``mlp_ratio`` × width. Among the shapes within
+    ``rtol``, the one whose depth is closest to the ET's T wins (the comparison keeps the depth where it can, then
+    widens or narrows in steps of 8), ties to the smaller error, then the smaller depth. Raises when none is
+    within ``rtol``.
+    """
+    with torch.device("meta"):
+        et_model = ImageET(image_shape, patch, et)
+        target = et_model.num_parameters() if metric == "params" else et_model.flops_per_image()
+
+    def measure(a: ViTArch) -> int:
+        return vit_param_count(image_shape, patch, a) if metric == "params" else vit_flops(image_shape, patch, a)
+
+    candidates: list[tuple[int, float, int, ViTArch]] = []
+    for depth in range(1, 2 * et.steps + 1):
+        width = MIN_HEAD_WIDTH
+        while True:
+            a = ViTArch(dim=width, heads=_heads_of_width(width, et.heads), mlp_hidden=max(1, round(mlp_ratio * width)),
+                        depth=depth)
+            value = measure(a)
+            if (err := abs(value - target) / target) <= rtol:
+                candidates.append((abs(depth - et.steps), err, depth, a))
+            if value > target * (1 + rtol):  # grows with the width: the rest of this depth is past the band
+                break
+            width += MIN_HEAD_WIDTH
+    if not candidates:
+        raise ValueError(f"vit-{metric}: no width (multiple of {MIN_HEAD_WIDTH}) × depth (1…{2 * et.steps}) gives "
+                         f"{metric} within {rtol:.0%} of the ET's {target} (image_shape {image_shape}, patch {patch})")
+    return min(candidates, key=lambda c: c[:3])[3]
+
+
 def build_vit(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float = 4.0, *,
-              tied: bool = False, param_match: bool = False) -> MaskedViT:
+              tied: bool = False, param_match: bool = False,
+              match: Literal["params", "flops"] | None = None) -> MaskedViT:
     """The baseline beside the ET of sizes ``et`` (see ``vit_arch``), for this image geometry, with its token init."""
-    arch = vit_arch(image_shape, patch, et, mlp_ratio, tied=tied, param_match=param_match)
+    arch = vit_arch(image_shape, patch, et, mlp_ratio, tied=tied, param_match=param_match, match=match)
     model = MaskedViT(image_shape, patch, arch, token_init_std=et.token_init_std)
     expected = vit_param_count(image_shape, patch, arch)
     if model.num_parameters() != expected:  # the width search relies on the closed form
@@ -172,8 +235,25 @@ def _entry(name: str, build: Callable[..., MaskedViT], summary: str) -> ModelEnt
                       options=("et", "mlp_ratio"), summary=summary)
 
 
+def build_vit_pm(image_shape: tuple[int, int, int], patch: int, et: ETConfig, mlp_ratio: float = 4.0,
+                 pm_shape: Literal["width", "width-depth"] = "width") -> MaskedViT:
+    """``vit-pm``: the width-only match (``pm_shape: width``), or the width × depth match with heads ≥ 8 wide where
+    one lies within 5 % (``width-depth``; an ET too small for any such shape — under ~1.5 k parameters on 8×8
+    digits — falls back to the width-only match)."""
+    if pm_shape == "width-depth":
+        try:
+            return build_vit(image_shape, patch, et, mlp_ratio, match="params")
+        except ValueError:
+            pass
+    elif pm_shape != "width":
+        raise ValueError(f"pm_shape must be 'width' or 'width-depth', got {pm_shape!r}")
+    return build_vit(image_shape, patch, et, mlp_ratio, param_match=True)
+
+
 ENTRIES = (
     _entry("vit", build_vit, "depth T, separate weights, the ET's width and heads"),
     _entry("vit-tied", partial(build_vit, tied=True), "one block applied T times"),
-    _entry("vit-pm", partial(build_vit, param_match=True), "depth T, width matched to the ET's parameter count"),
+    ModelEntry(name="vit-pm", kind="image", family="vit", build=build_vit_pm, flops=flops_on_meta(build_vit_pm),
+               options=("et", "mlp_ratio", "pm_shape"),
+               summary="untied, parameter count matched to the ET's (model.pm_shape: width | width-depth)"),
 )
