@@ -199,6 +199,13 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path: Path) -> None:
     assert len(res.skipped) == n_before and len(res.finished) == 3 - n_before
     after = _finished_by_hash(uri, "k")
     assert len(after) == 3 and all(v.count("FINISHED") == 1 for v in after.values()), after
+    # one parent run for the grid, re-opened by --resume (issue 28.2): every trial run (also the interrupted one
+    # --resume continued) is its child, and it is FINISHED now
+    client = MlflowClient(uri)
+    every = client.search_runs([client.get_experiment_by_name("k").experiment_id], max_results=100)
+    (parent,) = [r for r in every if r.data.tags.get("etbench.kind") == "grid"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["etbench.attempts"] == "2"
+    assert {r.data.tags.get("mlflow.parentRunId") for r in every if r is not parent} == {parent.info.run_id}
 
 
 @pytest.mark.parametrize("distributed", [False, True])

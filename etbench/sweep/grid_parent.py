@@ -107,7 +107,10 @@ def open_parent(*, uri: str, experiment: str, grid: str, grid_file: str | Path, 
         _warn(grid, f"could not log the grid file and plan to the parent run {run_id}", e)
     record = {"run_id": run_id, "uri": uri, "experiment": experiment, "grid": grid, "key": key, "storage": root,
               "grid_file": str(grid_file), "content_hash": content, "opened_unix": time.time()}
-    stg.write_text(target, json.dumps(record, indent=2))
+    try:
+        stg.write_text(target, json.dumps(record, indent=2))
+    except OSError as e:  # the next sweep finds the run by its key tag
+        _warn(grid, f"could not write {target}", e)
     if progress:
         print(f"grid {grid}: MLflow parent run {run_id} (the trials are its children; named in {target})")
     return run_id
