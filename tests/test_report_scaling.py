@@ -27,6 +27,8 @@ FAMILIES = {
     "vit": (30.0, 40.0, -0.5, lambda d: 10.0 * d * d, lambda d: 2.0 * d),
 }
 WIDTHS = (16, 32, 64, 128)
+#: how far a learning rate scales a family's MSE (validation and test alike): the ET is best at 1e-3, the ViT at 2e-3
+LR_PENALTY = {"et": lambda lr: lr / 1e-3, "vit": lambda lr: 2e-3 / lr}
 
 
 def _runs(widths: tuple[int, ...] = WIDTHS, width_axis: str = "axis.model.dim", lrs: tuple[float, ...] = (1e-3,)
@@ -42,7 +44,8 @@ def _runs(widths: tuple[int, ...] = WIDTHS, width_axis: str = "axis.model.dim", 
                     "protocol": "masked-completion", "seed": seed, "split": -1, "paper_comparable": False,
                     "config_hash": f"h-{model}-{d}-{seed}{suffix}", width_axis: d, "axis.train.lr": lr,
                     "axis.model.memories": 4 * d if model == "et" else np.nan,
-                    f"metrics.{METRIC}": a * flops**alpha * wobble * (lr / 1e-3),
+                    f"metrics.{METRIC}": a * flops**alpha * wobble * LR_PENALTY[model](lr),
+                    "metrics.best/val/mse_masked": a * flops**alpha * LR_PENALTY[model](lr),
                     "metrics.cost/flops_per_sample": k * d * d, "metrics.cost/samples_seen": SAMPLES,
                     "metrics.cost/params": params(d), "metrics.cost/train_s": seconds(d),
                     "metrics.cost/wall_s": seconds(d) + 5.0})
@@ -163,9 +166,17 @@ def test_an_axis_zipped_to_the_width_follows_it_and_another_axis_splits_the_figu
     for _, fig in made.figures.made:
         plt.close(fig)
     stem = "scaling_digits_masked-completion_mse_masked"
-    assert [name for name, _ in made.points] == [f"{stem}_lr-0.001", f"{stem}_lr-0.002"]
+    assert [name for name, _ in made.points] == [f"{stem}_lr-0.001", f"{stem}_lr-0.002", f"{stem}_lr-best-val"]
     for _, points in made.points:
         assert len(points) == 8 and points["axis.model.memories"].dropna().tolist() == [64, 128, 256, 512]
     assert made.fit is not None
     fit = made.fit.data.set_index(["cell", "model", "x"])["slope"]
     assert fit[("lr=0.002", "vit", "train_flops")] == pytest.approx(-0.5) == fit[("lr=0.001", "vit", "train_flops")]
+    # the best-lr figure: each family at the lr its validation MSE prefers, the runs' hashes saying which
+    best = made.points[2][1]
+    assert set(best.loc[best["model"] == "et", "axis.train.lr"]) == {1e-3}
+    assert set(best.loc[best["model"] == "vit", "axis.train.lr"]) == {2e-3}
+    assert all(h.endswith(f"-{lr}") for hashes, lr in zip(best["config_hashes"], best["axis.train.lr"], strict=True)
+               for h in hashes.split(";"))
+    assert fit[("lr=best-val", "et", "train_flops")] == pytest.approx(-0.3)
+    assert made.figures.skipped == []

@@ -8,7 +8,10 @@ for the GNN baselines). A run's width is the first of those axes it has a value 
 lives under different config keys share one x ordering. A grid without such an axis with ≥ 2 values gets no
 scaling figure (a note under "Skipped" says so). Another varying axis that takes one value per (model, width) —
 memories zipped to 4 × width — follows the width (a column of each point); any other (a learning-rate axis) gets
-one figure per value, named like every report figure (``_<axis>-<value>`` suffixes).
+one figure per value, named like every report figure (``_<axis>-<value>`` suffixes). A varying learning-rate
+axis (last part ``lr``) also gets the figure ``…_lr-best-val``: per (model, width) the runs of the learning rate
+whose mean validation metric (``best/val/…``) is best, so the curve is each width at its own tuned lr while the
+plotted test metric is not the one selected on.
 
 **Costs** (per run, then the mean over the runs of a point):
 
@@ -45,6 +48,7 @@ from etbench.analysis.figures import (
     _slices,
     _suffix,
     _tag,
+    axis_label,
     ci_words,
     metric_label,
     rest_label,
@@ -63,6 +67,8 @@ TRAIN_FLOPS_FACTOR = 3.0  # training ≈ forward + backward ≈ 3 forward passes
 MIN_FIT_WIDTHS = 4
 LABELLED_WIDTHS = 8  # a line of at most this many points has each labelled with its width
 NEEDS_WIDTHS = f"needs ≥ {MIN_FIT_WIDTHS} widths"
+LR_LEAF = "lr"  # a varying axis of this last part also gets a figure at its best value per (model, width)
+BEST_LR = "best-val"  # that figure's value of the lr axis in its file name and title
 #: x quantities: column → axis label.
 X_COSTS: dict[str, str] = {
     "train_flops": "training FLOPs (≈ 3 × fwd × samples)",
@@ -193,29 +199,67 @@ def scaling_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
         others = [a for a in varying(block, present) if a not in widths]
         follow = following_width(with_width(block, widths), others)
         rest = [a for a in others if a not in follow]  # each value of these: a figure of its own
-        table, over = scaling_points(block, metric, widths, [*follow, *rest], cfg)
         _, notes = run_costs(block)
-        for fixed, part in _slices(table, rest):
-            part = mark_front(part, metric)
-            name = f"scaling_{_tag(str(dataset), str(protocol), metric)}{_suffix(fixed)}"
-            drawn = _draw(part, metric, str(dataset), str(protocol), fixed, over, notes, name, out.figures)
-            if drawn:
-                out.points.append((name, part))
-            fits += [{"dataset": dataset, "protocol": protocol, "cell": rest_label(fixed) or "all", **row}
-                     for row in _fits(part, metric)]
+        where = (str(dataset), str(protocol))
+        table, over = scaling_points(block, metric, widths, [*follow, *rest], cfg)
+        fits += _emit(out, table, rest, {}, metric, where, over, notes, "")
+        lr = next((a for a in rest if a.rsplit(".", 1)[-1] == LR_LEAF), None)
+        if lr is None:
+            continue
+        val = metric.replace("/test/", "/val/", 1)
+        if val == metric or column(val) not in block.columns or block[column(val)].isna().all():
+            out.figures.skipped.append(f"scaling: {dataset}/{protocol} has no {val} to pick the best {lr} by")
+            continue
+        others_rest = [a for a in rest if a != lr]
+        chosen = best_lr_runs(with_width(block, widths), lr, others_rest, val, higher_is_better(metric))
+        table, over = scaling_points(chosen, metric, widths, [*follow, lr, *others_rest], cfg)
+        note = f"{axis_label(lr, rest)} per (model, width): best mean {short_name(val)} (see the CSV)"
+        fits += _emit(out, table, others_rest, {lr: BEST_LR}, metric, where, over, notes, note)
     if fits:
         out.fit = _fit_table(pd.DataFrame(fits), metric)
     return out
 
 
+def best_lr_runs(block: pd.DataFrame, lr: str, rest: Sequence[str], val_metric: str, higher: bool) -> pd.DataFrame:
+    """The runs of ``block`` (``width`` column set) at the ``lr`` value whose mean ``val_metric`` over seeds is
+    best per (model, width, ``rest`` axes) — chosen on validation, so the test metric plotted stays held out; a tie
+    goes to the smaller value."""
+    value, keys = column(val_metric), ["model", WIDTH, *rest]
+    means = block.groupby([*keys, lr], dropna=False)[value].mean().reset_index()
+    means = means[means[value].notna()].sort_values([*keys, value, lr], na_position="first", kind="stable",
+                                                    ascending=[True] * len(keys) + [not higher, True])
+    best = means.drop_duplicates(keys)[[*keys, lr]]
+    return block.merge(best, on=[*keys, lr], how="inner")
+
+
+def _emit(out: ScalingOutput, table: pd.DataFrame, rest: Sequence[str], extra: dict[str, object], metric: str,
+          where: tuple[str, str], over: str, notes: dict[str, str], note: str) -> list[dict[str, object]]:
+    """One figure (and its points) per slice of ``table`` over ``rest``; the slope rows of every slice."""
+    fits: list[dict[str, object]] = []
+    for fixed, part in _slices(table, rest):
+        fixed = {**extra, **fixed}
+        part = mark_front(part, metric)
+        name = f"scaling_{_tag(*where, metric)}{_suffix(fixed)}"
+        if _draw(part, metric, *where, fixed, over, notes, name, out.figures, note):
+            out.points.append((name, part))
+        fits += [{"dataset": where[0], "protocol": where[1], "cell": rest_label(fixed) or "all", **row}
+                 for row in _fits(part, metric)]
+    return fits
+
+
 def _draw(part: pd.DataFrame, metric: str, dataset: str, protocol: str, fixed: dict[str, object], over: str,
-          notes: dict[str, str], name: str, figs: FigureSet) -> bool:
+          notes: dict[str, str], name: str, figs: FigureSet, note: str = "") -> bool:
     have = [x for x in X_COSTS if part[x].notna().any()]
     if not have:
         figs.skipped.append(f"scaling: {name} has no cost/flops_per_sample, cost/params or training time")
         return False
+    sources = "; ".join(notes[x] for x in have if x != "params")
+    lines = [line for line in (
+        f"{dataset} / {protocol}: {metric_label(metric)} vs cost over width, one line per model",
+        rest_label(fixed), f"mean, {ci_words(part)} over {over}s; ringed + grey step: Pareto front; small numbers: "
+        "width", note, sources) if line]
     fig, axs = style.new_figure(ncols=len(have), width=style.DOUBLE_COLUMN_IN if len(have) > 1 else
-                                style.SINGLE_COLUMN_IN)
+                                style.SINGLE_COLUMN_IN, height=1.9 + 0.16 * len(lines))
     models = style.model_order(part["model"].unique())
     palette = style.model_palette(models)
     for ax, x in zip(axs[0], have, strict=True):
@@ -239,12 +283,7 @@ def _draw(part: pd.DataFrame, metric: str, dataset: str, protocol: str, fixed: d
         _log_x(ax)
         ax.set_xlabel(X_COSTS[x])
         ax.set_ylabel(metric_label(metric))
-    sources = "; ".join(notes[x] for x in have if x != "params")
-    lines = [f"{dataset} / {protocol}: {metric_label(metric)} vs cost over width, one line per model",
-             rest_label(fixed),
-             f"mean, {ci_words(part)} over {over}s; ringed + grey step: Pareto front; small numbers: width",
-             sources]
-    fig.suptitle("\n".join(line for line in lines if line))
+    fig.suptitle("\n".join(lines))
     handles, labels = axs[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
     figs.add(name, fig)
@@ -299,5 +338,17 @@ def _fit_table(data: pd.DataFrame, metric: str) -> Table:
     return Table(name, title, caption, display, display.map(latex_escape), bold, data)
 
 
-__all__ = ["WIDTH_LEAVES", "X_COSTS", "ScalingOutput", "fit_slope", "following_width", "mark_front", "run_costs",
-           "scaling_figures", "scaling_points", "width_axes", "with_width"]
+__all__ = [
+    "WIDTH_LEAVES",
+    "X_COSTS",
+    "ScalingOutput",
+    "best_lr_runs",
+    "fit_slope",
+    "following_width",
+    "mark_front",
+    "run_costs",
+    "scaling_figures",
+    "scaling_points",
+    "width_axes",
+    "with_width",
+]
