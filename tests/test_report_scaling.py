@@ -127,6 +127,13 @@ def test_no_width_axis_draws_nothing_and_says_why() -> None:
     made = scaling.scaling_figures(runs, METRIC, _axes(runs))
     assert made.figures.made == [] and made.points == [] and made.fit is None
     assert any("no width axis" in s for s in made.figures.skipped)
+    runs = _runs()
+    runs.loc[runs["model"] == "vit", "axis.model.dim"] = np.nan  # a family without the width axis: said, not drawn
+    made = scaling.scaling_figures(runs, METRIC, _axes(runs))
+    for _, fig in made.figures.made:
+        plt.close(fig)
+    assert made.figures.skipped == ["scaling: digits/masked-completion: vit has no width axis value: not drawn"]
+    assert set(made.points[0][1]["model"]) == {"et"}
     assert scaling.width_axes(["axis.model.et.dim", "axis.model.vit.width", "axis.model.hidden",
                                "axis.model.steps", "axis.model.dims"]) == \
         ["axis.model.et.dim", "axis.model.vit.width", "axis.model.hidden"]

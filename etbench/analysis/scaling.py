@@ -196,6 +196,10 @@ def scaling_figures(runs: pd.DataFrame, metric: str, axes: Sequence[str], cfg: C
             out.figures.skipped.append(f"scaling: {dataset}/{protocol} has no width axis (an axis named "
                                        f"{'/'.join(WIDTH_LEAVES)}) with ≥ 2 values")
             continue
+        without = sorted(set(block["model"]) - set(with_width(block, widths)["model"]))
+        if without:
+            out.figures.skipped.append(f"scaling: {dataset}/{protocol}: {', '.join(without)} ha"
+                                       f"{'s' if len(without) == 1 else 've'} no width axis value: not drawn")
         others = [a for a in varying(block, present) if a not in widths]
         follow = following_width(with_width(block, widths), others)
         rest = [a for a in others if a not in follow]  # each value of these: a figure of its own
