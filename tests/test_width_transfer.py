@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from etbench.config import resolve_run_config
-from etbench.engine.backend import make_optimizer, optimizer_groups
+from etbench.engine.backend import make_optimizer, make_scheduler, optimizer_groups
 from etbench.engine.build import build_model
+from etbench.engine.ds_backend import param_groups as ds_param_groups
 from etbench.errors import EtbenchError
 from etbench.models.baselines.vit import MaskedViT, ViTArch
 from etbench.models.et_config import ETConfig
@@ -113,6 +114,14 @@ def test_mup_lr_multipliers_reach_the_optimiser() -> None:
     for name in ("encoder.weight", "pos_embed", "cls_token", "decoder.bias", "blocks.0.norm1.weight"):
         assert lr_of[id(named[name])] == cfg.train.lr, name
     assert float(named["blocks.0.self_attn.in_proj_weight"][:64].detach().abs().max()) == 0.0  # zero query init
+    sched = make_scheduler(opt, cfg.train, steps_per_epoch=10)  # warm-up/cosine scales every group alike
+    for _ in range(15):
+        opt.step()
+        sched.step()
+    scaled = {g["lr"] / opt.param_groups[0]["lr"] for g in opt.param_groups}
+    assert sorted(round(v, 12) for v in scaled) == [0.25, 1.0] and 0 < opt.param_groups[0]["lr"] < cfg.train.lr
+    ds = {id(p): g["lr"] for g in ds_param_groups(model, cfg.train.lr, cfg.train.weight_decay) for p in g["params"]}
+    assert ds == {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # the DeepSpeed groups
     standard = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"param": "standard"})}),
                            {"image_shape": (1, 8, 8)})
     ratio = named["decoder.weight"].detach().std() / standard.state_dict()["decoder.weight"].std()
