@@ -88,6 +88,11 @@ class MaskedPatchModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Adam lr multiplier per parameter name for the optimiser's groups (μP: set by
+        ``etbench.models.width_param.apply_mup``); empty — every parameter at the base lr — otherwise."""
+        return dict(getattr(self, "mup_lr_multipliers", {}))
+
 
 class ImageET(MaskedPatchModel):
     """The paper's image ET: tokens → T steps of energy descent (one shared block) → energy LayerNorm → decode.

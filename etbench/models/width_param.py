@@ -56,7 +56,10 @@ def lr_multipliers(model: nn.Module, base_width: int) -> dict[str, float]:
 
 @torch.no_grad()
 def apply_mup(model: nn.Module, base_width: int) -> nn.Module:
-    """Re-initialise ``model`` for μP at ``base_width`` and record its lr multipliers (``model.lr_multipliers()``)."""
+    """Re-initialise ``model`` (a ``MaskedPatchModel``) for μP at ``base_width`` and record its lr multipliers, which
+    its ``lr_multipliers()`` hands to the optimiser."""
+    if not callable(getattr(model, "lr_multipliers", None)):
+        raise TypeError(f"{type(model).__name__} has no lr_multipliers() hook: μP would change its init only")
     if base_width < 1:
         raise ValueError(f"base_width must be a positive integer, got {base_width}")
     width = model_width(model)
@@ -67,6 +70,5 @@ def apply_mup(model: nn.Module, base_width: int) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             module.in_proj_weight[: module.embed_dim].zero_()  # the query rows of the packed QKV projection
-    multipliers = lr_multipliers(model, base_width)
-    model.lr_multipliers = lambda: dict(multipliers)  # type: ignore[method-assign]
+    model.mup_lr_multipliers = lr_multipliers(model, base_width)  # read by MaskedPatchModel.lr_multipliers()
     return model
