@@ -156,9 +156,12 @@ class RunConfig(_Strict):
             if self.task.kind != "image":
                 raise ValueError(f"model.param 'mup' is defined for image models only; task.kind is "
                                  f"{self.task.kind!r} (use model.param standard)")
-            if self.model.name == "et" and self.model.et.init != "width":
-                raise ValueError("model.param 'mup' with model.name 'et' needs model.et.init 'width' (μP's hidden "
-                                 f"init std ∝ 1/sqrt(D)); got model.et.init {self.model.et.init!r}")
+            from etbench.models.registry import get
+
+            et_like = get("image", self.model.name).family in ("et", "ladder")  # draw W^K, W^Q, ξ by model.et.init
+            if et_like and self.model.et.init != "width":
+                raise ValueError(f"model.param 'mup' with model.name {self.model.name!r} needs model.et.init 'width' "
+                                 f"(μP's hidden init std ∝ 1/sqrt(D)); got model.et.init {self.model.et.init!r}")
         return self
 
     def hash(self) -> str:

@@ -135,7 +135,8 @@ def test_standard_param_keeps_hashes_and_mup_is_validated() -> None:
     assert "param" not in plain.model_dump()["model"] and plain.hash() == explicit.hash()
     mup = resolve_run_config({"task": {"dataset": "digits"}, "model": {"name": "vit", "param": "mup"}})
     assert mup.hash() != plain.hash() and mup.flat()["model.param"] == "mup"
-    with pytest.raises(EtbenchError, match=r"model\.et\.init 'width'"):
-        resolve_run_config({"task": {"dataset": "digits"}, "model": {"name": "et", "param": "mup"}})
+    for name in ("et", "ladder-1"):
+        with pytest.raises(EtbenchError, match=rf"model.name '{name}' needs model\.et\.init 'width'"):
+            resolve_run_config({"task": {"dataset": "digits"}, "model": {"name": name, "param": "mup"}})
     with pytest.raises(EtbenchError, match=r"image models only"):
         resolve_run_config({"task": {"kind": "graph"}, "model": {"name": "et", "param": "mup"}})
