@@ -327,9 +327,22 @@ def test_tiny_tuned_grid_end_to_end(tuned_sweep: tuple[Any, Path, Path]) -> None
         final = _stage(runs, "final", row["model"])
         want = sum(r.data.metrics["best/test/mse_masked"] for r in final) / len(final)
         assert row["test_mean"] == pytest.approx(want)
+    # every tuning and final run carries its search space; the table names selected values at a range edge
+    from etbench.analysis.tuning_edges import edge_notes
+
+    space = {m: {k: ({"distribution": "choice", "values": v} if isinstance(v, list) else v)
+                 for k, v in TINY["tuning"]["models"][m]["space"].items()} for m in ("et", "vit")}
+    for model in ("et", "vit"):
+        for r in _stage(runs, "tune", model) + _stage(runs, "final", model):
+            assert json.loads(r.data.tags["etbench.tune.space"]) == space[model]
+    for _, row in table.iterrows():
+        params = json.loads(_stage(runs, "final", row["model"])[0].data.tags["etbench.tune.params"])
+        got = "" if pd.isna(row["at_range_edge"]) else row["at_range_edge"]
+        assert got == edge_notes(params, space[row["model"]])
     assert (tmp / "report" / "figures" / "tuning_budget.png").exists()
     assert (tmp / "report" / "figures" / "tuning_sensitivity.png").exists()
-    assert "Tuned comparison (final runs only)" in (tmp / "report" / "README.md").read_text()
+    readme = (tmp / "report" / "README.md").read_text()
+    assert "Tuned comparison (final runs only)" in readme and "at a range edge |" in readme
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

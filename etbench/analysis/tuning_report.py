@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from etbench.analysis.budget import budget_curves, budget_spread, draw_group
+from etbench.analysis.tuning_edges import EDGE_FRACTION, edge_notes, parse_space
 from etbench.analysis.tuning_plots import write_tuning_plots
 from etbench.tracking import schema as S
 
@@ -59,6 +60,7 @@ def tuned_runs(client: Any, experiment: str) -> pd.DataFrame:
                          "split": t.get(S.TAG_SPLIT), "status": r.info.status, "start": r.info.start_time,
                          "params": json.loads(t.get(S.TAG_TUNE_PARAMS, "{}")), "tuned_from": t.get(S.TAG_TUNED_FROM),
                          "stopped_early": t.get(S.TAG_STOPPED_EARLY), "search": t.get(S.TAG_TUNE_SEARCH_SEED),
+                         "space": t.get(S.TAG_TUNE_SPACE),
                          "metric": metric, "mode": mode or "min",
                          "lr": _float(r.data.params.get("train.lr")),
                          **{k: v for k, v in r.data.metrics.items() if k.startswith("best/")}})
@@ -101,6 +103,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(block[col], errors="coerce") if col in block else pd.Series(dtype=float)
             row[f"{name}_mean"], row[f"{name}_std"] = float(vals.mean()), float(vals.std(ddof=1))
         row["chosen"] = _fmt_params(block["params"].iloc[0])
+        row["at_range_edge"] = edge_notes(block["params"].iloc[0], parse_space(block["space"].iloc[0]))
         row["tuned_from"] = block["tuned_from"].iloc[0]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -131,11 +134,12 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
     table = comparison_table(df)
     csv, md = out / "tables" / "tuned_comparison.csv", out / "tables" / "tuned_comparison.md"
     table.to_csv(csv, index=False)
-    lines = ["| model | dataset | group | n | test (mean ± std) | val (mean ± std) | chosen hyper-parameters |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | dataset | group | n | test (mean ± std) | val (mean ± std) | chosen hyper-parameters | "
+             "at a range edge |", "|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['model']} | {r['dataset']} | {r['group']} | {r['n']} | {r['test_mean']:.4g} ± "
-                     f"{r['test_std']:.2g} | {r['val_mean']:.4g} ± {r['val_std']:.2g} | {r['chosen']} |")
+                     f"{r['test_std']:.2g} | {r['val_mean']:.4g} ± {r['val_std']:.2g} | {r['chosen']} | "
+                     f"{r['at_range_edge'] or '—'} |")
     metric = table["metric"].iloc[0] if len(table) else "?"
     md.write_text("\n".join(lines) + "\n")
     rep.tables += [csv, md]
@@ -191,6 +195,9 @@ def write_tuning_report(client: Any, experiment: str, out: Path) -> TuningReport
         f"Each model's hyper-parameters were chosen on the validation metric from {n_tune} tuning runs "
         f"({stopped} stopped early by ASHA); the table shows only the final re-runs of the chosen configuration "
         f"over fresh seeds. Tuning runs' test metrics are not shown anywhere.", "", *lines, "",
+        f"'at a range edge' names selected values in the outer {EDGE_FRACTION:.0%} of a continuous search range (log "
+        "scale for log-uniform), at a randint bound, or the smallest/largest of three or more numeric choices: the "
+        "search may have stopped short of that model's best.", "",
         "Figures: figures/tuning_budget.png (best full-budget validation metric vs configurations tried, as the "
         "search ran (solid) and as expected over random orders of the same configurations, drawn without "
         "replacement ± sd (dashed, the unbiased estimator of Tang et al. 2020); failed and early-stopped runs count "

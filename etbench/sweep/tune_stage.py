@@ -110,6 +110,8 @@ def tune_tags(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
             S.TAG_TUNE_METRIC: f"{ctx['metric']}:{ctx['mode']}"}
     if ctx.get("search_seed") is not None:
         tags[S.TAG_TUNE_SEARCH_SEED] = str(ctx["search_seed"])
+    if ctx.get("space"):  # absent in a search started before the tag existed and restored since
+        tags[S.TAG_TUNE_SPACE] = ctx["space"]
     return tags
 
 
@@ -419,6 +421,7 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri
         for g in gs:
             ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "axes": g.axes, "metric": g.metric,
                    "mode": g.mode, "search_seed": spec.tuning.search_seed,  # type: ignore[union-attr]
+                   "space": T.space_json(g.dims),
                    "uri": uri, "experiment": experiment, "grid": spec.name,
                    "trials": str(trials_root), "threads": spec.resources.cpus_per_worker,
                    "artifact_root": None if uri.startswith("http") else str(root / "artifacts")}
@@ -466,7 +469,8 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
                "artifact_root": None if uri.startswith("http") else str(root / "artifacts"),
                "threads": spec.resources.cpus_per_worker}
         tags = {S.TAG_STAGE: S.STAGE_FINAL, S.TAG_TUNE_GROUP: g.gid, S.TAG_TUNE_PARAMS: T.params_json(best["params"]),
-                S.TAG_TUNED_FROM: best["run_id"], S.TAG_TUNE_METRIC: f"{g.metric}:{g.mode}"}
+                S.TAG_TUNED_FROM: best["run_id"], S.TAG_TUNE_METRIC: f"{g.metric}:{g.mode}",
+                S.TAG_TUNE_SPACE: T.space_json(g.dims)}
         for seed, split, cfg in T.final_configs(spec, g, best["params"]):
             if _complete_runs(ctx, cfg.hash()):
                 res.skipped.append(cfg.hash())

@@ -371,6 +371,13 @@ def params_json(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def space_json(dims: dict[str, SearchDim]) -> str:
+    """A search space as the ``etbench.tune.space`` tag: dotted key → its distribution, bounds and values (read
+    back by :mod:`etbench.analysis.tuning_edges` to flag selected values at a range's edge)."""
+    return json.dumps({k: d.model_dump(mode="json", exclude_none=True) for k, d in dims.items()}, sort_keys=True,
+                      default=str)
+
+
 def group_seed(search_seed: int, gid: str) -> int:
     """The searcher seed of one group: the grid's search seed mixed with the group id (stable across machines)."""
     return int(hashlib.sha256(f"{search_seed}:{gid}".encode()).hexdigest()[:8], 16)

@@ -116,6 +116,7 @@ TAG_TUNE_METRIC = "etbench.tune.metric"
 TAG_TUNED_FROM = "etbench.tuned_from"
 TAG_STOPPED_EARLY = "etbench.stopped_early"
 TAG_TUNE_SEARCH_SEED = "etbench.tune.search_seed"
+TAG_TUNE_SPACE = "etbench.tune.space"  # JSON: dotted key → {distribution, low, high, values} (tuning + final runs)
 TAG_ATTEMPTS = "etbench.attempts"
 TAG_SUPERSEDED = "etbench.superseded"
 TAG_SUPERSEDED_AT = "etbench.superseded_at"
