@@ -103,7 +103,8 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(block[col], errors="coerce") if col in block else pd.Series(dtype=float)
             row[f"{name}_mean"], row[f"{name}_std"] = float(vals.mean()), float(vals.std(ddof=1))
         row["chosen"] = _fmt_params(block["params"].iloc[0])
-        row["at_range_edge"] = edge_notes(block["params"].iloc[0], parse_space(block["space"].iloc[0]))
+        space = block["space"].iloc[0] if "space" in block else None  # a store read before the tag existed
+        row["at_range_edge"] = edge_notes(block["params"].iloc[0], parse_space(space))
         row["tuned_from"] = block["tuned_from"].iloc[0]
         rows.append(row)
     return pd.DataFrame(rows)
