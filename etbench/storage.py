@@ -151,7 +151,7 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TQDM_DISABLE": "1"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for k in ("ETBENCH_DATA", "ETBENCH_SHARED_DATA", "ETBENCH_FAULT_MARKER", ENV_STORAGE):
+    for k in ("ETBENCH_DATA", "ETBENCH_FAULT_MARKER", ENV_STORAGE):
         if k in os.environ:
             env[k] = os.environ[k]
     return {**env, **client_provenance()}
@@ -277,12 +277,15 @@ def node_check(marker: str, token: str, refs: list[dict[str, Any]]) -> dict[str,
     except (OSError, ValueError) as e:
         report["problems"].append(f"the storage marker {marker} the driver wrote is not visible here "
                                   f"({type(e).__name__}: {e}); this node does not mount the shared storage")
-    data_root = os.environ.get("ETBENCH_DATA")
+    from etbench.data.paths import data_root
+
+    root = data_root(check=False)
     for ref in refs:
         try:
             report["checksums"][_ref_name(ref)] = probe_dataset(ref)
         except Exception as e:  # a missing/corrupt file in any loader: reported with the node, never raised here
-            report["problems"].append(f"{_ref_name(ref)} does not load here (ETBENCH_DATA={data_root}): "
+            report["problems"].append(f"{_ref_name(ref)} does not load here "
+                                      f"(data root {root}, from $ETBENCH_DATA or its default): "
                                       f"{type(e).__name__}: {str(e)[:300]}")
     return report
 

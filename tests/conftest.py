@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from etbench.data.paths import data_root
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -17,7 +19,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ETBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = data_root(check=False)  # $ETBENCH_DATA, else ../shared/data: the one data root
 
 
 # What a test may not leave behind for the next one in the same process (order dependence): a Ray session, another
@@ -54,7 +56,7 @@ def no_leftovers() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Root of the small real datasets shipped beside the repo (``../shared/data``)."""
+    """Root of the small real datasets: ``$ETBENCH_DATA``, else the copy beside the repo (``../shared/data``)."""
     return SHARED_DATA
 
 

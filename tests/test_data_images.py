@@ -31,13 +31,6 @@ from etbench.data.images import (
     unnormalize,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    return Path(os.environ.get("ETBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
-
 
 def _need(path: Path) -> Path:
     if not path.exists():

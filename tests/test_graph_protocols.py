@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,6 @@ from etbench.tasks.graph_protocols import (
     stored_split,
     stratified_split,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    return Path(os.environ.get("ETBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def labels(n: int = 1000, n_anom: int = 100, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,6 @@ self-loops themselves when they want them), with labels 1 = anomaly, 0 = normal,
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +26,7 @@ from etbench.data.graph_formats import (
     read_pygod_zip,
     write_gad_npz,
 )
+from etbench.data.paths import data_root, resolve_data_path
 from etbench.data.synthetic_graph import SyntheticGraphConfig, generate_synthetic_graph
 from etbench.hashing import canonical_json
 
@@ -122,11 +122,6 @@ _OBTAIN = {
 }
 
 
-def default_data_root() -> Path:
-    """``$ETBENCH_DATA``, else ``<repo>/../shared/data``."""
-    return Path(os.environ.get("ETBENCH_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-
-
 def load_graph_dataset(name: str, path: str | Path | None = None, *, root: str | Path | None = None,
                        **synthetic_kw: object) -> GraphData:
     """Load dataset ``name`` from ``path`` (a file), or from its default relative path under ``root``.
@@ -147,7 +142,8 @@ def load_graph_dataset(name: str, path: str | Path | None = None, *, root: str |
     if path is not None and root is not None:
         raise DatasetError("give either path (a file) or root (a data root), not both")
     assert relpath is not None
-    file = Path(path) if path is not None else Path(root if root is not None else default_data_root()) / relpath
+    file = resolve_data_path(path) if path is not None else (resolve_data_path(root) or data_root()) / relpath
+    assert file is not None
     if not file.is_file():
         raise DatasetError(f"graph dataset {name!r}: no file at {file}; expected {_LAYOUTS[fmt]}. "
                            f"How to get it: {_OBTAIN[fmt]}. Pass path=..., root=... or set ETBENCH_DATA.")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from etbench.data import DatasetError
 from etbench.data.image_formats import ImagePool, files_sha256, read_cifar10, read_mnist
+from etbench.data.paths import DATA_ENV, data_root, resolve_data_path
 
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "imagefolder", "imagenet")
 
@@ -31,7 +32,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DIGITS_TEST_FRACTION = 0.2
 _TEST_SEED = 20231210  # fixed: the digits test carve and every limit_eval test subset ignore the run seed
-_SHARED_HINT = os.environ.get("ETBENCH_SHARED_DATA", "/work/shared/data")
 _FOLDER_HOWTO = {
     "imagefolder": "Expected <root>/train/<class>/<image> and <root>/val/<class>/<image> (torchvision ImageFolder).",
     "imagenet": (
@@ -86,8 +86,10 @@ def load_image_dataset(
         return _load_digits(seed, val_fraction, limit_train, limit_eval)
     if root is None:
         where = "mnist" if name == "mnist" else "cifar10_jpg" if name == "cifar10" else "<your folder>"
-        raise DatasetError(f"{name} needs root=<directory> (the copy shipped here is {_SHARED_HINT}/{where})")
-    root = Path(root).expanduser()
+        raise DatasetError(f"{name} needs root=<directory> (the copy shipped here is {data_root(check=False)}/{where}"
+                           f"; a relative root resolves under ${DATA_ENV})")
+    root = resolve_data_path(root)
+    assert root is not None
     if name in ("imagefolder", "imagenet"):
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise DatasetError(f"image_size must be a positive int, got {image_size!r}")

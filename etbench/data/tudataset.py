@@ -22,7 +22,7 @@ from torch_geometric.data import Data
 from etbench.data import DatasetError
 from etbench.data.graphs import file_sha256
 from etbench.data.image_formats import files_sha256
-from etbench.data.paths import default_data_root
+from etbench.data.paths import data_root, resolve_data_path
 from etbench.data.tu_formats import DGCNN_LAYOUT, TU_LAYOUT, RawGraphSet, TextSource, read_dgcnn, read_tu, tu_name
 
 # One-hot degree for sets without node labels or attributes: degrees 0..DEGREE_CAP, larger degrees share the last
@@ -102,7 +102,8 @@ def load_tu_dataset(name: str, path: str | Path | None = None, *, root: str | Pa
     if path is not None and root is not None:
         raise DatasetError("give either path (a zip or directory) or root (a data root), not both")
     fmt, file_name, relpath = TU_DATASETS[name]
-    file = Path(path) if path is not None else Path(root if root is not None else default_data_root()) / relpath
+    file = resolve_data_path(path) if path is not None else (resolve_data_path(root) or data_root()) / relpath
+    assert file is not None
     layout = TU_LAYOUT if fmt == "tu" else DGCNN_LAYOUT
     if not file.exists():
         raise DatasetError(f"graph classification dataset {name!r}: nothing at {file}; expected {layout}. "
