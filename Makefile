@@ -41,7 +41,7 @@ bench: $(STAMP)
 # Wheels the GPU check needs beyond a bare CUDA image (pydantic, DeepSpeed built pure with DS_BUILD_OPS=0, ...) into
 # .whl/, at this venv's versions; cluster/gpu_check.sh installs them there. See README "GPU check".
 gpu-bundle: $(STAMP)
-	$(BIN)/python -m etbench.bench.gpu_bundle build --dest .whl
+	$(BIN)/python -m etbench.cluster.gpu_bundle build --dest .whl
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -20,7 +20,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX must not take 75 % of the GPU'
 if [ -d "$BUNDLE" ]; then
   SITE="$(mktemp -d "${TMPDIR:-/tmp}/etbench-gpu-site.XXXXXX")"
   trap 'rm -rf "$SITE"' EXIT
-  "$PY" -m etbench.bench.gpu_bundle install "$BUNDLE" "$SITE"
+  "$PY" -m etbench.cluster.gpu_bundle install "$BUNDLE" "$SITE"
   export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from etbench.bench.core import make_problem
+from etbench.bench.common import make_problem
 from etbench.bench.core_compile import CompiledStep, explain_mode, forward_loss
 from etbench.models.et_config import ETConfig
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from etbench.bench import gpu_bundle, gpu_check
+from etbench.bench import gpu_check
 from etbench.bench.gpu_train import MODELS, StepSettings, run_image_section
+from etbench.cluster import gpu_bundle
 from etbench.models.baselines.vit import build_vit
 from etbench.models.image import ImageET
 from etbench.models.registry import IMAGE_PRESETS

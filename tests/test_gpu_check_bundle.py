@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from etbench.bench import gpu_bundle as gb
+from etbench.cluster import gpu_bundle as gb
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 is fetched from a network; in headless Chromium every picture loads and every table has rows.
 
 The report is made from a small generated store (et + vit × steps {1, 2} × 2 seeds, schema-faithful runs with
-energy traces and images; ``etbench.bench.report_store``). Only the browser test is skipped, with the reason, where
+energy traces and images; ``etbench.testing.report_store``). Only the browser test is skipped, with the reason, where
 Chromium, its driver or selenium is missing.
 """
 
@@ -22,7 +22,7 @@ from etbench.analysis import html_report, tuning_report
 from etbench.analysis import report as report_mod
 from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.report import ReportResult, make_report
-from etbench.bench.report_store import StoreShape, generate_store
+from etbench.testing.report_store import StoreShape, generate_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -13,7 +13,7 @@ import pytest
 
 from etbench.analysis import figures
 from etbench.analysis.report import make_report
-from etbench.bench.report_store import StoreShape, generate_store
+from etbench.testing.report_store import StoreShape, generate_store
 
 MSE = "best/test/mse_masked"
 STEPS = "axis.model.steps"

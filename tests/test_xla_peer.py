@@ -8,7 +8,8 @@ import torch
 
 jax = pytest.importorskip("jax")
 
-from etbench.bench.core import make_problem, make_xla_step, step_closure  # noqa: E402
+from etbench.bench.common import make_problem  # noqa: E402
+from etbench.bench.core import make_xla_step, step_closure  # noqa: E402
 from etbench.models.et_config import ETConfig  # noqa: E402
 from etbench.peers import xla_et  # noqa: E402
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from etbench.models.energy import EnergyTransformer
+from etbench.models.et_config import ETConfig
+
 
 def cpu_model() -> str | None:
     """The CPU's model name and its AVX-512 feature count from /proc/cpuinfo (machines of one pool differ)."""
@@ -110,3 +113,21 @@ def write_json(result: dict[str, Any], out: Path, name: str) -> Path:
 def process_peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return _status_kib("VmHWM") / 1024.0
+
+
+ATTN_SCALE = 25.0  # the tiny SPEC init is scaled up so attention is not uniform (a trained-model-like regime)
+
+
+def make_problem(cfg: ETConfig, batch: int, tokens: int, device: str, seed: int = 0,
+                 dtype: torch.dtype = torch.float32,
+                 ) -> tuple[EnergyTransformer, torch.optim.AdamW, torch.Tensor, torch.Tensor]:
+    """The bare ET block, its AdamW, random tokens and a random MSE target: what one bench step trains on."""
+    torch.manual_seed(seed)
+    model = EnergyTransformer(cfg).to(device=device, dtype=dtype).train()
+    with torch.no_grad():
+        for p in (model.attn.wk, model.attn.wq):
+            p.mul_(ATTN_SCALE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, tokens, cfg.dim, device=device, dtype=dtype)
+    target = torch.randn(batch, tokens, cfg.dim, device=device, dtype=dtype)
+    return model, opt, x, target

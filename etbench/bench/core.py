@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from etbench.bench.common import machine_info, peak_memory_mb, summary, timed, write_json
+from etbench.bench.common import machine_info, make_problem, peak_memory_mb, summary, timed, write_json
 from etbench.models.energy import EnergyTransformer
 from etbench.models.et_config import ETConfig
 
@@ -29,24 +29,8 @@ if TYPE_CHECKING:
 
 MODES = ("analytic", "autograd")
 PEERS = ("xla",)
-ATTN_SCALE = 25.0  # the tiny SPEC init is scaled up so attention is not uniform (a trained-model-like regime)
 # dense fp32 peaks (GFLOP/s) by GPU name, for MFU-style figures; TF32/bf16 tensor-core peaks are not fp32 work
 GPU_FP32_PEAK_GFLOPS = {"H200": 67_000.0, "H100": 67_000.0, "A100": 19_500.0, "L40S": 91_600.0, "A10": 31_200.0}
-
-
-def make_problem(cfg: ETConfig, batch: int, tokens: int, device: str, seed: int = 0,
-                 dtype: torch.dtype = torch.float32,
-                 ) -> tuple[EnergyTransformer, torch.optim.AdamW, torch.Tensor, torch.Tensor]:
-    """The bare ET block, its AdamW, random tokens and a random MSE target: what one bench step trains on."""
-    torch.manual_seed(seed)
-    model = EnergyTransformer(cfg).to(device=device, dtype=dtype).train()
-    with torch.no_grad():
-        for p in (model.attn.wk, model.attn.wq):
-            p.mul_(ATTN_SCALE)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, tokens, cfg.dim, device=device, dtype=dtype)
-    target = torch.randn(batch, tokens, cfg.dim, device=device, dtype=dtype)
-    return model, opt, x, target
 
 
 def step_closure(model: EnergyTransformer, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from etbench.bench.core import make_problem
+from etbench.bench.common import make_problem
 from etbench.models.et_config import ETConfig
 
 

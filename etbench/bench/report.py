@@ -1,6 +1,6 @@
 """``etbench bench report``: the report and the sweep's dedup lookup on generated stores of 1,000 – 30,000 runs.
 
-Per store size (each store generated once by ``etbench.bench.report_store`` and reused): ``etbench report`` cold
+Per store size (each store generated once by ``etbench.testing.report_store`` and reused): ``etbench report`` cold
 (fresh output and cache folder) and warm (again, same folders), the dedup lookup a sweep runs before it starts
 (``etbench.tracking.lookup.runs_by_hash``; beside it, up to ``legacy_max_runs``, the search_runs paging it
 replaced), ``etbench sweep plan`` of the store's grid, and — up to ``server_max_runs`` — the report through an
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from etbench.bench.report_store import generate_store
+from etbench.testing.report_store import generate_store
 
 TARGETS = {"report_cold_s": {5000: 20.0, 30000: 120.0}, "report_warm_s": {5000: 10.0}, "dedup_lookup_s": {5000: 2.0}}
 _LOOKUP = """

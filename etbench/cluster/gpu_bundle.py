@@ -329,7 +329,7 @@ def install(directory: Path, target: Path) -> list[Path]:
 
 # --- the image's import set, simulated here -------------------------------------------------------------------
 _BLOCKER = """\
-# Written by etbench.bench.gpu_bundle.write_blocker: modules of distributions the GPU image lacks are unimportable.
+# Written by etbench.cluster.gpu_bundle.write_blocker: modules of distributions the GPU image lacks are unimportable.
 import json as _json, os as _os, sys as _sys
 
 
@@ -412,7 +412,7 @@ def unexpected_imports(log_lines: Iterable[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m etbench.bench.gpu_bundle", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m etbench.cluster.gpu_bundle", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("plan", help="print the closure: what the image lacks, with the venv's versions")
     b = sub.add_parser("build", help="download / build the wheels into DEST and verify them")
