@@ -11,21 +11,14 @@ from collections.abc import Sequence
 import pandas as pd
 
 from etbench.analysis import AnalysisError
-from etbench.tracking.schema import COST_METRICS, best_metric
+from etbench.tracking.schema import COST_METRICS, TASK_METRIC_NAMES, best_metric
 
 METRIC_PREFIX = "metrics."
 
 #: Headline metrics per task, most important first (the first present one drives the figures).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "image": (best_metric("test", "mse_masked"), best_metric("test", "psnr")),
-    "graph": (
-        best_metric("test", "auroc"),
-        best_metric("test", "auprc"),
-        best_metric("test", "macro_f1"),
-        best_metric("test", "rec_at_k"),
-    ),
-    "graphcls": (best_metric("test", "acc"),),  # graph classification: accuracy on the outer test fold
-}
+    task: tuple(best_metric("test", name) for name in names) for task, names in TASK_METRIC_NAMES.items()
+}  # image: mse_masked, psnr; graph: auroc, auprc, macro_f1, rec_at_k; graphcls: acc (etbench.tracking.schema)
 
 #: The one primary metric per task: the comparison tables' Holm family (ET vs every baseline) holds its rows only;
 #: every other metric is descriptive (raw p, no verdict). Graph anomaly detection: AUPRC, the metric tuned grids

@@ -32,6 +32,7 @@ from etbench.analysis import aggregate, descent, diagnostics, figures, scaling, 
 from etbench.analysis.cache import RunCache, energy_frame
 from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.load import client_for, load_runs
+from etbench.analysis.margins import declared_margins, for_metrics
 from etbench.analysis.metrics import choose_metrics, column, higher_is_better, primary_metric
 from etbench.analysis.references import load_references
 from etbench.analysis.stats import DEFAULT_CI, CIConfig
@@ -63,6 +64,8 @@ class ReportResult:
     excluded: pd.DataFrame = field(default_factory=pd.DataFrame)
     titles: dict[str, str] = field(default_factory=dict)  # figure file stem → its title (one line)
     html: Path | None = None  # index.html: the report as one self-contained page
+    margins: dict[str, float] = field(default_factory=dict)  # equivalence margins of the TOST column (metric → δ)
+    margins_source: str = ""  # where they came from: given to the report, or the grid's parent run(s)
 
 
 def _splits_vary(block: pd.DataFrame) -> bool:
@@ -88,7 +91,9 @@ def make_report(
     ``metrics`` overrides the headline metrics (default: per task, those logged among best/test/*);
     figures use the first. ``cache_dir`` (default ``out/.etbench-cache``) keeps downloaded artifacts and
     metric histories per run. ``references`` is a reference_results.yaml to set published numbers beside ours.
-    ``margins`` (metric → equivalence margin in its units) adds a TOST column to the comparison tables.
+    ``margins`` (metric → equivalence margin in its units; a full name such as ``best/test/mse_masked`` or the
+    logged name ``mse_masked``) adds a TOST column to the comparison tables; left at None, the margins the grid
+    declared (``analysis: {equivalence_margins: ...}``, recorded on its parent run) are used; ``{}``: none.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,13 +117,14 @@ def make_report(
         raise AnalysisError(f"experiment {experiment!r} has no analysable runs ({left} left out: {reasons})")
     cache = RunCache(client, Path(cache_dir) if cache_dir is not None else out / ".etbench-cache")
     refs = load_references(references)
+    margins, margins_source = _margins(client, experiment, margins)
     result = ReportResult(out=out, index=out / "README.md", runs_csv=out / "runs.csv", n_runs=len(runs), metrics={},
-                          excluded=table.excluded)
+                          excluded=table.excluded, margins=margins, margins_source=margins_source)
     runs.to_csv(result.runs_csv, index=False)
     table.excluded.to_csv(out / "excluded_runs.csv", index=False)
     every = int(pd.util.hash_pandas_object(table.runs[["run_id", "status", "end_time"]], index=False).sum())
     fingerprint = _fingerprint(out, experiment, tracking_uri, include_failed, metrics, reference_model, every,
-                               ci, sorted((margins or {}).items()), references)  # references last: read back
+                               ci, sorted(margins.items()), margins_source, references)  # references last
     kept = _unchanged(out, fingerprint, result)
     if kept is not None:
         progress(f"[report] nothing changed since the report already in {out} (same runs, options and analysis "
@@ -135,7 +141,7 @@ def make_report(
             continue
         progress(f"[report] {task}: metrics {chosen}")
         sections += _tables(block, chosen, axes, reference_model, ci, refs, out / "tables", result, progress,
-                            margins)
+                            for_metrics(chosen, margins))
         _figures(block, chosen[0], axes, ci, out / "figures", result, progress)
         sections += _scaling(block, primary_metric(block, chosen), axes, ci, out, result)
         _images(block, chosen[0], cache, out / "images", result)
@@ -163,6 +169,17 @@ def make_report(
              f"{len(result.images)} images; skipped {len(result.skipped)} (see {result.index}, or open "
              f"{result.html} in a browser)")
     return result
+
+
+def _margins(client: object, experiment: str, given: Mapping[str, float] | None) -> tuple[dict[str, float], str]:
+    """The equivalence margins of the report and where they come from: ``given``, else those the grid declared
+    (tag ``etbench.analysis.margins`` of the experiment's parent runs, :mod:`etbench.analysis.margins`)."""
+    if given is not None:
+        return {str(k): float(v) for k, v in sorted(given.items())}, "given to the report"
+    declared, parents = declared_margins(client, experiment)
+    if not declared:
+        return {}, "none declared by the grid"
+    return declared, f"declared by the grid (analysis.equivalence_margins; parent run {', '.join(parents)})"
 
 
 FOLD_AXES = ("axis.task.fold", "axis.task.repeat", "axis.task.dataset")  # the last one is the dataset column
@@ -226,7 +243,8 @@ def _unchanged(out: Path, fingerprint: str, fresh: ReportResult) -> ReportResult
         return None
     return ReportResult(out=out, index=fresh.index, runs_csv=fresh.runs_csv, n_runs=fresh.n_runs,
                         metrics=saved["metrics"], skipped=saved["skipped"], warnings=saved["warnings"],
-                        excluded=fresh.excluded, titles=saved["titles"], **lists)
+                        excluded=fresh.excluded, titles=saved["titles"], margins=saved.get("margins", {}),
+                        margins_source=saved.get("margins_source", ""), **lists)
 
 
 def _drop_previous(out: Path) -> None:
@@ -250,7 +268,8 @@ def _write_manifest(out: Path, fingerprint: str, result: ReportResult) -> None:
     (out / MANIFEST).write_text(json.dumps({
         "fingerprint": fingerprint, "metrics": result.metrics, "skipped": result.skipped,
         "warnings": result.warnings, "titles": result.titles, "tables": rel(result.tables),
-        "figures": rel(result.figures), "images": rel(result.images)}, indent=1))
+        "figures": rel(result.figures), "images": rel(result.images), "margins": result.margins,
+        "margins_source": result.margins_source}, indent=1))
 
 
 def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: str, ci: CIConfig,
@@ -358,12 +377,17 @@ def _images(block: pd.DataFrame, metric: str, cache: RunCache, folder: Path, res
             result.images.append(target)
 
 
+def _margins_text(result: ReportResult) -> str:
+    shown = ", ".join(f"{m} ±{d:g}" for m, d in result.margins.items())
+    return f"{shown} ({result.margins_source})" if shown else result.margins_source or "none"
+
+
 def _index(experiment: str, tracking_uri: str | None, result: ReportResult, sections: list[str]) -> str:
     """README.md of the report: provenance, tables inline, lists of figures, images, skips and exclusions."""
     runs = result.n_runs
     lines = [f"# etbench report: {experiment}", "", f"- tracking URI: {tracking_uri or '(MLflow default)'}",
              f"- runs analysed: {runs}; left out: {len(result.excluded)} (see excluded_runs.csv)",
-             f"- headline metrics: {result.metrics}", ""]
+             f"- headline metrics: {result.metrics}", f"- equivalence margins (TOST): {_margins_text(result)}", ""]
     if len(result.excluded):
         lines += ["## Runs left out", ""]
         lines += [f"- {reason}: {count}" for reason, count in result.excluded["reason"].value_counts().items()]

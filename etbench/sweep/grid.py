@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from etbench.config import ConfigError, GraphClsTaskConfig, RunConfig, deep_merge, resolve_run_config, set_dotted
 from etbench.errors import EtbenchError
 from etbench.sweep import axes as A
+from etbench.sweep.analysis_spec import AnalysisSpec, task_error
 from etbench.sweep.axes import ET_ONLY_KEYS, RandomAxis, ZipGroup  # noqa: F401  (the first two: importable here)
 from etbench.sweep.tuning import TuningSpec
 
@@ -72,6 +73,8 @@ class GridSpec(BaseModel):
     max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
     search_seed: int = 0
     tracking: Tracking = Field(default_factory=Tracking)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description=(
+        "what the report needs to know (equivalence_margins: metric → δ); part of no trial's config hash"))
     tuning: TuningSpec | None = Field(None, description="a search stage per model, then a final stage over the seeds "
                                                         "(etbench.sweep.tuning)")
     storage: str | None = Field(None, description=(
@@ -136,7 +139,9 @@ def load_grid(path: str | Path) -> GridSpec:
                 e["loc"]) == 1 else ""
             lines.append(f"  {loc}: {e['msg']}{extra}")
         raise GridError("\n".join(lines)) from None
-    expand(spec, source=str(path))  # validates every axis path, model and value now, before anything starts
+    trials = expand(spec, source=str(path))  # validates every axis path, model and value now, before anything starts
+    if why := task_error(spec.analysis, {t.config.task.kind for t in trials}):
+        raise GridError(f"{path}: {why}")
     if spec.tuning is not None:
         from etbench.sweep.tuning import validate
 

@@ -1,5 +1,6 @@
 """The grid as one MLflow parent run: every sweep (plain or tuned) opens it, or re-opens it on ``--resume`` and on
-a re-run into the same results folder, before its trials; records the grid file, the plan and the cost estimate;
+a re-run into the same results folder, before its trials; records the grid file, the plan and the cost estimate,
+and the grid's equivalence margins as the tag ``etbench.analysis.margins`` (the report reads them from the store);
 passes its id to every trial (``mlflow.parentRunId``, set when a trial run is created or re-attached); and closes
 it with the grid's outcome. The MLflow side is :mod:`etbench.tracking.grid_run`.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench import storage as stg
+from etbench.sweep.analysis_spec import margins_tag, read_analysis
 from etbench.sweep.grid import EFFECTIVE_FLOPS, GridSpec, Trial, estimate_cost, estimate_seconds
 from etbench.tracking import grid_run as G
 from etbench.tracking import schema as S
@@ -105,6 +107,10 @@ def open_parent(*, uri: str, experiment: str, grid: str, grid_file: str | Path, 
         G.log_grid_artifacts(uri, run_id, Path(grid_file), content, files)
     except Exception as e:
         _warn(grid, f"could not log the grid file and plan to the parent run {run_id}", e)
+    try:  # what the report reads from the store alone: the grid's equivalence margins (analysis_spec)
+        G.record_margins(uri, run_id, margins_tag(read_analysis(grid_file)))
+    except Exception as e:
+        _warn(grid, f"could not record the grid's equivalence margins on the parent run {run_id}", e)
     record = {"run_id": run_id, "uri": uri, "experiment": experiment, "grid": grid, "key": key, "storage": root,
               "grid_file": str(grid_file), "content_hash": content, "opened_unix": time.time()}
     try:

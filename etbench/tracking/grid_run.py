@@ -105,6 +105,12 @@ def log_grid_artifacts(uri: str, run_id: str, grid_file: Path, content_hash: str
     client.set_tag(run_id, S.TAG_GRID_CONTENT_HASH, content_hash)
 
 
+def record_margins(uri: str, run_id: str, tag: str) -> None:
+    """The grid's declared equivalence margins (JSON, ``etbench.sweep.analysis_spec.margins_tag``) as the parent's
+    ``etbench.analysis.margins`` tag; set on every sweep, so an edited grid's margins replace the earlier ones."""
+    _client(uri).set_tag(run_id, S.TAG_ANALYSIS_MARGINS, tag)
+
+
 def adopt(uri: str, run_ids: list[str], parent: str) -> None:
     """Make ``run_ids`` (trial runs without a parent, e.g. logged before grids had one) children of ``parent``."""
     client = _client(uri)

@@ -50,6 +50,9 @@ hash, params or metrics; every reader of trial runs leaves it out by its tag ``e
     etbench.grid.storage      the results folder (storage root) the grid runs into
     etbench.attempts          how many sweeps opened the parent run (set from the second on)
     etbench.closed_reason     why it ended FAILED or KILLED (trials failed, trials not run, sweep interrupted)
+    etbench.analysis.margins  JSON: metric name (a TASK_METRIC_NAMES leaf) → equivalence margin δ > 0, from the
+                              grid file's ``analysis.equivalence_margins`` ("{}" when it declares none); the
+                              report's TOST column reads it
   Status: RUNNING while a sweep runs; FINISHED when every trial of the grid finished; FAILED (a trial failed or
   the sweep raised) or KILLED (interrupted, or trials left unrun) otherwise; re-opened by the next sweep.
   Artifacts: grid/<grid file>, plan.json (trial list with config hashes; a tuned grid: its searches), cost.json
@@ -128,8 +131,17 @@ KIND_GRID = "grid"
 TAG_GRID_KEY = "etbench.grid.key"
 TAG_GRID_CONTENT_HASH = "etbench.grid.content_hash"
 TAG_GRID_STORAGE = "etbench.grid.storage"
+TAG_ANALYSIS_MARGINS = "etbench.analysis.margins"
 GRID_RUN_FILE = "grid_run.json"  # <results>/<grid>/grid_run.json: the grid's parent run id (etbench.sweep.grid_parent)
 REPORT_ARTIFACT_DIR = "report"
+
+#: The headline metric names each task logs (as ``best/test/<name>``, most important first): what the report
+#: shows and what a grid's equivalence margins may name.
+TASK_METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "image": ("mse_masked", "psnr"),
+    "graph": ("auroc", "auprc", "macro_f1", "rec_at_k"),
+    "graphcls": ("acc",),  # graph classification: accuracy on the outer test fold
+}
 
 ENERGY_METRICS = ("energy/E", "energy/E_att", "energy/E_hn", "energy/dx_norm")
 ENERGY_RISE = "energy/rise_fraction"
