@@ -151,7 +151,7 @@ def test_an_edited_grid_replaces_its_margins_and_parents_that_disagree_are_refus
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def open_(path: Path, root: str) -> str:
-        run_id = grid_parent.open_parent(uri=uri, experiment="eq", grid="eq", grid_file=path, root=root,
+        run_id = grid_parent.open_parent(uri=uri, experiment="eq", grid="eq", grid_file=path, root=str(tmp_path / root),
                                          artifact_root=tmp_path / "artifacts", files={}, progress=False)
         assert run_id is not None
         return run_id
