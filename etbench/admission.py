@@ -1,8 +1,9 @@
 """Admission of runs onto a Ray cluster: queue what the cluster could hold once scaled, refuse what it never can.
 
 A run of ``dist.workers`` workers asks Ray for one bundle per worker (``CPU: cpus_per_worker``, ``GPU: 1`` with
-``dist.use_gpu``, plus the grid's custom resources); each bundle must fit on one node. What the cluster can hold
-is the union of its alive nodes and of the node types its autoscaler may launch, read from (first found):
+``dist.use_gpu`` — or the grid's ``gpus_per_worker`` share, 1/k of a GPU — plus the grid's custom resources); each
+bundle must fit on one node. What the cluster can hold is the union of its alive nodes and of the node types its
+autoscaler may launch, read from (first found):
 
 1. a cluster config reported to the GCS (``ray._private.state.state.get_cluster_config()``: node groups with their
    resources and ``max_count``), when the deployment reports one — Ray 2.60's v1 autoscaler, the one tested here,
@@ -53,9 +54,11 @@ class NodeType:
         return f"{self.name} {{{res}}} ({count})"
 
 
-def worker_bundle(cfg: Any, custom: dict[str, float] | None = None) -> dict[str, float]:
+def worker_bundle(cfg: Any, custom: dict[str, float] | None = None, gpus: float = 1.0) -> dict[str, float]:
+    """One worker's bundle; ``gpus`` is its GPU share when the run uses a GPU (a grid's
+    ``resources.gpus_per_worker``: 1, or 1/k to pack k trials on one GPU)."""
     d = cfg.dist
-    return {"CPU": float(d.cpus_per_worker), **({"GPU": 1.0} if d.use_gpu else {}), **(custom or {})}
+    return {"CPU": float(d.cpus_per_worker), **({"GPU": float(gpus)} if d.use_gpu else {}), **(custom or {})}
 
 
 def _gcs_types() -> list[NodeType]:
@@ -101,9 +104,10 @@ def node_types() -> list[NodeType]:
     return alive + (_gcs_types() or _yaml_types())
 
 
-def check_fits(cfg: Any, types: list[NodeType], custom: dict[str, float] | None = None) -> None:
-    """Raise ConfigError when no mix of ``types`` can ever hold the run's ``dist.workers`` bundles."""
-    bundle = worker_bundle(cfg, custom)
+def check_fits(cfg: Any, types: list[NodeType], custom: dict[str, float] | None = None, gpus: float = 1.0) -> None:
+    """Raise ConfigError when no mix of ``types`` can ever hold the run's ``dist.workers`` bundles (each with
+    ``gpus`` GPUs when the run uses a GPU: a fraction packs several bundles on one GPU)."""
+    bundle = worker_bundle(cfg, custom, gpus)
     need = int(cfg.dist.workers)
     shown = "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
     capacity = sum(t.holds(bundle) * t.max_count for t in types)
@@ -112,14 +116,15 @@ def check_fits(cfg: Any, types: list[NodeType], custom: dict[str, float] | None 
     listing = "; ".join(t.describe() for t in types) or "no nodes"
     what = (f"one worker needs {shown}, which no node or node type has" if capacity == 0 else
             f"{need} workers × {shown} need {need} such slots; the cluster can hold at most {capacity} once scaled")
+    share = f", gpus_per_worker {gpus:g}" if cfg.dist.use_gpu and gpus != 1 else ""
     raise ConfigError(f"run {cfg.hash()[:12]} (dist.workers {need}, dist.cpus_per_worker "
-                      f"{cfg.dist.cpus_per_worker:g}, dist.use_gpu {cfg.dist.use_gpu}): {what}. The cluster: "
+                      f"{cfg.dist.cpus_per_worker:g}, dist.use_gpu {cfg.dist.use_gpu}{share}): {what}. The cluster: "
                       f"{listing}. Lower dist.workers / dist.cpus_per_worker, or add a node type that fits")
 
 
-def admit(configs: list[Any], custom: dict[str, float] | None = None) -> list[NodeType]:
+def admit(configs: list[Any], custom: dict[str, float] | None = None, gpus: float = 1.0) -> list[NodeType]:
     """Check every run against what the cluster could hold once scaled; returns the node types seen."""
     types = node_types()
     for cfg in configs:
-        check_fits(cfg, types, custom)
+        check_fits(cfg, types, custom, gpus)
     return types

@@ -111,6 +111,28 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
 
 
+class CheckpointRetention(_Strict):
+    """Which of a run's checkpoints stay on disk (a grid's ``checkpoints:``; etbench.engine.retention).
+
+    The latest checkpoint — what ``--resume`` continues from, and the final model that the dynamics analysis
+    reads — is always kept. Not part of any run's config hash: what is kept on disk never changes the result.
+    ``keep_last`` > 1 together with ``keep_best`` > 0 is refused: Ray Train's ``CheckpointConfig`` (the
+    distributed runs' checkpoints) keeps either the N most recent checkpoints or the N best plus the latest."""
+
+    keep_last: int = Field(1, ge=1, description="the most recent checkpoints kept (>= 1: the latest is the resume "
+                                                "point)")
+    keep_best: int = Field(1, ge=0, description="also keep the checkpoints of the best validation metric (the "
+                                                "run's best-epoch selection metric); 0: none")
+
+    @model_validator(mode="after")
+    def _one_order(self) -> CheckpointRetention:
+        if self.keep_last > 1 and self.keep_best > 0:
+            raise ValueError(f"keep_last {self.keep_last} with keep_best {self.keep_best}: checkpoints are kept "
+                             f"either by recency (keep_last: N, keep_best: 0) or by validation metric plus the "
+                             f"latest (keep_last: 1, keep_best: N)")
+        return self
+
+
 class DistConfig(_Strict):
     """How a run is executed: one process, or a Ray Train job whose workers run DeepSpeed ZeRO."""
 

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from etbench.config import ConfigError, RunConfig
+from etbench.config import CheckpointRetention, ConfigError, RunConfig
 from etbench.engine.loop import checkpoint_dir
+from etbench.engine.retention import ray_checkpoint_config
 from etbench.engine.run import RunExistsError, write_config
 from etbench.engine.tracked import TrackingSpec, error_reason, start_tracking
 from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
@@ -145,7 +146,7 @@ def _tune_callbacks(cfg: RunConfig, tune_report: dict[str, Any] | None) -> list[
 def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resume: bool = False,
         address: str | None = None, progress: bool = True, fault: FaultInjection | None = None,
         storage_path: str | None = None, extra_resources: dict[str, float] | None = None,
-        tune_report: dict[str, Any] | None = None) -> dict[str, Any]:
+        tune_report: dict[str, Any] | None = None, retention: CheckpointRetention | None = None) -> dict[str, Any]:
     """Train ``cfg`` with results under ``out``; returns the rank-0 summary (also ``out/summary.json``).
 
     One worker without ``dist.deepspeed`` runs in this process (:func:`etbench.engine.tracked.run_tracked`);
@@ -155,6 +156,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     node (``etbench.storage``). ``extra_resources`` are custom Ray resources per worker. ``fault`` is a test hook.
     ``tune_report`` (``metric``, ``key``, ``config_hash``; inside a Ray Tune trial only) makes the ranks report
     every epoch and forwards the metric to Tune (:mod:`etbench.engine.tune_bridge`), for its early-stopping scheduler.
+    ``retention``: which checkpoints stay on disk (default: the latest and the best; :mod:`etbench.engine.retention`).
     """
     import ray
 
@@ -168,7 +170,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
         from etbench.engine.tracked import run_tracked
 
-        return run_tracked(cfg, out, tracking, resume=resume, progress=progress)
+        return run_tracked(cfg, out, tracking, resume=resume, progress=progress, retention=retention)
     _check_out(cfg, out, resume, storage_path)
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -195,7 +197,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
             run_config=ray.train.RunConfig(
                 name=run_name(cfg), storage_path=storage_path or str(out / "ray"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=ray_checkpoint_config(retention or CheckpointRetention()),
                 worker_runtime_env={"env_vars": _worker_env(cfg)}, callbacks=_tune_callbacks(cfg, tune_report)),
         )
         try:

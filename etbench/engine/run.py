@@ -2,7 +2,8 @@
 
 Files: config.json (resolved config + hash), metrics.json / metrics.csv (one row per epoch, rewritten each epoch),
 energy_trace.csv (ET), reconstruction.png / memories.png (images), summary.json (best-epoch metrics and cost),
-checkpoints/latest/ (resume point).
+checkpoints/latest/ (resume point) and the checkpoints the retention setting keeps beside it
+(checkpoints/epoch-NNNN/, checkpoints/retained.json; :mod:`etbench.engine.retention`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 
-from etbench.config import RunConfig
+from etbench.config import CheckpointRetention, RunConfig
 from etbench.engine.backend import PlainBackend
 from etbench.engine.build import build_model, build_task, model_cost, resolve_device, seed_everything
 from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
+from etbench.engine.retention import retain
 from etbench.errors import EtbenchError
 from etbench.models.energy import EnergyTrace
 from etbench.tracking.schema import ENERGY_TRACE_ARTIFACT, ENERGY_TRACE_COLUMNS, ENERGY_TRACE_DIAGNOSTICS
@@ -143,12 +145,14 @@ def run_single(
     stop_after_epochs: int | None = None,
     on_start: Callable[[LoopState], None] | None = None,
     on_checkpoint: Callable[[LoopState], None] | None = None,
+    retention: CheckpointRetention | None = None,
 ) -> RunResult:
     """Train ``cfg`` on this process; ``stop_after_epochs`` simulates an interruption (tests).
 
     ``on_start(state)`` sees the state training continues from (resumed or fresh) before the first epoch;
     ``on_checkpoint(state)`` runs after each checkpoint is written (the epochs that a later attempt never trains
-    again: :mod:`etbench.engine.tracked` logs epochs to MLflow from here)."""
+    again: :mod:`etbench.engine.tracked` logs epochs to MLflow from here). ``retention``: which checkpoints stay
+    on disk besides ``checkpoints/latest`` (default: the best validation epoch's; :mod:`etbench.engine.retention`)."""
     out = Path(out)
     check_out(cfg, out, resume)
     ckpt = checkpoint_dir(out)
@@ -161,13 +165,21 @@ def run_single(
     memory = StepMemory(device, lambda: state_tensors(backend.model, backend.opt))  # per trial, also in a reused actor
     write_config(cfg, out)
     state = LoopState()
+    keep = retention or CheckpointRetention()
+
+    def kept(s: LoopState) -> None:  # the checkpoints kept beside latest/ (never latest/ itself)
+        retain(ckpt, s.epoch, s.history, task.best_metric, task.best_mode, keep)
+
     if resume and ckpt.exists():
         state = LoopState.from_dict(backend.load(ckpt))
+        if state.epoch > 0:  # an attempt killed between writing latest/ and keeping it: settled now
+            kept(state)
         if progress:
             print(f"resumed {out} at epoch {state.epoch}")
 
     def save(s: LoopState) -> None:
         backend.save(ckpt, s.to_dict())
+        kept(s)
         if on_checkpoint is not None:
             on_checkpoint(s)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etbench.config import RunConfig
+from etbench.config import CheckpointRetention, RunConfig
 from etbench.engine.loop import LoopState, StopRequested
 from etbench.engine.run import check_out, run_single
 from etbench.tracking import schema as S
@@ -117,10 +117,10 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
 
 def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume: bool = False,
                 progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-                ) -> dict[str, Any]:
+                retention: CheckpointRetention | None = None) -> dict[str, Any]:
     """:func:`etbench.engine.run.run_single` with MLflow tracking (when ``spec`` is given). Returns the summary."""
     if spec is None:
-        return run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch).summary
+        return run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch, retention=retention).summary
     out = Path(out)
     check_out(cfg, out, resume)  # before the run is opened: a refused folder leaves its run as it was
     tracker = start_tracking(spec, cfg, out)
@@ -132,7 +132,7 @@ def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume:
     try:
         result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch,
                             on_start=lambda state: _continue_from(tracker, spec, cfg, out, state),
-                            on_checkpoint=committed)
+                            on_checkpoint=committed, retention=retention)
     except StopRequested:  # stopped early by the scheduler: the stage driver closes the run from its epochs
         raise
     except BaseException as exc:

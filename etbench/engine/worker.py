@@ -27,6 +27,7 @@ from etbench.config import RunConfig
 from etbench.engine.build import build_model, build_task, seed_everything
 from etbench.engine.loop import LoopState, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
+from etbench.engine.retention import SCORE_KEY, checkpoint_score
 from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
 
@@ -139,7 +140,9 @@ def train_worker(config: dict[str, Any]) -> None:
     def report(s: LoopState, extra: dict[str, Any]) -> None:  # every rank: DeepSpeed shards → one Ray checkpoint
         with tempfile.TemporaryDirectory(prefix="etbench-ckpt-") as tmp:
             backend.save(Path(tmp), {"loop": s.to_dict()})
-            metrics = {"epoch": float(s.epoch), **_numeric(s.history[-1] if s.history else {}), **extra}
+            row = s.history[-1] if s.history else {}  # the score ranks it for retention (CheckpointConfig)
+            metrics = {"epoch": float(s.epoch), **_numeric(row), SCORE_KEY: checkpoint_score(row, task.best_metric,
+                                                                                            task.best_mode), **extra}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     every_epoch = bool(config.get("epoch_reports"))  # a tuning trial: Tune's scheduler needs every epoch

@@ -10,35 +10,30 @@ terms, α, …) are not applied to baselines, whose duplicate trials are dropped
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from etbench.config import ConfigError, GraphClsTaskConfig, RunConfig, deep_merge, resolve_run_config, set_dotted
+from etbench.config import (
+    CheckpointRetention,
+    ConfigError,
+    GraphClsTaskConfig,
+    RunConfig,
+    deep_merge,
+    resolve_run_config,
+    set_dotted,
+)
 from etbench.errors import EtbenchError
 from etbench.sweep import axes as A
 from etbench.sweep.analysis_spec import AnalysisSpec, task_error
 from etbench.sweep.axes import ET_ONLY_KEYS, RandomAxis, ZipGroup  # noqa: F401  (the first two: importable here)
+from etbench.sweep.resources import Resources, deepspeed_share_error
 from etbench.sweep.tuning import TuningSpec
 
 
 class GridError(EtbenchError, ValueError):
     """A grid file is invalid: the message names the file, the key path and what is allowed."""
-
-
-class Resources(BaseModel):
-    """Per trial: Ray Train workers and what each needs (mapped onto ``dist.*`` of every run)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    custom: dict[str, float] = Field(default_factory=dict, description=(
-        "extra Ray resources every worker reserves, e.g. {'accelerator_type:A100': 0.001}; placement only, "
-        "not part of a run's config hash"))
 
 
 class Tracking(BaseModel):
@@ -69,6 +64,8 @@ class GridSpec(BaseModel):
     splits: list[int] | None = Field(None, description="graph anomaly detection: stored split indices (task.split); "
                                                        "graph classification: outer folds (task.fold)")
     resources: Resources = Field(default_factory=Resources)
+    checkpoints: CheckpointRetention = Field(default_factory=CheckpointRetention, description=(
+        "which checkpoints every trial keeps on disk (keep_last, keep_best); never the one --resume needs"))
     max_concurrent_trials: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0, description="retries of a trial that crashed (not of a diverged one)")
     search_seed: int = 0
@@ -205,6 +202,8 @@ def expand(spec: GridSpec, source: str = "grid") -> list[Trial]:
                     cfg = resolve_run_config(over, source=where)
                 except ConfigError as e:
                     raise GridError(str(e)) from None
+                if why := deepspeed_share_error(spec.resources, cfg):
+                    raise GridError(f"{where}: {why}")
                 h = cfg.hash()
                 trials.setdefault(h, Trial(config=cfg, config_hash=h, model=model, seed=seed, split=split,
                                            axes=applied, derived=derived))

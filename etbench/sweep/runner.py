@@ -35,6 +35,7 @@ from etbench.storage import Storage, StorageError
 from etbench.sweep import grid_parent
 from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
+from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import (
     SweepError,
     SweepResult,
@@ -55,21 +56,13 @@ __all__ = ["LOCAL_RAY_IP", "SweepError", "SweepResult", "init_ray", "local_root"
            "run_sweep", "run_trial", "trial_dir", "trial_resources"]
 
 def trial_resources(config: dict[str, Any]) -> Any:
-    """The Tune trial's placement group, from the trial's own resolved ``dist`` section.
-
-    A one-worker plain run trains inside the trial actor: it reserves the worker's CPUs (and its GPU). Any other
-    run only drives a TorchTrainer whose workers reserve their CPUs/GPUs themselves, so the driver asks for a
-    sliver of CPU and no GPU — a 1-worker DeepSpeed trial on a 1-GPU node must not hold the GPU it then asks for.
-    """
+    """The Tune trial's placement group, from the trial's own resolved ``dist`` section, its GPU share and custom
+    resources (:func:`etbench.sweep.resources.trial_bundle`)."""
     from ray.tune import PlacementGroupFactory
 
-    dist = config["trial"]["config"].get("dist", {})
-    if int(dist.get("workers", 1)) == 1 and not dist.get("deepspeed", False):
-        bundle = {"CPU": float(dist.get("cpus_per_worker", 1.0)), **({"GPU": 1.0} if dist.get("use_gpu") else {}),
-                  **config["trial"].get("custom", {})}
-    else:
-        bundle = {"CPU": 0.1}
-    return PlacementGroupFactory([bundle])
+    p = config["trial"]
+    return PlacementGroupFactory([trial_bundle(p["config"].get("dist", {}), float(p.get("gpus_per_worker", 1.0)),
+                                               p.get("custom", {}))])
 
 
 def _runs_by_hash(uri: str, experiment: str) -> dict[str, list[Any]]:
@@ -95,6 +88,8 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
         "ray_storage": st.join(spec.name, "trials", t.config_hash, "ray") if st.is_uri else None,
         "marker": list(marker) if marker else None,
         "custom": dict(spec.resources.custom),  # extra Ray resources per worker (accelerator types, test stand-ins)
+        "gpus_per_worker": spec.resources.gpu_share,  # placement only, like custom (etbench.sweep.resources)
+        "checkpoints": spec.checkpoints.model_dump(),  # retention, not part of the config hash
         # a tracking server stores (proxies) artifacts itself; a local store keeps them beside the results
         "artifact_root": None if uri.startswith("http") or st.is_uri else str(results_dir / "artifacts"),
         "parent_run_id": parent_run_id,  # the grid's parent run (etbench.sweep.grid_parent)
@@ -153,7 +148,7 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
         uri = uri or _default_uri(st, flag)
         res = _plan_trials(spec, trials, st, uri, resume, force, only, progress)
         if res.todo and on_cluster:  # (a local Ray is admitted against once _run_with_tune has started it)
-            admit([t.config for t, _ in res.todo], custom=spec.resources.custom)
+            admit([t.config for t, _ in res.todo], custom=spec.resources.custom, gpus=spec.resources.gpu_share)
             marker = stg.preflight(st, [t.config for t, _ in res.todo])
             if progress:
                 print(f"pre-flight: {stg.cluster_size()} node(s) see storage {st.root} and the data")
@@ -266,7 +261,8 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
             from etbench.admission import admit
             from etbench.config import RunConfig
 
-            admit([RunConfig.model_validate(p["config"]) for p in payloads], custom=spec.resources.custom)
+            admit([RunConfig.model_validate(p["config"]) for p in payloads], custom=spec.resources.custom,
+                  gpus=spec.resources.gpu_share)
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, trial_resources),
             param_space={"trial": tune.grid_search(payloads)},

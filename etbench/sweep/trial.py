@@ -130,7 +130,7 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
     serves an older folder that names none. The tuning stage's per-epoch reports to Tune: ``on_epoch(epoch, row)``
     is called after every epoch of a one-worker run; a distributed run forwards ``tune_report``'s metric from its
     ranks instead (:func:`etbench.engine.launch.fit`)."""
-    from etbench.config import RunConfig
+    from etbench.config import CheckpointRetention, RunConfig
     from etbench.engine.backend import DivergedError
     from etbench.engine.launch import has_started
     from etbench.engine.tracked import TrackingSpec
@@ -153,16 +153,17 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
                         run_name=payload["run_name"], axes=payload["axes"], artifact_root=payload["artifact_root"],
                         run_id=payload.get("run_id") if resume else None, tags=payload.get("tags") or {},
                         parent_run_id=payload.get("parent_run_id"))
+    keep = CheckpointRetention.model_validate(payload.get("checkpoints") or {})  # the grid's checkpoints:
     try:
         if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
             from etbench.engine.tracked import run_tracked
 
-            summary = run_tracked(cfg, out, spec, resume=resume, progress=False, on_epoch=on_epoch)
+            summary = run_tracked(cfg, out, spec, resume=resume, progress=False, on_epoch=on_epoch, retention=keep)
         else:
             from etbench.engine.launch import fit
 
             summary = fit(cfg, out, tracking=spec, resume=resume, progress=False, storage_path=ray_storage,
-                          extra_resources=payload.get("custom") or None, tune_report=tune_report)
+                          extra_resources=payload.get("custom") or None, tune_report=tune_report, retention=keep)
     except DivergedError as e:
         return {"status": "diverged", "config_hash": cfg.hash(), "error": str(e)}
     best = {k.replace("/", "_"): v for k, v in summary.get("best", {}).items() if isinstance(v, int | float)}

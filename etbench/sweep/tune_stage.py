@@ -69,7 +69,8 @@ def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any],
     return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
             "out": str(Path(ctx["trials"]) / cfg.hash()), "uri": ctx["uri"], "experiment": ctx["experiment"],
             "grid": ctx["grid"], "resume": True, "run_id": run_id, "artifact_root": ctx["artifact_root"],
-            "ray_storage": None, "marker": None, "custom": {}, "tags": tags, "parent_run_id": _parent(ctx)}
+            "ray_storage": None, "marker": None, "custom": {}, "tags": tags, "parent_run_id": _parent(ctx),
+            "checkpoints": ctx.get("checkpoints") or {}}  # absent in a search stored before retention existed
 
 
 def _parent(ctx: dict[str, Any]) -> str | None:
@@ -173,7 +174,7 @@ def _fmt(v: Any) -> str:
 def _resources(spec: GridSpec) -> dict[str, float]:
     r = spec.resources
     if r.workers == 1:
-        return {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
+        return {"CPU": r.cpus_per_worker, **({"GPU": r.gpu_share} if r.use_gpu else {})}
     return {"CPU": 0.1}  # the trial only drives a TorchTrainer whose workers reserve their own resources
 
 
@@ -424,6 +425,7 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri
                    "space": T.space_json(g.dims),
                    "uri": uri, "experiment": experiment, "grid": spec.name,
                    "trials": str(trials_root), "threads": spec.resources.cpus_per_worker,
+                   "checkpoints": spec.checkpoints.model_dump(),
                    "artifact_root": None if uri.startswith("http") else str(root / "artifacts")}
             if progress:
                 print(f"stage tune: {g.gid} ({g.model} {g.axes}) — {g.budget.configurations} configurations × "
@@ -467,7 +469,7 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
             continue
         ctx = {"uri": uri, "experiment": experiment, "grid": spec.name, "trials": str(trials_root),
                "artifact_root": None if uri.startswith("http") else str(root / "artifacts"),
-               "threads": spec.resources.cpus_per_worker}
+               "threads": spec.resources.cpus_per_worker, "checkpoints": spec.checkpoints.model_dump()}
         tags = {S.TAG_STAGE: S.STAGE_FINAL, S.TAG_TUNE_GROUP: g.gid, S.TAG_TUNE_PARAMS: T.params_json(best["params"]),
                 S.TAG_TUNED_FROM: best["run_id"], S.TAG_TUNE_METRIC: f"{g.metric}:{g.mode}",
                 S.TAG_TUNE_SPACE: T.space_json(g.dims)}
