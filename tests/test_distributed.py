@@ -225,6 +225,9 @@ def test_stage0_fit_matches_the_single_process_run(stage0_run: tuple[Path, dict]
     for name in ("config.json", "metrics.csv", "energy_trace.csv", "reconstruction.png", "memories.png"):
         assert (out / name).is_file(), name
     assert list((out / "ray").glob("etbench-*/checkpoint_*/ds"))  # DeepSpeed checkpoints inside Ray's
+    # retention (default: the latest and the best, issue 28.5): of the 3 epochs' checkpoints Ray deleted the others
+    best = min(range(3), key=lambda i: (history[i]["val/mse_masked"], i))
+    assert len([d for d in (out / "ray").glob("etbench-*/checkpoint_*") if d.is_dir()]) == (1 if best == 2 else 2)
     from etbench.engine.launch import fit
     from etbench.engine.run import RunExistsError
 
