@@ -28,12 +28,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from etbench.analysis import aggregate, descent, diagnostics, figures, scaling, tables
+from etbench.analysis import aggregate, best_lr, descent, diagnostics, figures, scaling, tables
 from etbench.analysis.cache import RunCache, energy_frame
 from etbench.analysis.html_report import INDEX_HTML, write_html_report
 from etbench.analysis.load import client_for, load_runs
 from etbench.analysis.margins import declared_margins, for_metrics
-from etbench.analysis.metrics import choose_metrics, column, higher_is_better, primary_metric
+from etbench.analysis.metrics import choose_metrics, column, higher_is_better, primary_metric, short_name
 from etbench.analysis.references import load_references
 from etbench.analysis.stats import DEFAULT_CI, CIConfig
 from etbench.analysis.style import save_checked
@@ -145,6 +145,8 @@ def make_report(
         _figures(block, chosen[0], axes, ci, out / "figures", result, progress)
         sections += _scaling(block, primary_metric(block, chosen), axes, ci, out, result)
         _images(block, chosen[0], cache, out / "images", result)
+        sections += _best_lr_view(block, chosen, axes, reference_model, ci, out, result, progress,
+                                  for_metrics(chosen, margins))
     progress("[report] energy descent")
     energy_runs = runs[runs["model"] == reference_model]
     keep = ["dataset", "protocol", "model", "seed", "split", *axes]
@@ -299,6 +301,86 @@ def _tables(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: 
             result.tables += tables.write_table(t, folder)
             sections.append(tables.to_markdown(t))
     return sections
+
+
+def _best_lr_view(block: pd.DataFrame, chosen: list[str], axes: list[str], reference: str, ci: CIConfig, out: Path,
+                  result: ReportResult, progress: Callable[[str], None],
+                  margins: Mapping[str, float] | None = None) -> list[str]:
+    """A grid with a learning-rate axis: each cell at the lr of its best mean validation primary metric
+    (:mod:`etbench.analysis.best_lr`): the selection table, then results and comparison tables and the figure
+    families of the chosen runs, named ``…_lr-best-val``; the Markdown of the tables for the README."""
+    present = [a for a in axes if a in block.columns and block[a].notna().any()]
+    lr = best_lr.lr_axis(block, present)
+    if lr is None:
+        return []
+    main = primary_metric(block, chosen)
+    val = best_lr.validation_metric(main)
+    task = str(block["task"].iloc[0])
+    if val is None or column(val) not in block.columns or block[column(val)].isna().all():
+        result.skipped.append(f"{task}: no {val or 'validation metric'} logged to choose {lr} per cell by: no "
+                              f"best-validation-lr view")
+        return []
+    others = [a for a in present if a != lr]
+    keys = ["dataset", "protocol", "model", *others]
+    higher = higher_is_better(main)
+    picked = best_lr.best_value_runs(block, lr, keys, val, higher)
+    progress(f"[report]   each cell at its best-validation {lr} ({short_name(val)})")
+    sections: list[str] = []
+    for (dataset, protocol), part in block.groupby(["dataset", "protocol"], sort=True):
+        made = best_lr.selection_table(part, lr, keys, val, higher, str(dataset), str(protocol))
+        result.tables += tables.write_table(made, out / "tables")
+        sections.append(tables.to_markdown(made))
+    choice = best_lr.chosen_values(picked, lr, keys)
+    views = ("seed", "split") if _splits_vary(picked) else ("seed",)
+    if tables.is_folds(picked):
+        views, ci = ("split",), replace(ci, method="t")
+    note = f"each cell at the {_axis_name(lr)} of its best mean {short_name(val)}"
+    for over in views:
+        made_tables = tables.results_tables(picked, chosen, others, over=over, cfg=ci)
+        made_tables += tables.comparison_tables(picked, chosen, others, reference=reference, over=over, cfg=ci,
+                                                margins=margins)
+        for t in made_tables:
+            t = _at_best_lr(t, lr, choice, keys, note)
+            result.tables += tables.write_table(t, out / "tables")
+            sections.append(tables.to_markdown(t))
+    sink = _sink(out / "figures", result)
+
+    def put(name: str, fig: Figure) -> None:
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        fig.suptitle(f"{title}\n{note}" if title else note)
+        sink(name + best_lr.SUFFIX, fig)
+
+    for make in FIGURE_FAMILIES.values():
+        made_figures = make(picked, chosen[0], others, ci, sink=put)
+        for name, fig in made_figures.made:
+            put(name, fig)
+        for name, frame in made_figures.tables:
+            path = out / "tables" / f"{name}{best_lr.SUFFIX}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(path, index=False)
+            result.tables.append(path)
+        result.skipped += [f"{note}: {s}" for s in made_figures.skipped]
+    return sections
+
+
+def _axis_name(axis: str) -> str:
+    return axis.removeprefix("axis.")
+
+
+def _at_best_lr(t: tables.Table, lr: str, choice: pd.DataFrame, keys: list[str], note: str) -> tables.Table:
+    """A table of the best-validation-lr view: named ``…_lr-best-val``, its title and caption say so, and a results
+    table shows each row's chosen lr."""
+    caption = f"{t.caption} Learning rate: {note} (tables/lr_selection_*)."
+    display, latex, bold, data = t.display.copy(), t.latex.copy(), t.bold.copy(), t.data.copy()
+    if t.name.startswith("results_") and all(k in data.columns for k in keys):
+        values = data[keys].merge(choice, on=keys, how="left")[lr]
+        label = f"{_axis_name(lr)} (best val)"
+        data[f"chosen {lr}"] = values.to_numpy()
+        text = ["" if pd.isna(v) else tables.fmt_sig(float(v)) for v in values]
+        display.insert(1, label, text)
+        latex.insert(1, label, [tables.latex_escape(v) for v in text])
+        bold.insert(1, label, False)
+    return tables.Table(t.name + best_lr.SUFFIX, f"{t.title} — {note}", caption, display, latex, bold, data)
 
 
 def _sink(folder: Path, result: ReportResult) -> figures.Sink:

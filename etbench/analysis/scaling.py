@@ -41,6 +41,7 @@ from matplotlib.axes import Axes
 from scipy import stats as sps
 
 from etbench.analysis import style
+from etbench.analysis.best_lr import best_value_runs
 from etbench.analysis.figures import (
     FigureSet,
     Sink,
@@ -228,12 +229,7 @@ def best_lr_runs(block: pd.DataFrame, lr: str, rest: Sequence[str], val_metric: 
     """The runs of ``block`` (``width`` column set) at the ``lr`` value whose mean ``val_metric`` over seeds is
     best per (model, width, ``rest`` axes) — chosen on validation, so the test metric plotted stays held out; a tie
     goes to the smaller value."""
-    value, keys = column(val_metric), ["model", WIDTH, *rest]
-    means = block.groupby([*keys, lr], dropna=False)[value].mean().reset_index()
-    means = means[means[value].notna()].sort_values([*keys, value, lr], na_position="first", kind="stable",
-                                                    ascending=[True] * len(keys) + [not higher, True])
-    best = means.drop_duplicates(keys)[[*keys, lr]]
-    return block.merge(best, on=[*keys, lr], how="inner")
+    return best_value_runs(block, lr, ["model", WIDTH, *rest], val_metric, higher)
 
 
 def _emit(out: ScalingOutput, table: pd.DataFrame, rest: Sequence[str], extra: dict[str, object], metric: str,
