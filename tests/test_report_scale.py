@@ -33,14 +33,17 @@ def test_lr_grid_writes_one_figure_per_lr_named_like_its_title(lr_store: dict, t
     out = tmp_path / "report"
     result = make_report(lr_store["experiment"], lr_store["tracking_uri"], out, progress=lambda s: None)
     steps = sorted(p.name for p in (out / "figures").glob("steps_*.pdf"))
-    assert steps == [f"steps_digits_masked-completion_mse_masked_lr-{lr!r}.pdf" for lr in LRS]
+    best = "steps_digits_masked-completion_mse_masked_lr-best-val.pdf"  # each cell at its best val lr (27.7)
+    assert steps == sorted([f"steps_digits_masked-completion_mse_masked_lr-{lr!r}.pdf" for lr in LRS] + [best])
     on_disk = sorted(p.name for p in (out / "figures").iterdir())
     readme = result.index.read_text()
     listed = sorted(name for line in readme.splitlines() if line.startswith("- figures/")
                     for name in re.findall(r"figures/(\S+?\.(?:pdf|png))", line))
     assert listed == on_disk and len(on_disk) == len(result.figures) == len(set(result.figures))
     for line in readme.splitlines():
-        if line.startswith("- figures/steps_"):
+        if line.startswith("- figures/steps_") and "_lr-best-val." in line:
+            assert "each cell at the train.lr of its best mean val mse_masked" in line.split(": ", 1)[1], line
+        elif line.startswith("- figures/steps_"):
             named = re.search(r"_lr-([0-9.e-]+)\.pdf", line).group(1)
             titled = re.search(r"lr=([0-9.e-]+)", line.split(": ", 1)[1]).group(1)
             assert named == titled, line
