@@ -187,3 +187,27 @@ def test_an_axis_zipped_to_the_width_follows_it_and_another_axis_splits_the_figu
                for h in hashes.split(";"))
     assert fit[("lr=best-val", "et", "train_flops")] == pytest.approx(-0.3)
     assert made.figures.skipped == []
+
+
+def test_short_tick_labels() -> None:
+    assert [scaling.short_number(v) for v in (0.5, 20, 200, 5000, 12500, 3e6, 2e11, 1.5e12)] == [
+        "0.5", "20", "200", "5k", "12.5k", "3M", "200G", "1.5T"]
+
+
+@pytest.mark.parametrize("span", [(2e3, 1.3e5), (1.9e11, 2.5e12), (15.0, 230.0), (10.0, 1e7), (40.0, 60.0)])
+def test_log_x_labels_fit_a_panel_of_the_double_column_figure(span: tuple[float, float]) -> None:
+    """The spans of image_scaling.yaml's panels (parameters, FLOPs, seconds) and a wide and a narrow one: the x tick
+    labels of three panels side by side neither overlap nor vanish (≥ 2 drawn per panel)."""
+    from etbench.analysis import style
+
+    fig, axs = style.new_figure(ncols=3, width=style.DOUBLE_COLUMN_IN, height=2.5)
+    for ax in axs[0]:
+        ax.plot(np.geomspace(*span, 5), np.linspace(0.4, 0.5, 5), "-o")
+        scaling._log_x(ax)
+    fig.draw_without_rendering()
+    try:
+        assert style.label_problems(fig) == []
+        drawn = style._drawn_tick_labels(axs[0, 0].xaxis)
+        assert len([t for t in drawn if t.get_text()]) >= 2, [t.get_text() for t in drawn]
+    finally:
+        plt.close(fig)

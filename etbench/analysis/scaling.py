@@ -291,14 +291,25 @@ def _draw(part: pd.DataFrame, metric: str, dataset: str, protocol: str, fixed: d
 
 
 def _log_x(ax: Axes) -> None:
-    """Log x with plain major labels (1, 2, 5 per decade when the data span under two decades), no minor labels
-    (they overlap on a narrow panel)."""
+    """Log x with short major labels (``5k``, ``200G``): every integer multiple per decade when the data span under
+    0.7 decades, 1, 2, 5 up to about one decade, 1 and 3 up to two and a half, decades beyond; no minor labels (they
+    overlap on a narrow panel)."""
     ax.set_xscale("log")
     low, high = ax.dataLim.intervalx
-    narrow = low > 0 and high / low < 100
-    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+    decades = float(np.log10(high / low)) if low > 0 and high > low else 0.0
+    subs = (tuple(float(k) for k in range(1, 10)) if decades < 0.7 else (1.0, 2.0, 5.0) if decades <= 1.3
+            else (1.0, 3.0) if decades <= 2.5 else (1.0,))
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: short_number(v)))
+
+
+def short_number(value: float) -> str:
+    """A tick label of at most four characters for the positive numbers these axes hold: 0.5, 20, 5k, 3M, 200G."""
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _fits(part: pd.DataFrame, metric: str) -> list[dict[str, object]]:
