@@ -167,3 +167,16 @@ def test_an_edited_grid_replaces_its_margins_and_parents_that_disagree_are_refus
     with pytest.raises(AnalysisError, match=f"different equivalence margins for mse_masked.*{second}|{second}.*"
                                             f"different equivalence margins"):
         declared_margins(client, "eq")
+
+
+def test_sweep_plan_shows_the_declared_margins_and_the_checkpoint_retention(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from etbench.cli import main
+
+    assert main(["sweep", "plan", str(_grid(tmp_path, {"equivalence_margins": {"psnr": 0.2, "mse_masked": 0.005}}))
+                 ]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("checkpoints kept per trial {'keep_last': 1, 'keep_best': 1}; equivalence margins (TOST in "
+                        "the report) {'mse_masked': 0.005, 'psnr': 0.2}")
+    assert main(["sweep", "plan", str(_grid(tmp_path, name="none"))]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "checkpoints kept per trial {'keep_last': 1, 'keep_best': 1}"

@@ -30,6 +30,9 @@ def plan(a: argparse.Namespace) -> int:
         return 0
     print(f"grid {spec.name}: {len(trials)} trials; resources per trial {spec.resources.model_dump()}; "
           f"max {spec.max_concurrent_trials} concurrent")
+    margins = spec.analysis.equivalence_margins
+    print(f"checkpoints kept per trial {spec.checkpoints.model_dump()}"
+          + (f"; equivalence margins (TOST in the report) {dict(sorted(margins.items()))}" if margins else ""))
     if layout:
         print("\n".join(layout))
     total, cpu_h, gpu_min = 0.0, 0.0, 0.0

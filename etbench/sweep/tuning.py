@@ -439,7 +439,9 @@ def plan_lines(spec: Any, source: str = "grid") -> list[str]:
              f"{t.scheduler.kind}, training seed {t.seed}), stage 2 final ({len(spec.seeds)} seeds"
              + (f" × {len(spec.splits)} splits" if spec.splits else "") + f"); {len(gs)} searches; max "
              f"{t.max_concurrent_trials or spec.max_concurrent_trials} concurrent"]
-    lines.append(f"resources per trial {spec.resources.model_dump()}; checkpoints kept {spec.checkpoints.model_dump()}")
+    margins = spec.analysis.equivalence_margins
+    lines.append(f"resources per trial {spec.resources.model_dump()}; checkpoints kept {spec.checkpoints.model_dump()}"
+                 + (f"; equivalence margins (TOST in the report) {dict(sorted(margins.items()))}" if margins else ""))
     if gs and gs[0].split is not None:
         inside = gs[0].split in (spec.splits or [])
         lines.append(f"search on split {gs[0].split}" + (
