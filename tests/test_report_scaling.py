@@ -211,3 +211,28 @@ def test_log_x_labels_fit_a_panel_of_the_double_column_figure(span: tuple[float,
         assert len([t for t in drawn if t.get_text()]) >= 2, [t.get_text() for t in drawn]
     finally:
         plt.close(fig)
+
+
+def test_width_labels_of_points_close_in_cost_do_not_collide(tmp_path) -> None:
+    """Two families whose points nearly coincide on every panel (the situation of image_scaling's vit-tied at D 32
+    and 48 in seconds): the report draws the figure without a layout warning, and every width label it shows sits
+    inside its panel."""
+    runs = _runs()
+    runs.loc[runs["model"] == "vit", [f"metrics.{METRIC}", "metrics.best/val/mse_masked"]] = (
+        runs.loc[runs["model"] == "et", [f"metrics.{METRIC}", "metrics.best/val/mse_masked"]].to_numpy() * 1.01)
+    for cost in ("metrics.cost/flops_per_sample", "metrics.cost/params", "metrics.cost/train_s"):
+        runs.loc[runs["model"] == "vit", cost] = runs.loc[runs["model"] == "et", cost].to_numpy() * 1.05
+    result = ReportResult(out=tmp_path, index=tmp_path / "README.md", runs_csv=tmp_path / "runs.csv", n_runs=16,
+                          metrics={})
+    _scaling(runs, METRIC, _axes(runs), DEFAULT_CI, tmp_path, result)
+    assert result.warnings == []
+    fig, axs = plt.subplots(1, 1)
+    try:
+        for _ in range(8):  # eight labels on one spot: the four offsets take four, the rest are hidden
+            axs.annotate("64", (1.0, 1.0), xytext=scaling.LABEL_OFFSETS[0], textcoords="offset points", fontsize=5)
+        axs.set_xlim(0, 2), axs.set_ylim(0, 2)
+        scaling._separate_width_labels(fig)
+        shown = [t for t in axs.texts if t.get_visible()]
+        assert sorted(t.xyann for t in shown) == sorted(scaling.LABEL_OFFSETS)
+    finally:
+        plt.close(fig)

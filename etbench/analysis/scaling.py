@@ -38,6 +38,9 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.text import Annotation
+from matplotlib.transforms import Bbox
 from scipy import stats as sps
 
 from etbench.analysis import style
@@ -67,6 +70,8 @@ WIDTH = "width"  # the column holding each run's width
 TRAIN_FLOPS_FACTOR = 3.0  # training ≈ forward + backward ≈ 3 forward passes per sample
 MIN_FIT_WIDTHS = 4
 LABELLED_WIDTHS = 8  # a line of at most this many points has each labelled with its width
+#: where a width label may sit, in points from its marker, in order of preference (above right, below right, left)
+LABEL_OFFSETS: tuple[tuple[float, float], ...] = ((2, 3), (2, -7), (-8, 3), (-8, -7))
 NEEDS_WIDTHS = f"needs ≥ {MIN_FIT_WIDTHS} widths"
 LR_LEAF = "lr"  # a varying axis of this last part also gets a figure at its best value per (model, width)
 BEST_LR = "best-val"  # that figure's value of the lr axis in its file name and title
@@ -275,7 +280,7 @@ def _draw(part: pd.DataFrame, metric: str, dataset: str, protocol: str, fixed: d
                         label=f"{model} ({n_text})")
             if len(g) <= LABELLED_WIDTHS:  # which width each point is (the CSV has them all)
                 for xv, yv, w in zip(g[x], g["mean"], g[WIDTH], strict=True):
-                    ax.annotate(f"{w:g}", (xv, yv), xytext=(2, 3), textcoords="offset points", fontsize=5,
+                    ax.annotate(f"{w:g}", (xv, yv), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=5,
                                 color=palette[model])
         front = pts[pts[f"pareto_{x}"]]
         ax.step(front[x], front["mean"], where="post", color="0.25", linewidth=1.0, zorder=3)
@@ -286,8 +291,28 @@ def _draw(part: pd.DataFrame, metric: str, dataset: str, protocol: str, fixed: d
     fig.suptitle("\n".join(lines))
     handles, labels = axs[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
+    _separate_width_labels(fig)
     figs.add(name, fig)
     return True
+
+
+def _separate_width_labels(fig: Figure) -> None:
+    """Move each width label that would overlap a label placed before it (points close in cost, other families'
+    points) to the first free one of :data:`LABEL_OFFSETS`, or hide it (the figure's CSV lists every width)."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        placed: list[Bbox] = []
+        for label in (t for t in ax.texts if isinstance(t, Annotation)):
+            for offset in LABEL_OFFSETS:
+                label.xyann = offset
+                box = label.get_window_extent(renderer)
+                if not any(box.overlaps(other) for other in placed) and ax.bbox.contains(box.x0, box.y0) \
+                        and ax.bbox.contains(box.x1, box.y1):
+                    placed.append(box)
+                    break
+            else:
+                label.set_visible(False)
 
 
 def _log_x(ax: Axes) -> None:
