@@ -317,25 +317,59 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
         )
     grid = tuner.fit()
     seen: set[str] = set()
-    for result in grid:
+    interrupted = 0
+    for result, tune_status in zip(grid, trial_statuses(grid), strict=True):
         m = result.metrics or {}
         cfg = result.config or {}
         h = m.get("config_hash") or T.config_from(ctx["over"], dict(cfg.get("params", {}))).hash()
         seen.add(h)
-        if result.error is not None:
+        outcome = search_outcome(m, result.error, tune_status)
+        if outcome == "crashed":
             res.failed[h] = f"tuning trial crashed: {result.error}"
-        elif m.get("status") == "diverged":
+        elif outcome == "diverged":
             res.failed[h] = m.get("error", "diverged")
-        elif m.get("status") is None:  # stopped by the scheduler between epochs
+        elif outcome == "interrupted":  # left RUNNING in MLflow for --resume; the search is not done
+            res.failed[h] = SEARCH_INTERRUPTED
+            interrupted += 1
+        elif outcome == "stopped":
             res.stopped[h] = _close_stopped_run(ctx, h, g.budget.epochs)
             res.finished.append(h)
-        elif m.get("status") == "skipped":
+        elif outcome == "skipped":
             res.skipped.append(h)
         else:
             res.finished.append(h)
     _close_orphans(ctx, seen)
-    res.evaluated[g.gid] = len(grid)
-    (path / SEARCH_DONE).write_text(json.dumps({"evaluated": len(grid), "finished_unix": time.time()}))
+    res.evaluated[g.gid] = len(grid) - interrupted
+    if not interrupted:
+        (path / SEARCH_DONE).write_text(json.dumps({"evaluated": len(grid), "finished_unix": time.time()}))
+
+
+SEARCH_INTERRUPTED = ("did not finish: the search was interrupted before this configuration ended (not stopped by "
+                      "the scheduler); `etbench sweep run --resume` restores the search and continues it")
+
+
+def trial_statuses(grid: Any) -> list[str]:
+    """Tune's status of each trial of a ``ResultGrid``, in the grid's order: TERMINATED (ended, or stopped by the
+    scheduler), ERROR, or PENDING / RUNNING / PAUSED when the search was interrupted first. Ray 2.x keeps it only on
+    the grid's ExperimentAnalysis (its ``Result`` has no status), which this reads."""
+    trials = grid._experiment_analysis.trials
+    if len(trials) != len(grid):
+        raise SweepError(f"Ray Tune's result grid has {len(grid)} results but {len(trials)} trials")
+    return [str(t.status) for t in trials]
+
+
+def search_outcome(metrics: dict[str, Any], error: object, tune_status: str) -> str:
+    """What became of one search trial: crashed | diverged | skipped | finished | stopped (the scheduler ended it
+    between epochs: its last report has no status, Tune says TERMINATED) | interrupted (no final report and Tune
+    never ended it: the driver stopped — never to be closed as a complete run)."""
+    if error is not None:
+        return "crashed"
+    status = metrics.get("status")
+    if status in ("diverged", "skipped"):
+        return str(status)
+    if status is not None:
+        return "finished"
+    return "stopped" if tune_status == "TERMINATED" else "interrupted"
 
 
 def tuning_runs(uri: str, experiment: str, gid: str) -> list[Any]:
