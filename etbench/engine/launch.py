@@ -146,7 +146,8 @@ def _tune_callbacks(cfg: RunConfig, tune_report: dict[str, Any] | None) -> list[
 def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resume: bool = False,
         address: str | None = None, progress: bool = True, fault: FaultInjection | None = None,
         storage_path: str | None = None, extra_resources: dict[str, float] | None = None,
-        tune_report: dict[str, Any] | None = None, retention: CheckpointRetention | None = None) -> dict[str, Any]:
+        tune_report: dict[str, Any] | None = None, retention: CheckpointRetention | None = None,
+        admitted: bool = False) -> dict[str, Any]:
     """Train ``cfg`` with results under ``out``; returns the rank-0 summary (also ``out/summary.json``).
 
     One worker without ``dist.deepspeed`` runs in this process (:func:`etbench.engine.tracked.run_tracked`);
@@ -157,6 +158,9 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     ``tune_report`` (``metric``, ``key``, ``config_hash``; inside a Ray Tune trial only) makes the ranks report
     every epoch and forwards the metric to Tune (:mod:`etbench.engine.tune_bridge`), for its early-stopping scheduler.
     ``retention``: which checkpoints stay on disk (default: the latest and the best; :mod:`etbench.engine.retention`).
+    ``admitted``: the sweep's driver already admitted this trial against the cluster (:mod:`etbench.admission`). A
+    trial's driver runs on a worker node, where the autoscaler's node types are invisible: admitting there again
+    refuses multi-GPU trials while the cluster scales from zero (cluster-2 review, finding 4).
     """
     import ray
 
@@ -182,7 +186,8 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
     try:
         if address is not None:  # a cluster this call attached to (a sweep's trials were checked by the sweep)
             marker = _check_cluster(cfg, out, given_out, tracking, storage_path)
-        admit([cfg], custom=extra_resources)
+        if not admitted:
+            admit([cfg], custom=extra_resources)
         write_config(cfg, out)
         spec = _tracking(tracking, cfg, out)
         gpu = cfg.dist.use_gpu

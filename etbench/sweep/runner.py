@@ -87,6 +87,7 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
         # Ray Train's storage of a multi-worker trial: beside the trial folder, or under the URI storage
         "ray_storage": st.join(spec.name, "trials", t.config_hash, "ray") if st.is_uri else None,
         "marker": list(marker) if marker else None,
+        "admitted": True,  # run_sweep admits every trial once, in the driver (a trial's node cannot see node types)
         "custom": dict(spec.resources.custom),  # extra Ray resources per worker (accelerator types, test stand-ins)
         "gpus_per_worker": spec.resources.gpu_share,  # placement only, like custom (etbench.sweep.resources)
         "checkpoints": spec.checkpoints.model_dump(),  # retention, not part of the config hash

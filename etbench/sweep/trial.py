@@ -163,7 +163,8 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
             from etbench.engine.launch import fit
 
             summary = fit(cfg, out, tracking=spec, resume=resume, progress=False, storage_path=ray_storage,
-                          extra_resources=payload.get("custom") or None, tune_report=tune_report, retention=keep)
+                          extra_resources=payload.get("custom") or None, tune_report=tune_report, retention=keep,
+                          admitted=bool(payload.get("admitted")))
     except DivergedError as e:
         return {"status": "diverged", "config_hash": cfg.hash(), "error": str(e)}
     best = {k.replace("/", "_"): v for k, v in summary.get("best", {}).items() if isinstance(v, int | float)}
