@@ -58,8 +58,9 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {EVERYTHING},  # whatever it measures
     # testing: fixtures for tests and benchmarks alike (bench/ holds only benchmarks, G8). The generated MLflow store
     # expands a real grid (sweep) and writes what tracking writes; tracking itself imports nothing, so it cannot live
-    # there as architecture-2 G8 suggested (tracking/testing.py)
-    "testing": {"sweep", "tracking"},
+    # there as architecture-2 G8 suggested (tracking/testing.py). cluster: the loopback cluster of the chaos test
+    # hands its jobs the runtime env a real submitter does (etbench.storage.job_runtime_env)
+    "testing": {"sweep", "tracking", "cluster"},
     "interop": {"models", "data"},  # the authors' checkpoint import (data: the ImageNet normalisation it must match)
     "peers": {"models"},  # the XLA reference step
     "config": {"models"},  # typed configs: model presets and names come from models (the registry)

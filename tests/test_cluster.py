@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,18 @@ import psutil
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "cluster"
-BIN = Path(sys.executable).parent  # the repo venv: its ray/mlflow CLIs and python run every process
-HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # Ray keeps these loopback addresses as given (TOOLING §8)
+from etbench.testing.loopback_cluster import (
+    BIN,
+    CLUSTER,
+    HEAD_IP,
+    REPO,
+    WORKER_IP,
+    free_port,
+    processes_matching,
+    wait_http,
+)
+from etbench.testing.loopback_cluster import stop_processes as stop
+
 GRID = {
     "name": "cluster_smoke",
     "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 64, "limit_eval": 32},
@@ -138,61 +144,7 @@ def test_mlflow_script_refuses_unsafe_or_bad_options(tmp_path: Path, args: list[
     assert not (tmp_path / "s").exists()  # refused before creating anything
 
 
-# --- process plumbing -----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            pytest.fail(f"{url}: the server exited with {proc.returncode} before answering:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
-
-
-def processes_matching(needles: list[str]) -> dict[int, psutil.Process]:
-    """Processes whose command line contains a needle, and all their descendants (never this process's ancestry)."""
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.pid in mine or not any(n in cmd for n in needles):
-            continue
-        found[p.pid] = p
-        try:
-            found.update({c.pid: c for c in p.children(recursive=True) if c.pid not in mine})
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def stop(procs: dict[int, psutil.Process], grace: float = 3.0) -> list[int]:
-    """SIGTERM, then SIGKILL what is left (raylet, gcs_server and the agents ignore SIGTERM). Returns survivors."""
-    live = list(procs.values())
-    for p in live:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(live, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    return [p.pid for p in alive]
+# --- process plumbing: etbench.testing.loopback_cluster's (free_port, wait_http, processes_matching, stop) -------
 
 
 @dataclass

@@ -22,144 +22,41 @@ or GCS address); no other Ray on the machine is touched.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
-from test_cluster import BIN, CLUSTER, HEAD_IP, REPO, WORKER_IP, free_port, processes_matching, stop, wait_http
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                                   reason="needs root and unshare for a private mount namespace")]
+from etbench.testing.loopback_cluster import (
+    BIN,
+    CLUSTER,
+    HEAD_IP,
+    REPO,
+    WORKER_IP,
+    WORKER_SLOT,
+    LoopbackCluster,
+    can_run,
+    loopback_cluster,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
 TINY = {"task": {"kind": "image", "dataset": "digits", "limit_train": 96, "limit_eval": 32},
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "eval_trace_samples": 2}}
 NODE_CPUS = 2  # per node; a 1.5-CPU worker fits once per node, so a 2-worker trial must span both
-WORKER_SLOT = "etbench_test_worker_node"  # a custom resource only the worker node has
 
 
-@dataclass
-class MultiNode:
-    base: Path
-    shared: Path
-    gcs: str
-    dashboard: str
-    tracking_uri: str
-    env: dict[str, str]
-    worker_cmd: list[str]
-    worker: subprocess.Popen | None = None
-    started: dict[int, psutil.Process] = field(default_factory=dict)
-
-    def start_worker(self) -> None:
-        log = (self.base / "job" / f"worker-{time.time_ns()}.log").open("w")
-        self.worker = subprocess.Popen(self.worker_cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and self.alive_nodes() < 2:
-            assert self.worker.poll() is None, f"worker node exited {self.worker.returncode}: {log.name}"
-            time.sleep(1)
-        assert self.alive_nodes() == 2, "the worker node did not join"
-
-    def kill_worker(self) -> None:
-        """SIGKILL every process of the worker node's session (raylet, its workers, agents) — a node lost."""
-        assert self.worker is not None
-        sid = self.worker.pid
-        procs = []
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if os.getsid(p.pid) == sid:
-                    procs.append(p)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        self.worker.wait(timeout=10)
-        deadline = time.time() + 60
-        while time.time() < deadline and self.alive_nodes() > 1:
-            time.sleep(1)
-
-    def alive_nodes(self) -> int:
-        from ray.util.state import list_nodes
-
-        try:
-            return sum(n.state == "ALIVE" for n in list_nodes(address=self.dashboard))
-        except Exception:
-            return 0
+MultiNode = LoopbackCluster  # the cluster these tests run on (etbench.testing.loopback_cluster)
 
 
 @pytest.fixture(scope="module")
-def multinode() -> Iterator[MultiNode]:
-    if not (BIN / "ray").exists() or not (BIN / "mlflow").exists():
-        pytest.skip(f"ray/mlflow CLIs not found in {BIN}")
-    base = Path(tempfile.mkdtemp(prefix="etbm-", dir="/tmp"))  # short: Ray's socket paths stay < 108 chars
-    stage = Path(tempfile.mkdtemp(prefix="etbm-stage-", dir="/tmp"))  # where `shared` is re-bound from
-    for d in ("h", "shared", "mlflow", "job", "headonly/data"):
-        (base / d).mkdir(parents=True)
-    (base / "headonly" / "data" / "mnist").symlink_to(REPO.parent / "shared" / "data" / "mnist")
-    default_address_file = Path("/tmp/ray/ray_current_cluster")
-    address_before = default_address_file.read_text() if default_address_file.exists() else None
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
-           "TQDM_DISABLE": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
-    gcs_port, dash_port, ml_port = free_port(), free_port(), free_port()
-    gcs = f"{HEAD_IP}:{gcs_port}"
-    started: dict[int, psutil.Process] = {}
-    mlflow_log = base / "job" / "mlflow.log"
-    mlflow = subprocess.Popen(
-        ["bash", str(CLUSTER / "mlflow_server.sh"), "--store", str(base / "mlflow"), "--port", str(ml_port)],
-        env={**env, "MLFLOW_BIN": str(BIN / "mlflow")}, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    started[mlflow.pid] = psutil.Process(mlflow.pid)
-    common = [f"--num-cpus={NODE_CPUS}", "--disable-usage-stats"]
-    head = [str(BIN / "ray"), "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--temp-dir={base / 'h'}", *common]
-    ray_start = " ".join([str(BIN / "ray"), "start", f"--address={gcs}", f"--node-ip-address={WORKER_IP}",
-                          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={base / 'w'}", "--block",
-                          f"--resources='{json.dumps({WORKER_SLOT: 2})}'", *common])
-    # the worker's own disk: a tmpfs over the whole test directory, with only `shared` bound back in
-    script = (f"set -e; mount --bind {base / 'shared'} {stage}; mount -t tmpfs tmpfs {base}; "
-              f"mkdir -p {base / 'shared'} {base / 'w'}; mount --bind {stage} {base / 'shared'}; "
-              f"mkdir -p /tmp/ray; mount -t tmpfs tmpfs /tmp/ray; exec {ray_start}")
-    worker_cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script]
-    needles = [str(base), f"--address={gcs}"]
-    mn = MultiNode(base, base / "shared", gcs, f"http://127.0.0.1:{dash_port}", f"http://127.0.0.1:{ml_port}", env,
-                   worker_cmd, started=started)
-    try:
-        r = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
-        started.update(processes_matching(needles))
-        assert r.returncode == 0, f"head failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        wait_http(f"{mn.dashboard}/api/version", 90)
-        mn.start_worker()
-        wait_http(f"{mn.tracking_uri}/health", 90, mlflow, mlflow_log)
-        started.update(processes_matching(needles))
-        yield mn
-    finally:
-        if mn.worker is not None and mn.worker.poll() is None:
-            mn.kill_worker()
-        started.update(processes_matching(needles))
-        survivors = stop(started)
-        mlflow.wait(timeout=5)
-        if default_address_file.exists() and gcs in default_address_file.read_text():
-            if address_before is None:
-                default_address_file.unlink()
-            else:
-                default_address_file.write_text(address_before)
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(stage, ignore_errors=True)
-        assert not survivors, f"processes this test started are still alive: {survivors}"
+def multinode() -> Iterator[LoopbackCluster]:
+    with loopback_cluster(node_cpus=NODE_CPUS, worker_slots=2, prefix="etbm-") as cl:
+        yield cl
 
 
 # --- submitting ---------------------------------------------------------------------------------------------------
