@@ -95,11 +95,14 @@ def has_started(cfg: RunConfig, out: Path, storage_path: str | None = None) -> b
     """True when ``out`` already holds (part of) this config's run: a Ray Train run folder or a local checkpoint.
 
     A retried or resumed trial must then continue that run (``resume=True``) instead of refusing to overwrite it.
-    ``storage_path`` is the run's Ray storage when it is not ``out/ray`` (a URI storage).
+    ``storage_path`` is the run's Ray storage when it is not ``out/ray`` (a URI storage). A local checkpoint that
+    an older etbench's save left only as ``latest.old`` (a crash between its renames) is put back first, so the
+    trial resumes from it instead of from zero (:func:`etbench.engine.backend.recover_checkpoint`).
     """
+    from etbench.engine.backend import recover_checkpoint
     from etbench.storage import exists
 
-    return exists(_ray_run_dir(cfg, Path(out), storage_path)) or checkpoint_dir(Path(out)).exists()
+    return exists(_ray_run_dir(cfg, Path(out), storage_path)) or recover_checkpoint(checkpoint_dir(Path(out)))
 
 
 def _ray_run_dir(cfg: RunConfig, out: Path, storage_path: str | None = None) -> str:
