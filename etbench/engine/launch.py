@@ -1,9 +1,11 @@
 """Run one resolved config: in-process for a plain one-worker run, otherwise as a Ray Train job of DeepSpeed ranks.
 
 The distributed path is the Ray Train V2 pattern: ``ray.train.torch.TorchTrainer(train_worker, ScalingConfig,
-RunConfig(storage_path=<out>/ray, name=etbench-<hash>, FailureConfig(max_failures)))``. A worker failure restarts
-the worker group, which resumes from the latest reported checkpoint; ``resume=True`` on a later call does the same
-for a run that stopped (Ray restores a run whose storage folder and name already exist). With no ``address`` a
+RunConfig(storage_path=<out>/ray, name=etbench-<hash>, FailureConfig(max_failures, controller_failure_limit)))``.
+A worker failure restarts the worker group, which resumes from the latest reported checkpoint; a worker group that
+cannot get its resources within the start timeout is retried a bounded number of times and then fails with the
+numbers (:func:`start_limits`). ``resume=True`` on a later call resumes a run that stopped from its latest checkpoint
+too (Ray restores a run whose storage folder and name already exist). With no ``address`` a
 loopback-only local Ray is started and shut down again; with one, or when Ray is already initialised (a Ray Tune
 trial), that cluster is used and left running.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,78 @@ from etbench.engine.retention import ray_checkpoint_config
 from etbench.engine.run import RunExistsError, write_config
 from etbench.engine.tracked import TrackingSpec, error_reason, start_tracking
 from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
+from etbench.errors import EtbenchError
 from etbench.tracking.identity import IDENTITY_FILE, heartbeat
 
 LOCAL_NODE_IP = "127.0.0.2"  # a loopback address Ray keeps as given (127.0.0.1 is mapped to the external interface)
 TRACKING_FILE = IDENTITY_FILE  # where a trial keeps its MLflow run id (etbench.tracking.identity)
 
 
+ENV_START_TIMEOUT = "ETBENCH_TRAIN_START_TIMEOUT_S"  # how long a worker group may wait for its resources
+ENV_START_RETRIES = "ETBENCH_TRAIN_START_RETRIES"  # how many more times Ray Train may try to start it
+DEFAULT_START_TIMEOUT_S = 900.0  # a cold GPU node boots, pulls the image and joins in ~5-10 min (cluster/README.md)
+DEFAULT_START_RETRIES = 1
+RAY_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train V2's controller (WorkerGroup)
+
+
+class WorkerGroupNeverStartedError(EtbenchError, RuntimeError):
+    """The trial's workers never got their resources within the start timeout, every try: it cannot be placed."""
+
+
 def run_name(cfg: RunConfig) -> str:
     return f"etbench-{cfg.hash()[:16]}"
+
+
+def start_limits() -> tuple[float, int]:
+    """(seconds one worker-group start may wait for resources, retries after a start that timed out or failed):
+    ``$ETBENCH_TRAIN_START_TIMEOUT_S`` (else Ray's own ``$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, else 900) and
+    ``$ETBENCH_TRAIN_START_RETRIES`` (else 1). Ray Train's defaults are 60 s and unlimited retries: a trial the
+    cluster can never place held its Tune slot forever (cluster-2 review, finding 5)."""
+    raw_t = os.environ.get(ENV_START_TIMEOUT) or os.environ.get(RAY_START_TIMEOUT) or str(DEFAULT_START_TIMEOUT_S)
+    raw_r = os.environ.get(ENV_START_RETRIES) or str(DEFAULT_START_RETRIES)
+    try:
+        timeout, retries = float(raw_t), int(raw_r)
+    except ValueError:
+        timeout, retries = -1.0, -1
+    if not (timeout > 0 and retries >= 0):
+        raise ConfigError(f"${ENV_START_TIMEOUT}={raw_t!r} / ${ENV_START_RETRIES}={raw_r!r}: need seconds > 0 and "
+                          f"retries >= 0")
+    return timeout, retries
+
+
+@contextmanager
+def _ray_start_timeout(seconds: float) -> Iterator[None]:
+    """Ray's start-timeout variable set in this process while a TorchTrainer runs. Ray Train V2 starts its
+    controller actor in ``fit()`` with this process's value of the variable (``get_env_vars_to_propagate`` →
+    the actor's runtime env), and the controller's ``WorkerGroup`` reads it there."""
+    before = os.environ.get(RAY_START_TIMEOUT)
+    os.environ[RAY_START_TIMEOUT] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RAY_START_TIMEOUT, None)
+        else:
+            os.environ[RAY_START_TIMEOUT] = before
+
+
+def _fit_bounded(trainer: Any, cfg: RunConfig, per_worker: dict[str, float], timeout: float, retries: int) -> Any:
+    """``trainer.fit()`` under the start timeout; a worker group that never started becomes an error with the
+    numbers (Ray's own message names neither the resources nor the tries)."""
+    import ray.train
+
+    try:
+        with _ray_start_timeout(timeout):
+            return trainer.fit()
+    except ray.train.ControllerError as exc:
+        if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        shown = "{" + ", ".join(f"{k}: {v:g}" for k, v in per_worker.items()) + "}"
+        raise WorkerGroupNeverStartedError(
+            f"run {run_name(cfg)}: Ray Train could not start {cfg.dist.workers} workers × {shown} within "
+            f"{timeout:g} s, {retries + 1} time(s) (${ENV_START_TIMEOUT}, ${ENV_START_RETRIES}): the cluster "
+            f"never had room for them. Lower dist.workers / dist.cpus_per_worker, add a node type that fits, or "
+            f"raise ${ENV_START_TIMEOUT} where nodes take longer to boot") from exc
 
 
 def check_local_resources(cfg: RunConfig) -> None:
@@ -179,6 +247,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
 
         return run_tracked(cfg, out, tracking, resume=resume, progress=progress, retention=retention)
     _check_out(cfg, out, resume, storage_path)
+    start_timeout, start_retries = start_limits()
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -194,22 +263,22 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
         write_config(cfg, out)
         spec = _tracking(tracking, cfg, out)
         gpu = cfg.dist.use_gpu
+        per_worker = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {}), **(extra_resources or {})}
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "tracking": spec,
                                "fault": fault, "progress": progress, "epoch_reports": tune_report is not None},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.dist.workers, use_gpu=gpu,
-                resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if gpu else {}),
-                                      **(extra_resources or {})}),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.dist.workers, use_gpu=gpu,
+                                                   resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(
                 name=run_name(cfg), storage_path=storage_path or str(out / "ray"),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures,
+                                                       controller_failure_limit=start_retries),
                 checkpoint_config=ray_checkpoint_config(retention or CheckpointRetention()),
                 worker_runtime_env={"env_vars": _worker_env(cfg)}, callbacks=_tune_callbacks(cfg, tune_report)),
         )
         try:
-            result = trainer.fit()
+            result = _fit_bounded(trainer, cfg, per_worker, start_timeout, start_retries)
         except BaseException as exc:
             if spec is not None and spec.run_id:
                 heartbeat(out)
