@@ -1,4 +1,7 @@
-"""Stable identity of a resolved config: the same config gives the same hash on every machine."""
+"""Stable identity of a resolved config: the same config gives the same hash on every machine.
+
+:func:`config_hash` hashes whatever it is given. A run's identity is ``RunConfig.hash`` (etbench.config), which
+hands it the dump with the execution settings (``etbench.config.EXECUTION_FIELDS``) at their defaults."""
 
 from __future__ import annotations
 

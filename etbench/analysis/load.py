@@ -8,6 +8,10 @@ The search pages through ``MlflowClient.search_runs`` page tokens, so any store 
 (sqlite, postgresql, mysql, mssql URIs) is read with four queries on MLflow's tables instead (runs, tags, params,
 latest_metrics: what ``search_runs`` itself reads), which skips building an MLflow ``Run`` object per run — the
 same frame (tested) in a fraction of the time at thousands of runs.
+
+One FINISHED run per replicate (grid cell, seed, split) is analysed, the newest; older runs of the same science
+config (one that differed only in an execution setting, say) are listed among the exclusions
+(:func:`drop_duplicates`), and runs of one replicate with different configs stop the analysis with their names.
 """
 
 from __future__ import annotations
@@ -293,10 +297,99 @@ def frame_from_wide(frame: pd.DataFrame, *, include_failed: bool = False) -> tup
     axes = sorted(c for c in frame.columns if c.startswith(AXIS_PREFIX))
     for col in axes:
         frame[col] = parse_values(frame[col])
+    frame, duplicates = drop_duplicates(frame, axes)
+    if len(duplicates):
+        excluded = pd.concat([excluded, duplicates], ignore_index=True)
     axes = [a for a in axes if not _redundant(frame, a)]
     order = ["dataset", "protocol", "model", *axes, "split", "seed"]
     frame = frame.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
     return frame, excluded, axes
+
+
+DUPLICATE_REASON = ("duplicate: a newer FINISHED run of the same cell, seed and split is analysed (kept_run_id); "
+                    "they differ at most in execution settings")
+#: Logged params that tell a graph classification run's outer fold (its ``split`` tag is -1): part of the replicate.
+REPLICATE_PARAMS = ("params.task.fold", "params.task.repeat")
+
+
+def replicate_key(frame: pd.DataFrame, axes: list[str]) -> list[str]:
+    """The columns naming one replicate of one grid cell: grid, task, dataset, protocol, model, stage, every axis,
+    split, seed (and a graph classification run's fold and repeat)."""
+    cols = ["grid", "task", "dataset", "protocol", "model", "stage", *axes, "split", "seed"]
+    return [c for c in cols if c in frame.columns] + [c for c in REPLICATE_PARAMS if c in frame.columns]
+
+
+def _science_columns(frame: pd.DataFrame) -> list[str]:
+    from etbench.config import EXECUTION_FIELDS
+
+    execution = {f"params.{k}" for k in EXECUTION_FIELDS}
+    return [c for c in frame.columns if c.startswith("params.") and c not in execution]
+
+
+def _same_science(a: pd.Series, b: pd.Series, science: list[str]) -> bool:
+    """Two runs ran the same science: one config hash, or the same logged params but the execution settings."""
+    if a["config_hash"] == b["config_hash"] and pd.notna(a["config_hash"]):
+        return True
+    va, vb = a[science], b[science]
+    if va.isna().all() or vb.isna().all():  # no params logged: nothing shows they are the same
+        return False
+    return bool(((va == vb) | (va.isna() & vb.isna())).all())
+
+
+def drop_duplicates(frame: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep one FINISHED run per replicate (:func:`replicate_key`) — the newest — and return the others as
+    exclusions (run_id, status, reason, kept_run_id).
+
+    Duplicates are runs of one science config: the same config hash, or the same logged params except the
+    execution settings (``etbench.config.EXECUTION_FIELDS``; such runs have two hashes when one was logged before
+    those settings left the hash, or a setting changed mid-grid). Runs of one replicate whose science differs —
+    an experiment holding two versions of a grid whose base changed without an axis, or runs from outside the
+    grid — are no replicates of one another and no seeds either: :class:`AnalysisError` names them and the fields
+    that differ. A search's tuning runs (stage ``tune``: one replicate, many searched configurations) are left
+    as they are; the report compares final runs only."""
+    finished = frame["status"] == "FINISHED"
+    if "stage" in frame.columns:
+        finished &= frame["stage"] != "tune"
+    key = replicate_key(frame, axes)
+    candidates = frame[finished]
+    repeated = candidates[candidates.duplicated(key, keep=False)]
+    empty = pd.DataFrame(columns=["run_id", "status", "reason", "kept_run_id"])
+    if repeated.empty:
+        return frame, empty
+    science = _science_columns(frame)
+    dropped: list[dict[str, object]] = []
+    conflicts: list[str] = []
+    for _, group in repeated.groupby(key, dropna=False, sort=False):
+        group = group.sort_values(["start_time", "run_id"], ascending=False, na_position="last")
+        newest = group.iloc[0]
+        differ = [r for _, r in group.iterrows() if not _same_science(newest, r, science)]
+        if differ:
+            conflicts.append(_conflict(group, science, key))
+            continue
+        dropped += [{"run_id": r["run_id"], "status": r["status"], "reason": DUPLICATE_REASON,
+                     "kept_run_id": newest["run_id"]} for _, r in group.iloc[1:].iterrows()]
+    if conflicts:
+        from etbench.analysis import AnalysisError
+
+        shown = "\n".join(f"  - {c}" for c in conflicts[:5])
+        more = f"\n  … and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        raise AnalysisError(
+            f"{len(conflicts)} replicate(s) (grid cell, seed, split) hold FINISHED runs of different configs, which "
+            f"the report would count as extra seeds:\n{shown}{more}\nThe experiment mixes versions of a grid (a "
+            f"base value changed without an axis) or runs from outside it. Keep one version: delete the other runs "
+            f"in MLflow, tag them etbench.superseded=true, or run each version into its own experiment "
+            f"(docs/run_identity.md)")
+    out = frame[~frame["run_id"].isin([d["run_id"] for d in dropped])].reset_index(drop=True)
+    return out, pd.DataFrame(dropped, columns=empty.columns)
+
+
+def _conflict(group: pd.DataFrame, science: list[str], key: list[str]) -> str:
+    """One line: the replicate, its runs (id: hash) and the science params in which they differ."""
+    where = ", ".join(f"{k.removeprefix(AXIS_PREFIX).removeprefix('params.')}={group[k].iloc[0]}" for k in key
+                      if pd.notna(group[k].iloc[0]))
+    fields = [c.removeprefix("params.") for c in science if group[c].astype(str).nunique(dropna=False) > 1]
+    runs = ", ".join(f"{r}: {h}" for r, h in zip(group["run_id"], group["config_hash"], strict=True))
+    return f"{where}: runs {runs}; differing params: {', '.join(fields[:8]) or 'none logged'}"
 
 
 def _redundant(frame: pd.DataFrame, axis: str) -> bool:

@@ -1,7 +1,8 @@
 """The ``etbench`` command line: a table of subcommands, each one argument builder and one function.
 
 :data:`COMMANDS` is the whole command tree in the order ``etbench --help`` lists it; the builders and handlers live
-in this package's small modules (``train``, ``graphcls``, ``sweep``, ``bench``, ``dynamics``, ``inpaint``), which
+in this package's small modules (``train``, ``graphcls``, ``sweep``, ``bench``, ``dynamics``, ``inpaint``,
+``tracking``), which
 import the work itself (torch, Ray, MLflow) only when a handler runs, so ``etbench --help`` stays quick.
 :func:`main` is the one error boundary: a user-caused error prints one ``error: …`` line and exits 2.
 """
@@ -16,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from etbench.cli import bench, dynamics, graphcls, inpaint, sweep, train
+from etbench.cli import bench, dynamics, graphcls, inpaint, sweep, tracking, train
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -74,6 +75,11 @@ COMMANDS: tuple[Command | Group, ...] = (
             inpaint.inpaint),
     Command("dynamics", "re-evaluate a finished ET / vit-tied run at other test-time steps T' and step sizes "
                         "α' = scale·α; writes dynamics.csv and a figure", dynamics.arguments, dynamics.dynamics),
+    Group("tracking", "maintenance of an MLflow store", "tracking", (
+        Command("rehash", "re-tag runs hashed with their execution settings (retries, CPUs per worker, checkpoint "
+                          "cadence) with the science config hash; old hash kept", tracking.rehash_arguments,
+                tracking.rehash),
+    )),
 )
 
 
