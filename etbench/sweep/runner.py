@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from etbench.logs import route_library_logs
-from etbench.storage import Storage, StorageError
+from etbench.storage import Storage
 from etbench.sweep import grid_parent
 from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
+from etbench.sweep.prologue import SweepContext, default_uri, open_sweep
 from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import (
     SweepError,
@@ -121,38 +121,19 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
     settings are checked against the number of alive nodes, every trial is admitted against what the cluster can
     hold once scaled, and a pre-flight task on every node checks the storage and the data — all before any trial.
     """
-    import ray
-
-    from etbench import storage as stg
-    from etbench.admission import admit
-
     t0 = time.perf_counter()
     spec, trials = plan(grid_path)
     if spec.tuning is not None:  # a search stage per model, then the final stage (etbench.sweep.tune_stage)
         return run_tuned(spec, storage=storage if storage is not None else results_dir, address=address,
                          tracking_uri=tracking_uri, resume=resume, force=force, progress=progress,
-                         grid_file=grid_path)
-    flag = "--results" if storage is None and results_dir is not None else "--storage"
-    st = stg.resolve_storage(storage if storage is not None else results_dir, spec.storage, cli_flag=flag)
-    log = route_library_logs(local_root(st) / spec.name)  # Tune/Ray/MLflow chatter → a kept file (etbench.logs)
-    if progress:
-        print(f"grid {spec.name}: library logs (Ray Tune, MLflow) → {log}")
-    uri = tracking_uri or spec.tracking.uri
-    on_cluster = bool(address) or stg.job_working_dir() is not None or ray.is_initialized()
-    if not on_cluster:
-        stg.check_address(address)
-    started = init_ray(address, any(t.config.dist.use_gpu for t in trials)) if on_cluster else False
-    marker: tuple[str, str] | None = None
-    try:
-        if on_cluster:
-            stg.check_cluster_storage(st, uri, stg.cluster_size(), storage_flag=flag)
-        uri = uri or _default_uri(st, flag)
+                         grid_file=grid_path, flag=_flag(storage, results_dir))
+    with open_sweep(spec, storage=storage if storage is not None else results_dir, address=address,
+                    tracking_uri=tracking_uri, use_gpu=any(t.config.dist.use_gpu for t in trials),
+                    flag=_flag(storage, results_dir), progress=progress) as sweep:
+        st, uri = sweep.storage, sweep.uri
         res = _plan_trials(spec, trials, st, uri, resume, force, only, progress)
-        if res.todo and on_cluster:  # (a local Ray is admitted against once _run_with_tune has started it)
-            admit([t.config for t, _ in res.todo], custom=spec.resources.custom, gpus=spec.resources.gpu_share)
-            marker = stg.preflight(st, [t.config for t, _ in res.todo])
-            if progress:
-                print(f"pre-flight: {stg.cluster_size()} node(s) see storage {st.root} and the data")
+        # (a local Ray is admitted against once _run_with_tune has started it)
+        sweep.admit([t.config for t, _ in res.todo], progress)
         hashes = {t.config_hash for t in trials}  # a refused grid (above) opens no parent run: nothing is created
         parent = grid_parent.open_parent(
             uri=uri, experiment=res.experiment, grid=spec.name, grid_file=grid_path, root=st.root,
@@ -161,14 +142,9 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
         grid_parent.adopt_orphans(uri, res.experiment, parent, hashes)
         with grid_parent.closing(uri, parent, res, hashes, spec.name):
             if res.todo:
-                payloads = [_trial_payload(t, spec, uri, res.experiment, st, resume, rid, marker, parent)
+                payloads = [_trial_payload(t, spec, uri, res.experiment, st, resume, rid, sweep.marker, parent)
                             for t, rid in res.todo]
-                _run_with_tune(spec, payloads, st, address, res, progress)
-    finally:
-        if marker is not None:
-            stg.remove(marker[0])
-        if started:
-            ray.shutdown()
+                _run_with_tune(spec, payloads, st, address, res, progress, sweep)
     res.wall_s = time.perf_counter() - t0
     if progress:
         print(f"grid {spec.name}: {len(res.finished)} finished, {len(res.failed)} failed, {len(res.skipped)} skipped "
@@ -179,14 +155,13 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
     return res
 
 
-def _default_uri(st: Storage, flag: str) -> str:
-    from etbench.tracking.mlflow_log import default_tracking_uri
+def _flag(storage: str | None, results_dir: str | Path | None) -> str:
+    """The CLI flag the storage came from, for messages (``--results`` is the older name of ``--storage``)."""
+    return "--results" if storage is None and results_dir is not None else "--storage"
 
-    if st.is_uri:
-        raise StorageError(f"{flag} {st.root} is a URI: give --tracking-uri (an MLflow server, e.g. "
-                           f"http://HEAD:5000 started with cluster/mlflow_server.sh); the default SQLite store needs "
-                           f"a local directory")
-    return default_tracking_uri(st.local)
+
+def _default_uri(st: Storage, flag: str) -> str:
+    return default_uri(st, flag)  # (etbench.sweep.prologue; kept under its older address)
 
 
 def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, resume: bool, force: bool,
@@ -249,7 +224,7 @@ def _estimates(res: SweepResult) -> dict[str, float]:
 
 
 def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, address: str | None,
-                   res: SweepResult, progress: bool) -> None:
+                   res: SweepResult, progress: bool, sweep: SweepContext | None = None) -> None:
     import ray
     from ray import tune
 
@@ -258,12 +233,12 @@ def _run_with_tune(spec: GridSpec, payloads: list[dict[str, Any]], st: Storage, 
     use_gpu = any(p["config"].get("dist", {}).get("use_gpu") for p in payloads)
     started = init_ray(address, use_gpu)
     try:
-        if started:
-            from etbench.admission import admit
+        if started:  # the local Ray this call started: admitted against now (a cluster was, in the prologue)
             from etbench.config import RunConfig
 
-            admit([RunConfig.model_validate(p["config"]) for p in payloads], custom=spec.resources.custom,
-                  gpus=spec.resources.gpu_share)
+            (sweep or SweepContext(st, "", False, custom=dict(spec.resources.custom),
+                                   gpu_share=spec.resources.gpu_share)).admit_local(
+                [RunConfig.model_validate(p["config"]) for p in payloads])
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, trial_resources),
             param_space={"trial": tune.grid_search(payloads)},

@@ -9,6 +9,10 @@ epoch; ASHA stops poor ones early. A stopped run is closed here from the epochs 
 Stage 2: each group's FINISHED tuning run with the best validation metric (read back from MLflow) is re-run over
 the grid's seeds (× splits) with tags ``etbench.stage = final`` and ``etbench.tuned_from = <tuning run id>``.
 
+Before anything runs, a tuned grid passes the prologue every grid passes (:mod:`etbench.sweep.prologue`): on a
+cluster its storage and tracking store are checked, every search and final configuration is admitted once in the
+driver, and every node is pre-flighted; each trial checks the sweep's marker where it lands.
+
 Resume: every search keeps Tune's experiment state (trials + searcher state, saved every second) under
 ``<storage>/<grid>/tune/<group>/``; ``--resume`` restores it with ``Tuner.restore``, so the search continues where
 it stopped; a configuration whose config hash already has a FINISHED run is reported from MLflow, never trained
@@ -27,10 +31,11 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from etbench.logs import route_library_logs
 from etbench.sweep import grid_parent
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
+from etbench.sweep.prologue import SweepContext, open_sweep
+from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import SweepError, SweepResult, init_ray, plan_hash, record_results, run_trial
 from etbench.tracking import schema as S
 from etbench.tracking.lookup import run_refs
@@ -48,15 +53,6 @@ class TunedResult(SweepResult):
     # (None: the scheduler stopped it, but only after its last epoch — a full run, not tagged stopped_early)
 
 
-def storage_root(storage: str | Path | None, spec: GridSpec) -> Path:
-    """``storage`` (CLI) > the grid's ``storage:`` > ``$ETBENCH_STORAGE`` > ./results; a local directory."""
-    root = str(storage or getattr(spec, "storage", None) or os.environ.get("ETBENCH_STORAGE") or "results")
-    if "://" in root:
-        raise SweepError(f"storage {root}: a tuned grid needs a local or shared POSIX directory (Tune's search "
-                         f"state and the early-stopped runs' metrics are read back from it)")
-    return Path(root).resolve()
-
-
 # --- inside the Tune trial actor --------------------------------------------------------------------------------
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
@@ -65,11 +61,15 @@ def _client(uri: str) -> Any:
 
 
 def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any], tags: dict[str, str],
-             run_id: str | None) -> dict[str, Any]:
+             run_id: str | None, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One tuned trial's payload. ``sweep``: the prologue's fields of *this* sweep (marker, admitted, custom
+    resources, GPU share: :meth:`etbench.sweep.prologue.SweepContext.trial_fields`) — never taken from ``ctx``,
+    which a restored search brings back from the sweep that started it."""
+    fields = {"marker": None, "custom": {}, **(sweep or {})}
     return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
             "out": str(Path(ctx["trials"]) / cfg.hash()), "uri": ctx["uri"], "experiment": ctx["experiment"],
             "grid": ctx["grid"], "resume": True, "run_id": run_id, "artifact_root": ctx["artifact_root"],
-            "ray_storage": None, "marker": None, "custom": {}, "tags": tags, "parent_run_id": _parent(ctx),
+            "ray_storage": None, **fields, "tags": tags, "parent_run_id": _parent(ctx),
             "checkpoints": ctx.get("checkpoints") or {}}  # absent in a search stored before retention existed
 
 
@@ -116,8 +116,9 @@ def tune_tags(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def search_trial(config: dict[str, Any]) -> None:
-    """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune."""
+def search_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> None:
+    """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune.
+    ``sweep``: this sweep's prologue fields, passed with ``tune.with_parameters`` (fresh on a restored search)."""
     from ray import tune
 
     from etbench.engine.loop import StopRequested
@@ -145,7 +146,7 @@ def search_trial(config: dict[str, Any]) -> None:
     tags = tune_tags(ctx, params)
     short = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
     payload = _payload(ctx, cfg, f"tune {ctx['gid']} {short}", ctx["axes"], tags,
-                       _attach_or_close(ctx, h))
+                       _attach_or_close(ctx, h), sweep)
     outcome = run_trial(payload, on_epoch=report,
                         tune_report={"metric": ctx["metric"], "key": key, "config_hash": h})
     final: dict[str, Any] = {"status": outcome["status"], "epoch": last, "config_hash": h}
@@ -172,10 +173,13 @@ def _fmt(v: Any) -> str:
 
 # --- on the driver ----------------------------------------------------------------------------------------------
 def _resources(spec: GridSpec) -> dict[str, float]:
+    """A tuned trial's bundle, by the plain grid's rule (:func:`etbench.sweep.resources.trial_bundle`): an
+    in-actor run reserves its worker's CPUs, GPU share and custom resources; a trial that drives a TorchTrainer
+    asks for a sliver of CPU (its workers reserve their own, the custom resources included)."""
     r = spec.resources
-    if r.workers == 1:
-        return {"CPU": r.cpus_per_worker, **({"GPU": r.gpu_share} if r.use_gpu else {})}
-    return {"CPU": 0.1}  # the trial only drives a TorchTrainer whose workers reserve their own resources
+    dist = {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
+            "deepspeed": bool((spec.base.get("dist") or {}).get("deepspeed"))}
+    return trial_bundle(dist, r.gpu_share, dict(r.custom))
 
 
 def _in_actor(spec: GridSpec) -> bool:
@@ -235,40 +239,89 @@ class _SearchProgress:
 
 
 def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int) -> int | None:
-    """Close the run of a trial the scheduler stopped, from the epochs it recorded (its metrics.json): any recorded
-    epoch MLflow lacks, best/* at the best validation epoch, status FINISHED, and tag etbench.stopped_early only when
-    fewer than ``budget_epochs`` epochs were recorded (:func:`etbench.sweep.tuning.stopped_at`; a stop that arrived
-    after the last epoch leaves a full run). Idempotent: only a RUNNING run is touched. Returns the epochs recorded
-    when cut short, else None."""
+    """Close the RUNNING run of a trial the scheduler stopped, from the epochs it recorded: MLflow's per-epoch
+    history of the run (logged during the trial, readable wherever the driver runs), plus any epoch of the trial
+    folder's metrics.json that MLflow lacks (a stop between writing metrics.json and logging; read only when the
+    folder is visible here). best/* at the best validation epoch, status FINISHED, tag etbench.stopped_early only
+    when fewer than ``budget_epochs`` epochs were recorded (:func:`etbench.sweep.tuning.stopped_at`). A run with no
+    recorded epoch anywhere is closed KILLED with the reason — never left RUNNING. Idempotent: only a RUNNING run
+    is touched. Returns the epochs recorded when cut short, else None."""
     from mlflow.entities import Metric
 
-    path = Path(ctx["trials"]) / config_hash / "metrics.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    cut = T.stopped_at(rows, budget_epochs)
-    running = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash, status="RUNNING")
-    if not running or not rows:
-        return cut
-    metric, sign = ctx["metric"], 1.0 if ctx["mode"] == "min" else -1.0
-    scored = [(i, r) for i, r in enumerate(rows) if isinstance(r.get(metric), int | float)
-              and math.isfinite(r[metric])]
+    refs = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash)
+    running = [r for r in refs if r.status == "RUNNING"]
     client = _client(ctx["uri"])
+    file_rows = _folder_rows(Path(ctx["trials"]) / config_hash)
+    if not running:  # closed before (idempotent): what the newest run of the hash recorded
+        return T.stopped_at(_epoch_rows(client, refs[0].run_id, file_rows)[0] if refs else file_rows, budget_epochs)
+    metric, sign = ctx["metric"], 1.0 if ctx["mode"] == "min" else -1.0
+    cut: int | None = None
     ts = int(time.time() * 1000)
-    for run in running:
-        # epochs the trial recorded but never reached MLflow (stopped between writing metrics.json and logging)
-        logged = {m.step for m in client.get_metric_history(run.info.run_id, metric)}
-        missing = [Metric(k, float(v), ts, i + 1) for i, row in enumerate(rows) if i + 1 not in logged
-                   for k, v in row.items() if k != "epoch" and isinstance(v, int | float) and math.isfinite(v)]
-        for j in range(0, len(missing), 1000):
-            client.log_batch(run.info.run_id, metrics=missing[j : j + 1000])
+    for n, run in enumerate(running):
+        rows, missing = _epoch_rows(client, run.run_id, file_rows)
+        cut = T.stopped_at(rows, budget_epochs) if n == 0 else cut
+        if not rows:
+            why = ("stopped by the scheduler before any epoch reached MLflow, and the trial folder "
+                   f"{Path(ctx['trials']) / config_hash} holds no metrics.json readable here")
+            client.set_tag(run.run_id, S.TAG_CLOSED_REASON, why)
+            client.set_tag(run.run_id, S.TAG_ERROR, why)
+            client.set_terminated(run.run_id, status="KILLED")
+            continue
+        points = [Metric(k, float(v), ts, step) for step, row in missing for k, v in row.items()
+                  if k != "epoch" and isinstance(v, int | float) and math.isfinite(v)]
+        for j in range(0, len(points), 1000):
+            client.log_batch(run.run_id, metrics=points[j : j + 1000])
+        scored = [(i, r) for i, r in enumerate(rows) if isinstance(r.get(metric), int | float)
+                  and math.isfinite(r[metric])]
         if scored:
             i, best = min(scored, key=lambda ir: (sign * ir[1][metric], ir[0]))
             pts = [Metric(f"best/{k}", float(v), ts, 0) for k, v in best.items()
                    if "/" in k and isinstance(v, int | float) and math.isfinite(v)]
-            client.log_batch(run.info.run_id, metrics=[*pts, Metric("best/epoch", float(i + 1), ts, 0)])
-        if cut is not None:
-            client.set_tag(run.info.run_id, S.TAG_STOPPED_EARLY, f"asha at epoch {cut}")
-        client.set_terminated(run.info.run_id, status="FINISHED")
+            client.log_batch(run.run_id, metrics=[*pts, Metric("best/epoch", float(i + 1), ts, 0)])
+        stop = T.stopped_at(rows, budget_epochs)
+        if stop is not None:
+            client.set_tag(run.run_id, S.TAG_STOPPED_EARLY, f"asha at epoch {stop}")
+        client.set_terminated(run.run_id, status="FINISHED")
     return cut
+
+
+_NOT_PER_EPOCH = ("best/", "cost/", "energy/")  # summary metrics (step 0, or descent steps), never an epoch
+
+
+def _folder_rows(folder: Path) -> list[dict[str, Any]]:
+    """The trial folder's metrics.json rows, or none when the folder is not readable here (another node's disk)."""
+    try:
+        rows = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _epoch_rows(client: Any, run_id: str, file_rows: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
+    """One row per recorded epoch (epoch ``i`` at index ``i - 1``): MLflow's history of the run (an epoch is a
+    step of ``train/loss``, logged at every epoch of every task), each filled in with metrics.json's values MLflow
+    lacks; epochs only metrics.json holds are appended. Also returns those file-only (step, row) pairs, for MLflow."""
+    from etbench.tracking.mlflow_log import EPOCH_KEY
+
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(_NOT_PER_EPOCH)]
+    history = {k: [m for m in client.get_metric_history(run_id, k) if m.step >= 1] for k in keys}
+    steps = {m.step for m in history.get(EPOCH_KEY, [])} or {m.step for ms in history.values() for m in ms}
+    by_step: dict[int, dict[str, Any]] = {s: {} for s in steps}
+    for k, ms in history.items():
+        for m in sorted(ms, key=lambda m: m.timestamp):  # a step logged twice: the later value
+            if m.step in by_step:
+                by_step[m.step][k] = m.value
+    missing = []
+    for i, row in enumerate(file_rows):
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        if i + 1 in by_step:
+            by_step[i + 1] = {**values, **by_step[i + 1]}
+        else:
+            by_step[i + 1] = values
+            missing.append((i + 1, values))
+    top = max(by_step, default=0)
+    return [{"epoch": float(s), **by_step.get(s, {})} for s in range(1, top + 1)], missing
 
 
 def _close_orphans(ctx: dict[str, Any], seen: set[str]) -> None:
@@ -286,8 +339,10 @@ def _close_orphans(ctx: dict[str, Any], seen: set[str]) -> None:
 
 
 def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res: TunedResult,
-               progress: bool) -> None:
-    """Stage 1 for one group: a new or restored Tune search of ``g.budget.configurations`` configurations."""
+               progress: bool, sweep: dict[str, Any] | None = None) -> None:
+    """Stage 1 for one group: a new or restored Tune search of ``g.budget.configurations`` configurations.
+    ``sweep``: this sweep's prologue fields for every trial payload, handed to the trials with
+    ``tune.with_parameters`` so that a restored search gets this sweep's marker, not the stored one."""
     from ray import tune
 
     t = spec.tuning
@@ -298,7 +353,7 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
         res.evaluated[g.gid] = json.loads((path / SEARCH_DONE).read_text())["evaluated"]
         return
     conc = t.max_concurrent_trials or spec.max_concurrent_trials
-    trainable = tune.with_resources(search_trial, _resources(spec))
+    trainable = tune.with_resources(tune.with_parameters(search_trial, sweep=sweep or {}), _resources(spec))
     if tune.Tuner.can_restore(str(path)):
         if progress:
             print(f"search {g.gid}: restoring Tune's search state from {path}")
@@ -313,6 +368,8 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
                                         reuse_actors=_in_actor(spec)),  # a stopped trial's thread ends at the reset
             run_config=tune.RunConfig(name=g.gid, storage_path=str(base), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      # the search state Tuner.restore reads lags its trials by at most 10 s
+                                      sync_config=tune.SyncConfig(sync_period=10),
                                       callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
         )
     grid = tuner.fit()
@@ -382,61 +439,86 @@ def tuning_runs(uri: str, experiment: str, gid: str) -> list[Any]:
     return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=10_000))
 
 
-def select(uri: str, experiment: str, g: T.Group) -> dict[str, Any] | None:
-    """The FINISHED tuning run of ``g`` with the best validation metric (from MLflow, never test metrics)."""
+def select(uri: str, experiment: str, g: T.Group, grid: str = "") -> dict[str, Any] | None:
+    """The FINISHED tuning run of ``g`` with the best validation metric (from MLflow, never test metrics).
+
+    Refuses (SweepError) when the group's search evaluated more configurations than its budget — distinct config
+    hashes of its FINISHED or FAILED tuning runs: a restored search whose state lagged behind its trials drew
+    configurations again, or another search wrote into the experiment. Selecting then would give this model more
+    tries than the others."""
+    runs = [r for r in tuning_runs(uri, experiment, g.gid) if r.data.tags.get(S.TAG_SUPERSEDED) != "true"]
+    evaluated = {r.data.tags.get(S.TAG_CONFIG_HASH) or r.info.run_id for r in runs
+                 if r.info.status in ("FINISHED", "FAILED")}
+    if len(evaluated) > g.budget.configurations:
+        raise SweepError(f"{grid or experiment}: tuning group {g.gid} has {len(evaluated)} evaluated configurations "
+                         f"in MLflow (experiment {experiment!r}, store {uri}) but its budget is "
+                         f"{g.budget.configurations}; a restored search drew configurations again, or another "
+                         f"search wrote into this experiment. Selecting among them would give {g.model} more tries "
+                         f"than its budget: start the search over under another tracking.experiment (or storage), "
+                         f"or delete the extra tuning runs")
     rows = [{"run_id": r.info.run_id, "value": r.data.metrics.get(f"best/{g.metric}"), "start": r.info.start_time,
              "params": json.loads(r.data.tags.get(S.TAG_TUNE_PARAMS, "{}"))}
-            for r in tuning_runs(uri, experiment, g.gid) if r.info.status == "FINISHED"]
+            for r in runs if r.info.status == "FINISHED"]
     return T.select_best(rows, g.mode)
 
 
 def run_tuned(spec: GridSpec, *, storage: str | Path | None = None, address: str | None = None,
               tracking_uri: str | None = None, resume: bool = False, force: bool = False,
-              progress: bool = True, grid_file: str | Path | None = None) -> TunedResult:
+              progress: bool = True, grid_file: str | Path | None = None, flag: str = "--storage") -> TunedResult:
     """Both stages of a tuned grid; see the module docstring. Tune's settings for the search (searcher and trial
     state saved every second; no strict metric check, since diverged and stopped trials report no metric) hold for
     this call only: a later sweep in the same process gets Tune's defaults. ``grid_file``: the grid's file, recorded
-in the grid's parent run (:mod:`etbench.sweep.grid_parent`; without it the trials run without a parent)."""
+in the grid's parent run (:mod:`etbench.sweep.grid_parent`; without it the trials run without a parent).
+    ``flag``: the CLI flag that named ``storage``, for messages."""
     env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1"),
            "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     with mock.patch.dict(os.environ, env):
         return _run_tuned(spec, storage=storage, address=address, tracking_uri=tracking_uri, resume=resume,
-                          force=force, progress=progress, grid_file=grid_file)
+                          force=force, progress=progress, grid_file=grid_file, flag=flag)
+
+
+def admission_configs(spec: GridSpec, gs: list[T.Group]) -> list[Any]:
+    """The configurations a tuned grid admits and pre-flights: each group's base tuning config and its final
+    configs (every seed and split), before any searched value is set (a search space varies hyperparameters, not
+    the placement or the data)."""
+    out = []
+    for g in gs:
+        out.append(T.tuning_config(spec, g, {}))
+        out += [cfg for _, _, cfg in T.final_configs(spec, g, {})]
+    return out
 
 
 def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | None, tracking_uri: str | None,
-               resume: bool, force: bool, progress: bool, grid_file: str | Path | None) -> TunedResult:
-    from etbench.tracking.mlflow_log import default_tracking_uri
-
+               resume: bool, force: bool, progress: bool, grid_file: str | Path | None, flag: str) -> TunedResult:
     t0 = time.perf_counter()
     if force:
         raise SweepError(f"{spec.name}: --force is not supported for a tuned grid (it would discard the search); "
                          f"use another tracking.experiment or storage to start over")
-    root = storage_root(storage, spec)
-    log = route_library_logs(root / spec.name)  # Tune/Ray/MLflow chatter → a kept file (etbench.logs)
-    if progress:
-        print(f"grid {spec.name}: library logs (Ray Tune, MLflow) → {log}")
-    uri = tracking_uri or spec.tracking.uri or default_tracking_uri(root)
-    experiment = spec.tracking.experiment or spec.name
-    gs = T.groups(spec)
-    finals_per_group = len(spec.seeds) * len(spec.splits or [None])
-    res = TunedResult(grid=spec.name, experiment=experiment, tracking_uri=uri, results_dir=root,
-                      planned=sum(g.budget.configurations for g in gs) + finals_per_group * len(gs))
-    started_dir = root / spec.name / "tune"
-    if started_dir.exists() and not resume:
-        raise SweepError(f"{spec.name} has a search in progress or done under {started_dir}; pass --resume to "
-                         f"continue it (and run the final stage)")
-    trials_root = root / spec.name / "trials"
-    from etbench.tracking.mlflow_log import ensure_experiment
+    with open_sweep(spec, storage=storage, address=address, tracking_uri=tracking_uri, use_gpu=spec.resources.use_gpu,
+                    flag=flag, posix=True, progress=progress, state_api=not _in_actor(spec)) as sweep:
+        root, uri = sweep.storage.local, sweep.uri
+        experiment = spec.tracking.experiment or spec.name
+        gs = T.groups(spec)
+        finals_per_group = len(spec.seeds) * len(spec.splits or [None])
+        res = TunedResult(grid=spec.name, experiment=experiment, tracking_uri=uri, results_dir=root,
+                          planned=sum(g.budget.configurations for g in gs) + finals_per_group * len(gs),
+                          storage=sweep.storage.root)
+        started_dir = root / spec.name / "tune"
+        if started_dir.exists() and not resume:
+            raise SweepError(f"{spec.name} has a search in progress or done under {started_dir}; pass --resume to "
+                             f"continue it (and run the final stage)")
+        configs = admission_configs(spec, gs)
+        sweep.admit(configs, progress)  # a cluster: admission in the driver and the pre-flight, before any run
+        from etbench.tracking.mlflow_log import ensure_experiment
 
-    # the driver creates the store and experiment: concurrent trials must not both create the SQLite tables
-    ensure_experiment(_client(uri), experiment, None if uri.startswith("http") else root / "artifacts")
-    parent = None if grid_file is None else grid_parent.open_parent(
-        uri=uri, experiment=experiment, grid=spec.name, grid_file=grid_file, root=str(root),
-        artifact_root=None if uri.startswith("http") else root / "artifacts",
-        files=grid_parent.tuned_plan(spec, str(grid_file)), progress=progress)
-    with grid_parent.closing(uri, parent, res, None, spec.name):
-        _stages(spec, gs, res, root, uri, experiment, trials_root, address, finals_per_group, progress)
+        # the driver creates the store and experiment: concurrent trials must not both create the SQLite tables
+        ensure_experiment(_client(uri), experiment, None if uri.startswith("http") else root / "artifacts")
+        parent = None if grid_file is None else grid_parent.open_parent(
+            uri=uri, experiment=experiment, grid=spec.name, grid_file=grid_file, root=str(root),
+            artifact_root=None if uri.startswith("http") else root / "artifacts",
+            files=grid_parent.tuned_plan(spec, str(grid_file)), progress=progress)
+        with grid_parent.closing(uri, parent, res, None, spec.name):
+            _stages(spec, gs, res, sweep, experiment, address, finals_per_group, progress, configs)
     res.wall_s = time.perf_counter() - t0
     if progress:
         print(f"grid {spec.name}: tuned {sum(res.evaluated.values())} configurations in {len(gs)} searches, "
@@ -445,14 +527,18 @@ def _run_tuned(spec: GridSpec, *, storage: str | Path | None, address: str | Non
     return res
 
 
-def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri: str, experiment: str,
-            trials_root: Path, address: str | None, finals_per_group: int, progress: bool) -> None:
+def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, sweep: SweepContext, experiment: str,
+            address: str | None, finals_per_group: int, progress: bool, configs: list[Any]) -> None:
     """Stage 1 (a search per group, then its selection) and stage 2 (the final runs) on Ray Tune."""
     import ray
     from ray import tune
 
+    root, uri = sweep.storage.local, sweep.uri
+    trials_root = root / spec.name / "trials"
     started = init_ray(address, spec.resources.use_gpu, state_api=not _in_actor(spec))  # stopped Train trials
     try:
+        if started:  # the local Ray this call started (a cluster was admitted against in the prologue)
+            sweep.admit_local(configs)
         for g in gs:
             ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "axes": g.axes, "metric": g.metric,
                    "mode": g.mode, "search_seed": spec.tuning.search_seed,  # type: ignore[union-attr]
@@ -465,8 +551,8 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri
                 print(f"stage tune: {g.gid} ({g.model} {g.axes}) — {g.budget.configurations} configurations × "
                       f"{g.budget.epochs} epochs, {spec.tuning.algorithm} search, metric {g.metric} "  # type: ignore[union-attr]
                       f"({g.mode})", flush=True)
-            run_search(spec, g, ctx, root, res, progress)
-            best = select(uri, experiment, g)
+            run_search(spec, g, ctx, root, res, progress, sweep.trial_fields())
+            best = select(uri, experiment, g, spec.name)
             if best is None:
                 res.failed[g.gid] = "no tuning configuration finished; nothing to re-run"
                 continue
@@ -474,7 +560,7 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri
             if progress:
                 print(f"  selected {g.gid}: {best['params']} ({g.metric} = {best['value']:.5g}, run "
                       f"{best['run_id']})", flush=True)
-        payloads = _final_payloads(spec, gs, res, uri, experiment, trials_root, root)
+        payloads = _final_payloads(spec, gs, res, uri, experiment, trials_root, root, sweep.trial_fields())
         if payloads:
             if progress:
                 print(f"stage final: {len(payloads)} runs ({finals_per_group} per model and axis combination)")
@@ -494,8 +580,9 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, root: Path, uri
 
 
 def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: str, experiment: str,
-                    trials_root: Path, root: Path) -> list[dict[str, Any]]:
-    """Final runs still to do (a config hash with a FINISHED run is skipped; an interrupted one is continued)."""
+                    trials_root: Path, root: Path, sweep: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Final runs still to do (a config hash with a FINISHED run is skipped; an interrupted one is continued).
+    ``sweep``: the prologue's payload fields (:meth:`etbench.sweep.prologue.SweepContext.trial_fields`)."""
     out = []
     for g in gs:
         best = res.selected.get(g.gid)
@@ -513,6 +600,6 @@ def _final_payloads(spec: GridSpec, gs: list[T.Group], res: TunedResult, uri: st
                 continue
             name = f"{g.model} final seed={seed}" + (f" split={split}" if split is not None else "")
             p = _payload(ctx, cfg, name, g.axes, tags,  # searched values: tag etbench.tune.params, not axes
-                         _attach_or_close(ctx, cfg.hash()))  # closes the hash's other live runs, resume or not
+                         _attach_or_close(ctx, cfg.hash()), sweep)  # closes the hash's other live runs
             out.append({**p, "threads": spec.resources.cpus_per_worker})
     return out
