@@ -24,10 +24,10 @@ from etbench.config import CheckpointRetention, ConfigError, RunConfig
 from etbench.engine.loop import checkpoint_dir
 from etbench.engine.retention import ray_checkpoint_config
 from etbench.engine.run import RunExistsError, write_config
-from etbench.engine.tracked import TrackingSpec, error_reason, start_tracking
+from etbench.engine.tracked import TrackingSpec, error_reason, fail_run, start_tracking
 from etbench.engine.worker import SUMMARY_KEY, FaultInjection, train_worker
 from etbench.errors import EtbenchError
-from etbench.tracking.identity import IDENTITY_FILE, heartbeat
+from etbench.tracking.identity import IDENTITY_FILE
 
 LOCAL_NODE_IP = "127.0.0.2"  # a loopback address Ray keeps as given (127.0.0.1 is mapped to the external interface)
 TRACKING_FILE = IDENTITY_FILE  # where a trial keeps its MLflow run id (etbench.tracking.identity)
@@ -279,12 +279,10 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
         )
         try:
             result = _fit_bounded(trainer, cfg, per_worker, start_timeout, start_retries)
-        except BaseException as exc:
+        except BaseException as exc:  # one short MLflow try; never a tracking error over the training error
             if spec is not None and spec.run_id:
-                heartbeat(out)
-                tracker = spec.tracker()
-                tracker.attach(spec.run_id)
-                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error_reason(exc))
+                fail_run(spec.uri, spec.run_id, out, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                         error_reason(exc))
             raise
     finally:
         if marker is not None:

@@ -10,11 +10,19 @@ from a checkpoint first appends the checkpointed epochs the run lacks. ``cost/wa
 A run that raises (including a diverged, NaN run) is marked FAILED with its reason and the error re-raised; what
 was already logged stays in the store. A run stopped early by a scheduler (:class:`StopRequested`) is left open for
 the tuning stage to close (``etbench.sweep.tune_stage``).
+
+Tracking outages (:mod:`etbench.tracking.outage`): a server that is unreachable while the run trains costs an epoch
+seconds, never the run: its epochs wait in the trial folder and go out with the next flush that reaches it. The run
+is opened (before the first epoch) and closed (epochs, summary, FINISHED) with bounded waits; when the server stays
+away past the final wait, the results stay complete on disk, ``tracking.json`` records FINISHED as pending, and the
+next attempt on the folder (a Tune retry, ``etbench sweep run --resume``, ``etbench train --resume``) only syncs the
+run. A failure handler never raises a tracking error over the training error (:func:`fail_run`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +32,14 @@ from typing import Any
 from etbench.config import CheckpointRetention, RunConfig
 from etbench.engine.loop import LoopState, StopRequested
 from etbench.engine.run import check_out, run_single
+from etbench.tracking import identity as run_identity
+from etbench.tracking import outage
 from etbench.tracking import schema as S
-from etbench.tracking.identity import cumulative_wall_s, heartbeat, open_run, write_identity
+from etbench.tracking.identity import RunDoneError, cumulative_wall_s, heartbeat, open_run, read_identity
 from etbench.tracking.mlflow_log import RUN_ARTIFACTS, RunTracker
+from etbench.tracking.outage import TrackingPendingError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,36 +74,134 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-6:])
 
 
+def _bounded(tracker: RunTracker, fn: Callable[[], Any], budget_s: float, what: str) -> Any:
+    """``fn()`` now (a local store), or on a server while it is unreachable for up to ``budget_s`` seconds."""
+    if not tracker.sink:
+        return fn()
+    return outage.wait_for(fn, budget_s, what, on_retry=tracker.mark_stale)
+
+
 def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str, Any] | None = None
                    ) -> RunTracker:
     """The tracker of the trial in ``out``: its earlier run re-attached, or a new run; ``tracking.json`` written.
     Either way the run is a child of the grid's parent run when the spec names one (a re-attached run is re-tagged:
-    it may predate the parent, or come from a sweep whose parent run was replaced)."""
+    it may predate the parent, or come from a sweep whose parent run was replaced). A server that is unreachable
+    is waited for (``$ETBENCH_TRACKING_START_WAIT_S``): the run id must be on disk before the first epoch."""
     tracker = spec.tracker()
     tracker.identity_dir = Path(out)
-    open_run(tracker, out, lambda: tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data,
-                                                 extra_tags=spec.creation_tags()), fallback_run_id=spec.run_id)
-    if spec.parent_run_id and tracker.attached:
-        tracker.set_tag(S.TAG_PARENT_RUN, spec.parent_run_id)
+
+    def opened() -> None:
+        open_run(tracker, out, lambda: tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data,
+                                                     extra_tags=spec.creation_tags()), fallback_run_id=spec.run_id)
+        if spec.parent_run_id and tracker.attached:
+            tracker.set_tag(S.TAG_PARENT_RUN, spec.parent_run_id)
+
+    _bounded(tracker, opened, outage.start_wait_s(), "opening the run")
     return tracker
 
 
-def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path) -> None:
-    """The epochs MLflow lacks (from ``out/metrics.json``), summary, artifacts, FINISHED. ``cost/wall_s`` becomes
-    the wall time over every attempt of the trial (from ``out/tracking.json``), also in ``summary`` and
-    ``out/summary.json``."""
-    metrics = Path(out) / "metrics.json"
-    if metrics.exists():  # epochs the attempt recorded but MLflow lacks (held back until checkpointed): added now
-        tracker.log_history(json.loads(metrics.read_text()))
+def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path, *, checksum: str | None = None) -> None:
+    """The epochs MLflow lacks (from ``out/metrics.json``), the dataset checksum tag, summary, artifacts, FINISHED.
+    ``cost/wall_s`` becomes the wall time over every attempt of the trial (from ``out/tracking.json``), also in
+    ``summary`` and ``out/summary.json``.
+
+    A server that is unreachable is waited for (:func:`etbench.tracking.outage.final_wait_s`: by default as long as
+    the trial ran); if it stays away, FINISHED is recorded as pending in ``tracking.json`` and
+    :class:`TrackingPendingError` raised — the results are complete on disk, and the next attempt syncs them."""
+    out = Path(out)
     wall = cumulative_wall_s(out)
     if wall is not None and isinstance(summary.get("cost"), dict):
         summary["cost"]["wall_s"] = max(wall, float(summary["cost"].get("wall_s", 0.0)))
-        if (Path(out) / "summary.json").exists():
-            (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    tracker.log_summary(summary)
-    tracker.log_artifacts(out, RUN_ARTIFACTS)
-    tracker.finish("FINISHED")
+        if (out / "summary.json").exists():
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+
+    def close() -> None:
+        metrics = out / "metrics.json"
+        if metrics.exists():  # epochs the attempt recorded but MLflow lacks (held back until checkpointed, or
+            tracker.log_history(json.loads(metrics.read_text()))  # waiting out an outage): added now
+        if checksum is not None:
+            tracker.set_tag(S.TAG_DATASET_CHECKSUM, checksum)
+        tracker.log_summary(summary)
+        tracker.log_artifacts(out, RUN_ARTIFACTS)
+        tracker.finish("FINISHED")
+
+    budget = outage.final_wait_s(wall)
+    try:
+        _bounded(tracker, close, budget, "closing the run")
+    except outage.TrackingUnavailableError as exc:
+        heartbeat(out)
+        run_identity.mark_pending(out, "FINISHED")
+        msg = (f"the run's results are complete in {out}, but the MLflow server {tracker.uri} stayed unreachable "
+               f"for {budget:.0f} s: run {tracker.run_id} is left RUNNING, FINISHED pending in "
+               f"{out / 'tracking.json'}; `etbench sweep run --resume` (or `etbench train --resume`) syncs it "
+               f"without training again (a longer wait: ${outage.FINAL_WAIT_ENV})")
+        log.error(msg)
+        raise TrackingPendingError(msg) from exc
+    run_identity.clear_pending(out)
     heartbeat(out)
+
+
+def fail_run(uri: str, run_id: str | None, out: Path, status: str, reason: str) -> None:
+    """A failure handler's MLflow call: ``run_id`` marked ``status`` with ``reason``, in one short try. It never
+    raises: a tracking error must not replace the training error; when the store cannot be told, the failure is
+    written to ``out/tracking.json`` (``pending``) for the next attempt or :func:`sync_pending`."""
+    heartbeat(out)
+    prev = read_identity(out)
+    if not run_id or (prev is not None and (prev.pending or {}).get("status") == "FINISHED"):
+        return  # a run whose results are complete and only wait to be synced is never marked failed
+    try:
+        from mlflow.tracking import MlflowClient
+
+        with outage.short_calls():
+            client = MlflowClient(uri)
+            client.set_tag(run_id, S.TAG_ERROR, reason[:5000])
+            client.set_terminated(run_id, status=status)
+    except Exception as exc:
+        run_identity.mark_pending(out, status, reason)
+        log.warning("could not mark MLflow run %s %s (%s: %s); recorded in %s", run_id, status, type(exc).__name__,
+                    exc, Path(out) / "tracking.json")
+
+
+def sync_pending(out: Path) -> str | None:
+    """Tell the store what ``out/tracking.json`` records as pending; the status applied, or None (nothing pending).
+    FINISHED re-sends the missing epochs, summary and artifacts from the folder (``summary.json``)."""
+    ident = read_identity(out)
+    if ident is None or not ident.pending:
+        return None
+    status, error = ident.pending.get("status", "FAILED"), ident.pending.get("error")
+    tracker = RunTracker(ident.uri, ident.experiment, "")
+    tracker.identity_dir = Path(out)
+    tracker.attach(ident.run_id)
+    if status == "FINISHED":
+        end_tracking(tracker, json.loads((Path(out) / "summary.json").read_text()), out)
+        return status
+
+    def close() -> None:
+        if error:
+            tracker.set_tag(S.TAG_ERROR, error)
+        tracker.finish(status)
+
+    _bounded(tracker, close, outage.start_wait_s(), f"marking the run {status}")
+    run_identity.clear_pending(out)
+    return status
+
+
+def _sync_only(spec: TrackingSpec, cfg: RunConfig, out: Path) -> dict[str, Any] | None:
+    """An earlier attempt trained to the end but could not tell MLflow (FINISHED pending): re-open its run and
+    send what it lacks, without training again. None when the folder holds no such result."""
+    ident = read_identity(out)
+    if ident is None or not ident.pending or ident.pending.get("status") != "FINISHED":
+        return None
+    if not (out / "summary.json").exists() or not (out / "metrics.json").exists():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    try:
+        tracker = start_tracking(spec, cfg, out)
+    except RunDoneError:  # FINISHED did land (its answer was lost): nothing left to send
+        run_identity.clear_pending(out)
+        return summary
+    end_tracking(tracker, summary, out)
+    return summary
 
 
 def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out: Path, state: LoopState) -> None:
@@ -98,7 +209,7 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
     closed KILLED and a new run takes over), and it gets the checkpointed epochs it lacks."""
     held = tracker.logged_epochs()
     if held and max(held) > state.epoch:
-        from etbench.tracking.identity import Identity, read_identity
+        from etbench.tracking.identity import Identity, write_identity
 
         old, prev = tracker.client, read_identity(out)
         old_id = tracker._id()
@@ -111,8 +222,7 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
         if prev is not None:
             write_identity(out, Identity(run_id, tracker.uri, tracker.experiment, 1, prev.wall_s_prior,
                                          prev.attempt_started_unix, prev.updated_unix))
-    for i, row in enumerate(state.history):
-        tracker.log_epoch(i, row)
+    tracker.log_epochs({i + 1: row for i, row in enumerate(state.history)})
 
 
 def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume: bool = False,
@@ -123,25 +233,27 @@ def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume:
         return run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch, retention=retention).summary
     out = Path(out)
     check_out(cfg, out, resume)  # before the run is opened: a refused folder leaves its run as it was
+    if resume and (synced := _sync_only(spec, cfg, out)) is not None:
+        return synced
     tracker = start_tracking(spec, cfg, out)
 
     def committed(state: LoopState) -> None:  # the epochs up to this checkpoint stand: log those MLflow lacks
-        for i, row in enumerate(state.history):
-            tracker.log_epoch(i, row)
+        tracker.log_epochs({i + 1: row for i, row in enumerate(state.history)})
+
+    def continued(state: LoopState) -> None:
+        _bounded(tracker, lambda: _continue_from(tracker, spec, cfg, out, state), outage.start_wait_s(),
+                 "opening the run")
 
     try:
-        result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch,
-                            on_start=lambda state: _continue_from(tracker, spec, cfg, out, state),
+        result = run_single(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch, on_start=continued,
                             on_checkpoint=committed, retention=retention)
     except StopRequested:  # stopped early by the scheduler: the stage driver closes the run from its epochs
         raise
     except BaseException as exc:
-        heartbeat(out)
-        tracker.finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED", error_reason(exc))
+        fail_run(tracker.uri, tracker.run_id, out, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED",
+                 error_reason(exc))
         raise
     committed(result.state)
     data = result.summary.get("data", {})
-    if "checksum" in data:
-        tracker.set_tag(S.TAG_DATASET_CHECKSUM, str(data["checksum"]))
-    end_tracking(tracker, result.summary, out)
+    end_tracking(tracker, result.summary, out, checksum=str(data["checksum"]) if "checksum" in data else None)
     return result.summary

@@ -6,6 +6,11 @@ Build the worker's data shard and the model → DeepSpeed engine → resume from
 rank-0 epilogue (metrics, energy trace, images, summary.json, MLflow). The final checkpoint is reported after
 the epilogue with the summary in its metrics (``summary_json``): Ray Train V2's ``Result.metrics`` are those of
 the latest checkpoint.
+
+MLflow is a sink on rank 0 (:mod:`etbench.tracking.outage`): an unreachable server never stops the ranks; its
+epochs wait and go out later. When it stays away past the end-of-run wait, the final checkpoint is still reported
+(a restart resumes after the last epoch) before the :class:`~etbench.tracking.outage.TrackingPendingError` ends the
+attempt: results complete on disk, FINISHED pending in ``tracking.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from etbench.engine.memory import StepMemory, state_tensors
 from etbench.engine.retention import SCORE_KEY, checkpoint_score
 from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
+from etbench.tracking.outage import TrackingPendingError
 
 SUMMARY_KEY = "summary_json"
 EPOCH_REPORT_KEY = "etbench_epoch_report"  # a per-epoch report of a tuning trial (etbench.engine.tune_bridge)
@@ -164,6 +170,7 @@ def train_worker(config: dict[str, Any]) -> None:
     phases["train_s"] = time.perf_counter() - t_start - phases["data_s"] - phases["deepspeed_init_s"]
     full = backend.full_model()  # a collective under ZeRO-3: every rank
     summary: dict[str, Any] = {}
+    untracked: TrackingPendingError | None = None
     if rank == 0:
         write_metrics(state.history, out)
         t_finish = time.perf_counter()
@@ -176,21 +183,20 @@ def train_worker(config: dict[str, Any]) -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         tracker = pending_tracker.result() if pending_tracker is not None else None
         if tracker is not None:
-            _tag_checksum(tracker, data)
-            end_tracking(tracker, summary, out)
+            try:
+                end_tracking(tracker, summary, out,
+                             checksum=str(data["checksum"]) if "checksum" in data else None)
+            except TrackingPendingError as exc:
+                untracked = exc  # reported below, after the final checkpoint: the results are complete
     report(state, {SUMMARY_KEY: json.dumps(summary, default=float)})  # Ray's Result.metrics = last checkpoint's
+    if untracked is not None:
+        raise untracked
 
 
 def _attached_tracker(spec: TrackingSpec) -> Any:
     tracker = spec.tracker()
     assert spec.run_id is not None
     tracker.attach(spec.run_id)
-    tracker.client.get_run(spec.run_id)  # the first query opens the store: done here, off the critical path
+    run_id = spec.run_id  # the first query opens the store: done here, off the critical path (a sink call: an
+    tracker.sink_call(lambda: tracker.client.get_run(run_id), "opening the store")  # unreachable server waits)
     return tracker
-
-
-def _tag_checksum(tracker: Any, data: dict[str, Any]) -> None:
-    if "checksum" in data:
-        from etbench.tracking.schema import TAG_DATASET_CHECKSUM
-
-        tracker.client.set_tag(tracker.run_id, TAG_DATASET_CHECKSUM, str(data["checksum"]))

@@ -14,6 +14,11 @@ still counts up to its last epoch). It is written before the first epoch, on eve
 - it names a complete FINISHED run → :class:`RunDoneError` (the folder holds a finished result);
 - it names a run stopped early or superseded (a truncated or replaced result), or none → a new run, unless the
   caller hands a fallback run id (an older trial folder written before this file existed).
+
+``pending`` records what the tracking server still has to be told when it was unreachable (see
+:mod:`etbench.tracking.outage`): ``{"status": "FINISHED"}`` for a trial whose results are complete on disk, or the
+FAILED/KILLED status and error of an attempt whose failure handler could not reach it. A new attempt clears it (it
+re-opens the run); :func:`etbench.engine.tracked.sync_pending` applies it without one.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Identity:
     wall_s_prior: float = 0.0  # wall time of the attempts before the current one
     attempt_started_unix: float = 0.0
     updated_unix: float = 0.0
+    pending: dict[str, Any] | None = None  # {"status", "error", "since_unix"}: owed to an unreachable server
 
     def wall_s(self, now: float | None = None) -> float:
         """Wall time over every attempt, the current one up to ``now`` (default: its last heartbeat)."""
@@ -86,6 +92,21 @@ def heartbeat(out: str | Path) -> None:
         write_identity(out, ident)
 
 
+def mark_pending(out: str | Path, status: str, error: str | None = None) -> None:
+    """Record in ``out/tracking.json`` the terminal status (and error) the unreachable server was not told."""
+    ident = read_identity(out)
+    if ident is not None:
+        ident.pending = {"status": status, "error": error[:5000] if error else None, "since_unix": time.time()}
+        write_identity(out, ident)
+
+
+def clear_pending(out: str | Path) -> None:
+    ident = read_identity(out)
+    if ident is not None and ident.pending is not None:
+        ident.pending = None
+        write_identity(out, ident)
+
+
 def cumulative_wall_s(out: str | Path) -> float | None:
     """Wall time of the trial over all its attempts, up to now; None without an identity file."""
     ident = read_identity(out)
@@ -106,7 +127,11 @@ def _usable(client: Any, run_id: str, experiment_id: str) -> Any:
     """The run if it exists in this store and experiment and is not deleted, else None."""
     try:
         run = client.get_run(run_id)
-    except Exception:  # not in this store
+    except Exception as exc:  # not in this store; but a server that cannot answer is no answer: the caller waits
+        from etbench.tracking.outage import unreachable
+
+        if unreachable(exc):
+            raise
         return None
     if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
         return None

@@ -3,21 +3,30 @@
 The default store is an embedded SQLite database under the results directory (no server needed); a cluster passes
 ``http://HEAD:5000``. Experiments are created with an explicit absolute artifact location so Ray workers running
 in other working directories do not scatter artifacts.
+
+A server is a sink (:mod:`etbench.tracking.outage`): per-epoch logging that finds it unreachable returns without
+raising; the epochs wait in the trial folder (``metrics.json``, the checkpoint's history) and go out with the next
+flush that reaches it, after re-reading which epochs the run holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
+import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from etbench.tracking import schema as S
+from etbench.tracking.outage import is_server, retry_s, short_calls, unreachable
 from etbench.tracking.ui import EXPERIMENT_TAGS, mark_model_training, publish_runs_view
 
 EPOCH_KEY = "train/loss"  # logged at every epoch of every task (etbench.engine.loop)
+log = logging.getLogger(__name__)
 PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "torch_geometric", "numpy", "etbench")
 
 
@@ -101,6 +110,10 @@ class RunTracker:
     _attached: bool = False  # an existing run (its epochs are read from the store), not one this tracker created
     commit_every: int | None = None  # log an epoch only once a checkpoint covers it (every k epochs); None: at once
     _pending: dict[int, dict[str, float]] | None = None
+    _stale: bool = False  # a call failed mid-flight: what the run holds is re-read before the next write
+    _offline_until: float = 0.0  # no sink call before this time (the server was unreachable)
+    _offline_since: float | None = None
+    _summary_ts: int | None = None  # one timestamp for the summary's points, so a retry writes the same rows
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_root: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
@@ -108,9 +121,17 @@ class RunTracker:
         self.client = MlflowClient(tracking_uri)
         self.uri = tracking_uri
         self.experiment = experiment
-        self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
+        self.artifact_root = artifact_root
+        self._experiment_id: str | None = None  # resolved on first use: constructing a tracker needs no server
         self.run_name = run_name
         self.run_id: str | None = None
+        self.sink = is_server(tracking_uri)
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = ensure_experiment(self.client, self.experiment, self.artifact_root)
+        return self._experiment_id
 
     def start(self, cfg: Any, *, grid: str, axes: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
               extra_tags: dict[str, str] | None = None) -> str:
@@ -155,11 +176,44 @@ class RunTracker:
         self.client.set_tag(self._id(), key, value)
 
     def logged_epochs(self) -> set[int]:
-        """The epochs (1-based steps of ``train/loss``, which every epoch row has) the run already holds."""
-        if self._steps is None:
+        """The epochs (1-based steps of ``train/loss``, which every epoch row has) the run already holds. Read
+        from the store for an attached run, and again after a call that failed mid-flight (its write may have
+        committed although no answer came back: re-logging it would duplicate the step)."""
+        if self._steps is None or self._stale:
             self._steps = ({m.step for m in self.client.get_metric_history(self._id(), EPOCH_KEY)}
-                           if self._attached else set())
+                           if self._attached or self._stale else set())
+            self._stale = False
         return self._steps
+
+    def mark_stale(self) -> None:
+        """A call failed without an answer: re-read what the run holds before writing again."""
+        self._stale = True
+
+    def sink_call(self, fn: Callable[[], None], what: str) -> bool:
+        """``fn()`` (MLflow calls) unless the server is unreachable: then False, and no call is tried before
+        ``$ETBENCH_TRACKING_RETRY_S`` has passed. Errors that are not an outage raise; a local store is no sink."""
+        if not self.sink:
+            fn()
+            return True
+        if time.time() < self._offline_until:
+            return False
+        try:
+            with short_calls():
+                fn()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self._stale, self._offline_until = True, time.time() + retry_s()
+            if self._offline_since is None:
+                self._offline_since = time.time()
+                log.warning("MLflow server %s unreachable while %s (%s): training goes on; the epochs wait in the "
+                            "trial folder and are sent when it answers again", self.uri, what, exc)
+            return False
+        if self._offline_since is not None:
+            log.warning("MLflow server %s answers again after %.0f s; waiting epochs sent", self.uri,
+                        time.time() - self._offline_since)
+            self._offline_since = None
+        return True
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -171,13 +225,11 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         self._log_points([(k, v, step) for k, v in metrics.items()])
 
-    def _log_points(self, points: list[tuple[str, Any, int]]) -> None:
+    def _log_points(self, points: list[tuple[str, Any, int]], ts: int | None = None) -> None:
         """(name, value, step) points in as few ``log_batch`` calls as MLflow allows (one SQL transaction each)."""
-        import time
-
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if ts is None else ts
         items = [Metric(k, float(v), ts, step) for k, v, step in points if _finite(v)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self._id(), metrics=items[i : i + 1000])
@@ -190,21 +242,40 @@ class RunTracker:
         waits until a later epoch is logged and a checkpoint covers it, so an epoch that a restarted worker group
         trains again never reached MLflow; :meth:`log_history` adds what is still waiting at the end."""
         if self.commit_every is None:
-            self._log_epoch_now(epoch, row)
+            self.log_epochs({epoch + 1: row})
             return
         if self._pending is None:
             self._pending = {}
         self._pending[epoch + 1] = row
         covered = (epoch // self.commit_every) * self.commit_every  # the last checkpointed epoch before this one
-        missing = [s for s in range(1, covered + 1) if s not in self.logged_epochs() and s not in self._pending]
-        if missing and self.identity_dir is not None and (self.identity_dir / "metrics.json").exists():
-            rows = json.loads((self.identity_dir / "metrics.json").read_text())  # a resumed attempt's checkpointed
-            self._pending.update({s: rows[s - 1] for s in missing if s <= len(rows)})  # epochs, in step order
-        for step in sorted(s for s in self._pending if s <= covered):
-            self._log_epoch_now(step - 1, self._pending.pop(step))
+        self.log_epochs({s: r for s, r in self._pending.items() if s <= covered}, covered=covered)
+
+    def log_epochs(self, rows: dict[int, dict[str, float]], covered: int | None = None) -> bool:
+        """Epoch rows by 1-based step (plus, up to ``covered``, the epochs of ``metrics.json`` the run lacks),
+        those the run does not hold, in step order; on a server, a sink call (False: unreachable, kept waiting)."""
+
+        def push() -> None:
+            due = dict(rows)
+            held = self.logged_epochs()
+            missing = [s for s in range(1, (covered or 0) + 1) if s not in held and s not in due]
+            if missing and self.identity_dir is not None and (self.identity_dir / "metrics.json").exists():
+                on_disk = json.loads((self.identity_dir / "metrics.json").read_text())  # a resumed attempt's
+                due.update({s: on_disk[s - 1] for s in missing if s <= len(on_disk)})  # checkpointed epochs
+            for step in sorted(due):
+                self._log_epoch_now(step - 1, due[step])
+                if self._pending:
+                    self._pending.pop(step, None)
+
+        done = self.sink_call(push, "logging epochs")
+        if not done and self.identity_dir is not None:
+            from etbench.tracking.identity import heartbeat
+
+            heartbeat(self.identity_dir)  # the attempt's wall time still counts while the server is away
+        return done
 
     def log_history(self, history: list[dict[str, float]]) -> None:
-        """Every epoch of a finished attempt's history (metrics.json) the run does not hold yet."""
+        """Every epoch of a finished attempt's history (metrics.json) the run does not hold yet (raises when the
+        server is unreachable: the end of a run waits for it, :func:`etbench.tracking.outage.wait_for`)."""
         self._pending = {}
         for i, row in enumerate(history):
             self._log_epoch_now(i, row)
@@ -220,7 +291,9 @@ class RunTracker:
             heartbeat(self.identity_dir)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch."""
+        """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch. Keys the
+        run already holds are not logged again (an earlier attempt, or a call whose answer was lost, sent them);
+        a retry in this process writes the same timestamps (stores drop an identical row)."""
         points: list[tuple[str, Any, int]] = [(f"best/{k}", v, 0) for k, v in summary.get("best", {}).items()]
         points.append(("best/epoch", summary.get("best_epoch", float("nan")), 0))
         points += [(f"cost/{k}", v, 0) for k, v in summary.get("cost", {}).items()]
@@ -231,8 +304,14 @@ class RunTracker:
                 points += [(key, v, t) for t, v in enumerate(energy.get(key.split("/", 1)[1], []))]
             if energy.get("fixed_point_step") is not None:  # absent when the descent never reached one
                 points.append((S.ENERGY_FIXED_POINT, energy["fixed_point_step"], 0))
-        self._log_points(points)
-        publish_runs_view(self.client, self.experiment_id, [k for k, v, _ in points if _finite(v)])
+        keys = [k for k, v, _ in points if _finite(v)]
+        if self._attached or self._stale or self._summary_ts is not None:
+            held = set(self.client.get_run(self._id()).data.metrics)
+            points = [p for p in points if p[0] not in held]
+        if self._summary_ts is None:
+            self._summary_ts = int(time.time() * 1000)
+        self._log_points(points, self._summary_ts)
+        publish_runs_view(self.client, self.experiment_id, keys)
 
     def log_artifacts(self, out: Path, names: list[str]) -> None:
         for n in names:
