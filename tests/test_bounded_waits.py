@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -87,7 +86,8 @@ def test_a_start_that_timed_out_every_try_fails_with_the_numbers(fake: type[Fake
     assert err2.value is other
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_an_unplaceable_trial_on_a_real_ray_fails_instead_of_waiting(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers of 1000 CPUs each on a local Ray (admission bypassed, as when the nodes it counted vanish)."""
@@ -99,10 +99,10 @@ def test_an_unplaceable_trial_on_a_real_ray_fails_instead_of_waiting(tmp_path: P
     monkeypatch.setenv(L.ENV_START_RETRIES, "0")
     started = init_ray(None, False)
     try:
-        t0 = time.monotonic()
-        with pytest.raises(L.WorkerGroupNeverStartedError, match=r"2 workers × \{CPU: 1000\} within 3 s, 1 time"):
+        with pytest.raises(L.WorkerGroupNeverStartedError, match=r"2 workers × \{CPU: 1000\} within 3 s, 1 time") \
+                as err:  # with Ray's defaults (60 s per start, retried forever) this hangs until the test's timeout
             L.fit(_cfg(1000.0), tmp_path / "run", admitted=True, progress=False)
-        assert time.monotonic() - t0 < 60
+        assert "timed out after 3.0 seconds" in str(err.value.__cause__)  # the controller actor read our timeout
     finally:
         if started:
             ray.shutdown()
