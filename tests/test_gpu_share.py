@@ -112,7 +112,7 @@ def test_trial_and_tuning_bundles_carry_the_share(tmp_path: Path) -> None:
     spec = load_grid(write(tmp_path, resources={"gpus_per_worker": 0.25, "custom": {"slot": 1}}))
     p = _trial_payload(expand(spec)[0], spec, "sqlite:///x.db", "g", tmp_path / "r", False, None)
     assert trial_resources({"trial": p}).bundles == [{"CPU": 1.0, "GPU": 0.25, "slot": 1.0}]
-    assert _resources(spec) == {"CPU": 1.0, "GPU": 0.25}
+    assert _resources(spec) == {"CPU": 1.0, "GPU": 0.25, "slot": 1.0}  # custom resources too, like plain trials
 
 
 # --- on Ray: two half-GPU trials at once on a one-GPU node ---------------------------------------------------------

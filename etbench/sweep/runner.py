@@ -6,7 +6,8 @@ Tune × Train composition Ray 2.60 supports (a TorchTrainer is not passed to the
 
 Storage (``etbench.storage``): ``--storage`` / grid ``storage:`` / ``$ETBENCH_STORAGE`` (default ``./results``) is
 where runs, Ray storage and checkpoints go; on a cluster of more than one node it must be shared (checked before
-anything starts, then a pre-flight task on every node). Each trial reserves what its own resolved config needs
+anything starts, then a pre-flight task on every node: the prologue every grid, tuned or not, passes,
+:mod:`etbench.sweep.prologue`). Each trial reserves what its own resolved config needs
 (:func:`trial_resources`); trials no node type can ever hold are refused up front (``etbench.admission``).
 
 Resume: every trial writes its run under ``<storage>/<grid>/trials/<hash>/`` with per-epoch checkpoints and logs to
