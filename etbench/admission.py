@@ -136,7 +136,7 @@ class Cluster:
         parts = [n.describe() for n in self.alive]
         for t in self.types:
             alive = self.matched.get(t.name, 0)
-            parts.append(t.describe()[:-1] + (f", {alive} alive)" if alive else ")"))
+            parts.append(t.describe() + (f" with {alive} alive" if alive else ""))
         if self.max_workers < UNLIMITED:
             parts.append(f"global max_workers {self.max_workers} worker nodes "
                          f"({sum(self.matched.values())} alive)")

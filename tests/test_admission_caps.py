@@ -54,7 +54,8 @@ def test_alive_worker_nodes_use_up_their_type_and_the_global_cap(monkeypatch: py
     assert where.matched == {"node type ray.worker.gpu": 0, "node type ray.worker.gpu4": 2}
     assert [(t.group, t.max_count) for t in where.addable()] == [("ray.worker.gpu", 2)]
     assert where.capacity(A.worker_bundle(_gpu_run(1))) == 10
-    with pytest.raises(ConfigError, match=r"can hold at most 10 once scaled.*4 worker nodes \(2 alive\)"):
+    with pytest.raises(ConfigError, match=r"can hold at most 10 once scaled.*gpu4 \{CPU: 48, GPU: 4\} \(autoscaler "
+                       r"max 2\) with 2 alive; global max_workers 4 worker nodes \(2 alive\)"):
         A.check_fits(_gpu_run(11), where)
     A.check_fits(_gpu_run(10), where)
 
