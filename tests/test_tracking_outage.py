@@ -55,12 +55,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
                 time.sleep(0.3)
         yield port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started (server + its uvicorn worker)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this fixture started (server + its uvicorn worker); a
+        proc.wait(timeout=15)  # throw-away store, nothing to shut down cleanly
         log.close()
 
 
@@ -199,6 +195,35 @@ def test_a_server_gone_past_the_final_wait_is_synced_by_the_next_attempt(tmp_pat
     assert run.info.status == "FINISHED" and "best/epoch" in run.data.metrics
     assert json.loads((out / "tracking.json").read_text())["pending"] is None
     assert_history_is_metrics_json(uri, ident["run_id"], out)
+
+
+def test_a_create_whose_answer_was_lost_opens_no_second_run(tmp_path: Path, proxy: TcpProxy,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's creation reaches the server but its answer is lost: the retry finds that run (by its open token)
+    instead of creating a second one."""
+    from etbench.config import resolve_run_config
+    from etbench.engine.tracked import TrackingSpec, start_tracking
+
+    real, calls = MlflowClient.create_run, []
+
+    def muted_once(self: MlflowClient, *a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 1:
+            return real(self, *a, **k)
+        proxy.set_mode("mute")
+        try:
+            return real(self, *a, **k)
+        finally:
+            proxy.set_mode("pass")
+
+    monkeypatch.setattr(MlflowClient, "create_run", muted_once)
+    spec = TrackingSpec(uri=proxy.url, experiment="create", grid="create", run_name="r")
+    tracker = start_tracking(spec, resolve_run_config(BASE), tmp_path / "t")
+    monkeypatch.undo()
+    client = MlflowClient(proxy.url)
+    runs = client.search_runs([client.get_experiment_by_name("create").experiment_id])
+    assert len(calls) == 1 and [r.info.run_id for r in runs] == [tracker.run_id]
+    assert json.loads((tmp_path / "t" / "tracking.json").read_text())["run_id"] == tracker.run_id
 
 
 def test_what_counts_as_an_outage() -> None:

@@ -16,6 +16,7 @@ import logging
 import math
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,7 @@ from etbench.tracking.ui import EXPERIMENT_TAGS, mark_model_training, publish_ru
 
 EPOCH_KEY = "train/loss"  # logged at every epoch of every task (etbench.engine.loop)
 log = logging.getLogger(__name__)
+OPEN_TOKEN_TAG = "etbench.open_token"  # one per created run: how a retried create finds a run that did land
 PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "torch_geometric", "numpy", "etbench")
 
 
@@ -114,6 +116,10 @@ class RunTracker:
     _offline_until: float = 0.0  # no sink call before this time (the server was unreachable)
     _offline_since: float | None = None
     _summary_ts: int | None = None  # one timestamp for the summary's points, so a retry writes the same rows
+    _open_token: str | None = None  # tags the run this tracker creates: a create whose answer was lost is found
+    _experiment_id: str | None = None
+    artifact_root: Path | None = None
+    sink: bool = False  # the store is a server that can be unreachable (etbench.tracking.outage)
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_root: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
@@ -132,6 +138,10 @@ class RunTracker:
         if self._experiment_id is None:
             self._experiment_id = ensure_experiment(self.client, self.experiment, self.artifact_root)
         return self._experiment_id
+
+    @experiment_id.setter
+    def experiment_id(self, value: str) -> None:
+        self._experiment_id = value
 
     def start(self, cfg: Any, *, grid: str, axes: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
               extra_tags: dict[str, str] | None = None) -> str:
@@ -157,11 +167,24 @@ class RunTracker:
         for k, v in (axes or {}).items():
             tags[S.TAG_AXIS_PREFIX + axis_tag_name(k)] = str(v)
         tags.update(extra_tags or {})
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
+        run = self._created()
+        if run is None:
+            self._open_token = uuid.uuid4().hex
+            run = self.client.create_run(self.experiment_id, tags={**tags, OPEN_TOKEN_TAG: self._open_token},
+                                         run_name=self.run_name)
         self.run_id = run.info.run_id
         self._steps, self._attached = set(), False
         self.log_params(cfg.flat())
         return self.run_id
+
+    def _created(self) -> Any:
+        """The run an earlier ``start`` of this tracker created although its answer was lost (a retry after a
+        timeout must not open a second run), else None."""
+        if self._open_token is None:
+            return None
+        found = self.client.search_runs([self.experiment_id], f"tags.`{OPEN_TOKEN_TAG}` = '{self._open_token}'",
+                                        max_results=1)
+        return found[0] if found else None
 
     def attach(self, run_id: str) -> None:
         self.run_id = run_id
