@@ -151,7 +151,8 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TQDM_DISABLE": "1"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for k in ("ETBENCH_DATA", "ETBENCH_FAULT_MARKER", ENV_STORAGE):
+    for k in ("ETBENCH_DATA", "ETBENCH_FAULT_MARKER", ENV_STORAGE,  # the limits of a trial's start (cluster/README)
+              "ETBENCH_TRAIN_START_TIMEOUT_S", "ETBENCH_TRAIN_START_RETRIES"):
         if k in os.environ:
             env[k] = os.environ[k]
     return {**env, **client_provenance()}

@@ -98,3 +98,15 @@ def test_load_falls_back_to_latest_old(tmp_path: Path) -> None:
     shutil.rmtree(latest)
     with pytest.raises(FileNotFoundError):  # nothing whole left: loading says so
         backend.load(latest)
+
+
+def test_train_resume_without_the_sweep_resumes_from_latest_old(tmp_path: Path) -> None:
+    """`etbench train --resume` goes through run_single's folder check, not has_started: it puts latest.old back
+    too (before, it found no checkpoint and trained from epoch 0)."""
+    cfg = resolve_run_config(TINY)
+    out = tmp_path / "run"
+    run_single(cfg, out, progress=False, stop_after_epochs=1)
+    _crash_window(out)
+    seen: list[int] = []
+    res = run_single(cfg, out, progress=False, resume=True, on_start=lambda s: seen.append(s.epoch))
+    assert seen == [1] and len(res.state.history) == 2

@@ -117,6 +117,28 @@ def sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def chaos_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--trials", type=int, default=52, help="trials of the plain grid (steps 1-4 x seeds)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per trial (a checkpoint after each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
+    p.add_argument("--blackhole-s", type=float, default=90, help="seconds the tracking server is black-holed")
+    p.add_argument("--mean-gap-s", type=float, default=40, help="mean seconds between faults (exponential)")
+    p.add_argument("--configurations", type=int, default=4, help="configurations per search of the tuned grid")
+    p.add_argument("--no-tuned", action="store_true", help="the plain grid only")
+
+
+def chaos(a: argparse.Namespace) -> int:
+    from etbench.bench.chaos import run_chaos_bench
+
+    rep = run_chaos_bench(Path(a.out), trials=a.trials, epochs=a.epochs, seed=a.seed, blackhole_s=a.blackhole_s,
+                          mean_gap_s=a.mean_gap_s, tuned=not a.no_tuned, configurations=a.configurations)
+    print(json.dumps(rep["summary"], indent=2, default=str))
+    print(f"wrote {Path(a.out) / 'bench_chaos.json'}")
+    plain = rep["summary"].get("plain", {})
+    return 0 if not (plain.get("runs_lost") or plain.get("runs_duplicated") or plain.get("runs_left_live")) else 1
+
+
 def graph_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/bench")
     p.add_argument("--dataset", default="tolokers")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from etbench.config import CheckpointRetention, RunConfig
-from etbench.engine.backend import PlainBackend
+from etbench.engine.backend import PlainBackend, recover_checkpoint
 from etbench.engine.build import build_model, build_task, model_cost, resolve_device, seed_everything
 from etbench.engine.loop import LoopState, checkpoint_dir, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
@@ -124,9 +124,10 @@ def finish_run(cfg: RunConfig, task: Any, model: torch.nn.Module, state: LoopSta
 
 
 def check_out(cfg: RunConfig, out: Path, resume: bool) -> None:
-    """Refuse to train into a folder that holds a run, unless resuming that same config."""
+    """Refuse to train into a folder that holds a run, unless resuming that same config. A checkpoint an older
+    save left only as ``latest.old`` (killed between its renames) is put back first, so it is resumed, not lost."""
     ckpt = checkpoint_dir(out)
-    if ckpt.exists() and not resume:
+    if recover_checkpoint(ckpt) and not resume:
         raise RunExistsError(f"{out} already holds a run (checkpoint {ckpt}); pass --resume to continue it or "
                              f"choose another --out")
     if resume and (out / "config.json").exists():
