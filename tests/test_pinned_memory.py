@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from etbench.config import resolve_run_config
@@ -97,3 +99,38 @@ def test_sparse_outputs_count_their_indices_and_values() -> None:
     # larger index buffer of the conversion)
     assert t.peak >= held  # plus the conversion's temporaries
     t.close()
+
+
+def test_gpu_peak_is_the_first_steps_not_the_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the peak is reset right before the measured step and read right after it (cluster-2 finding 8):
+    the setup before it and the evaluations after it (a full-model copy, ZeRO-3 gathers) no longer count as the
+    "train-step peak"; the whole trial's peak is its own column. A fake allocator stands in for the GPU."""
+    class FakeAllocator:
+        def __init__(self) -> None:
+            self.now, self.peak = 0, 0
+
+        def alloc(self, n: int) -> None:
+            self.now += n
+            self.peak = max(self.peak, self.now)
+
+        def reset(self, device: Any = None) -> None:
+            self.peak = self.now
+
+    gpu = FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: gpu.peak)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    memory = StepMemory(torch.device("cuda"))
+    gpu.alloc(100 * 2**20)  # model state, resident through the step
+    gpu.alloc(500 * 2**20)  # a setup transient, freed before training
+    gpu.alloc(-500 * 2**20)
+    with memory.measure():
+        gpu.alloc(50 * 2**20)  # the step's activations and gradients
+        gpu.alloc(-50 * 2**20)
+    with memory.measure():  # later steps are not measured again
+        gpu.alloc(70 * 2**20)
+        gpu.alloc(-70 * 2**20)
+    gpu.alloc(900 * 2**20)  # an evaluation's full fp32 copy
+    costs = memory.costs()
+    assert costs["peak_mem_mb"] == 150.0  # state + the first step, nothing else (the old code read 600 here)
+    assert costs["trial_peak_mem_mb"] == 1000.0  # since the step: the evaluation's copy included

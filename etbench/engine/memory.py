@@ -1,12 +1,16 @@
 """Peak memory of one trial's training step — the model's memory, not the process's.
 
-GPU: ``torch.cuda.max_memory_allocated`` with the peak reset when the trial starts. CPU: the peak of live tensor
-bytes during the trial's first training step (forward, backward, optimizer step), counted in-process by a
-``TorchDispatchMode`` that adds each new storage an op creates and subtracts it when the storage is freed, on top
-of the model state alive when the step starts (parameters, buffers, gradients, optimizer state). The first step
-is the costly one (it creates gradients and the optimizer state) and tracking one step keeps the overhead to one
-step per trial. Every trial builds a fresh :class:`StepMemory`, so a Ray Tune actor reused across trials
-(``reuse_actors=True``) never carries one trial's peak into the next.
+GPU: ``torch.cuda.max_memory_allocated`` over the trial's first training step, its peak reset right before the
+step and read right after it — the same quantity as on CPU. (Before, it was read at the end of the trial: the peak
+over training, every evaluation's full-model copy and ZeRO-3's gathers, under the label "train-step peak"; the
+cluster-2 review, finding 8.) The whole trial's GPU peak is reported separately as ``trial_peak_mem_mb``.
+
+CPU: the peak of live tensor bytes during the trial's first training step (forward, backward, optimizer step),
+counted in-process by a ``TorchDispatchMode`` that adds each new storage an op creates and subtracts it when the
+storage is freed, on top of the model state alive when the step starts (parameters, buffers, gradients, optimizer
+state). The first step is the costly one (it creates gradients and the optimizer state) and tracking one step
+keeps the overhead to one step per trial. Every trial builds a fresh :class:`StepMemory`, so a Ray Tune actor
+reused across trials (``reuse_actors=True``) never carries one trial's peak into the next.
 
 The process's peak RSS is a different number (interpreter, libraries, data, allocator caches) and is reported
 separately as ``process_peak_rss_mb``, with its high-water mark reset at the start of the trial where Linux allows.
@@ -144,9 +148,16 @@ class StepMemory:
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
-        """Wrap one training step; on CPU the first wrapped step is tracked, later ones run untouched."""
-        if self.device.type == "cuda" or self._peak_bytes is not None:
+        """Wrap one training step; the first wrapped step is measured, later ones run untouched."""
+        if self._peak_bytes is not None:
             yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # the step's own peak, not the setup's
+            yield
+            torch.cuda.synchronize(self.device)
+            self._peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
             return
         tracker = LiveTensorBytes(self._state())
         try:
@@ -157,12 +168,13 @@ class StepMemory:
             tracker.close()
 
     def peak_mb(self) -> float:
-        """The trial's peak (MiB): GPU allocator peak since the trial began, or the measured CPU step's peak."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / MiB
+        """The measured training step's peak (MiB); NaN when no step was measured."""
         return float("nan") if self._peak_bytes is None else self._peak_bytes / MiB
 
     def costs(self) -> dict[str, float]:
         """The summary's memory cost columns."""
-        return {"peak_mem_mb": self.peak_mb(),
-                "process_peak_rss_mb": process_peak_rss_mb() if self.rss_reset else float("nan")}
+        out = {"peak_mem_mb": self.peak_mb(),
+               "process_peak_rss_mb": process_peak_rss_mb() if self.rss_reset else float("nan")}
+        if self.device.type == "cuda":  # since the measured step: later steps, evaluations, the final gather
+            out["trial_peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / MiB
+        return out
