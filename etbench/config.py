@@ -1,5 +1,6 @@
 """Typed run configuration: one resolved ``RunConfig`` = one run, identified by the hash of its JSON with the
-execution settings (:data:`EXECUTION_FIELDS`: retries, CPUs per worker, checkpoint cadence) at their defaults.
+execution settings (``etbench.hashing.EXECUTION_FIELDS``: retries, CPUs per worker, checkpoint cadence) at their
+defaults.
 
 A user (CLI, YAML grid) gives a nested dict of *overrides*; :func:`resolve_run_config` lays them over the dataset
 preset (model sizes) and the defaults, validates everything and returns the full config. Validation errors name
@@ -9,13 +10,12 @@ the key path and the allowed values.
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from etbench.errors import EtbenchError
-from etbench.hashing import config_hash, flatten
+from etbench.hashing import EXECUTION_FIELDS, flatten, science_hash
 from etbench.models.et_config import ETConfig
 
 
@@ -189,7 +189,8 @@ class RunConfig(_Strict):
         return self
 
     def hash(self) -> str:
-        """The run's science hash: :func:`science_hash` of its dump (execution settings at their defaults)."""
+        """The run's config hash: of its science, the execution settings (``etbench.hashing.EXECUTION_FIELDS``)
+        at their defaults."""
         return science_hash(self.model_dump(mode="json"))
 
     def execution(self) -> dict[str, Any]:
@@ -203,60 +204,6 @@ class RunConfig(_Strict):
     @property
     def paper_comparable(self) -> bool:
         return self.task.kind == "image" and self.task.dataset == "imagenet" and _matches_paper(self)
-
-
-#: Execution settings: how a run is carried out, not what it computes. :meth:`RunConfig.hash` sees each at its
-#: default (:func:`science_dump`), so changing one mid-grid neither re-trains the grid nor splits a cell into two
-#: seeds' worth of runs; the real values are still logged (params, config.json). Chosen field by field:
-#:
-#: - ``train.checkpoint_every``: when state is saved, never what a step computes (saving draws no random numbers;
-#:   Tune still hears every epoch, etbench.engine.tune_bridge).
-#: - ``dist.cpus_per_worker``: the CPUs Ray reserves per worker (and a one-worker trial's torch threads): placement
-#:   and speed. A CPU run's float sums may round differently with another thread count, at the level of GPU
-#:   run-to-run noise; ``cost/throughput`` and ``cost/wall_s`` differ, so read those beside ``params.dist.*``.
-#: - ``dist.max_failures``: how often Ray Train restarts a failed worker group; a restart resumes the checkpoint.
-#:
-#: Kept in the hash on purpose: ``dist.activation_checkpointing`` (the recomputed descent step agrees with the stored
-#: one to ~1e-6, not bit for bit: tests/test_distributed.py; peak memory, a reported metric, changes),
-#: ``dist.offload`` (DeepSpeed's CPU Adam updates the fp32 master weights in another kernel: not the GPU
-#: optimizer's numbers), ``dist.workers`` / ``grad_accum`` / ``zero_stage`` / ``deepspeed`` / ``use_gpu`` and
-#: ``train.device`` / ``bf16`` (batch split, reduction order, precision, placement), ``train.eval_trace_samples``
-#: (what the energy trace averages over), ``task.root`` / ``task.path`` (they name the data; another copy may be
-#: other data). Storage and retention are no part of a RunConfig (``checkpoints:`` is the grid's).
-#: The list is docs/run_identity.md's; ``etbench tracking rehash`` re-tags runs hashed before it existed.
-EXECUTION_FIELDS: tuple[str, ...] = ("train.checkpoint_every", "dist.cpus_per_worker", "dist.max_failures")
-
-
-@functools.cache
-def _execution_defaults() -> tuple[tuple[str, str, Any], ...]:
-    out = []
-    for key in EXECUTION_FIELDS:
-        section, name = key.split(".")
-        cls = RunConfig.model_fields[section].annotation
-        out.append((section, name, cls().model_dump(mode="json")[name]))  # type: ignore[misc,union-attr]
-    return tuple(out)
-
-
-def execution_defaults() -> dict[str, Any]:
-    """Each execution field's default, as ``model_dump(mode="json")`` writes it (1.0, not 1, for a float)."""
-    return {f"{section}.{name}": value for section, name, value in _execution_defaults()}
-
-
-def science_dump(dump: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a RunConfig dump with every execution field reset to its default (a field absent stays absent).
-
-    Reset, not removed: the dump of a config at default execution settings is byte for byte the one hashed before
-    this split, so every run, plan and document hashed then keeps its hash."""
-    out = dict(dump)
-    for section, name, default in _execution_defaults():
-        if isinstance(out.get(section), dict) and name in out[section]:
-            out[section] = {**out[section], name: default}  # copies only the sections it changes
-    return out
-
-
-def science_hash(dump: dict[str, Any]) -> str:
-    """The config hash of a RunConfig dump: of its science, the execution settings at their defaults."""
-    return config_hash(science_dump(dump))
 
 
 def allowed_models(kind: str) -> tuple[str, ...]:

@@ -13,16 +13,8 @@ import yaml
 
 from etbench.analysis import AnalysisError
 from etbench.analysis.load import DUPLICATE_REASON, frame_from_wide, load_runs
-from etbench.config import (
-    EXECUTION_FIELDS,
-    DistConfig,
-    RunConfig,
-    TrainConfig,
-    execution_defaults,
-    resolve_run_config,
-    science_dump,
-)
-from etbench.hashing import config_hash
+from etbench.config import DistConfig, RunConfig, TrainConfig, resolve_run_config
+from etbench.hashing import EXECUTION_DEFAULTS, EXECUTION_FIELDS, canonical_json, config_hash, science_dump
 from etbench.tracking import schema as S
 
 DIGITS = {"task": {"kind": "image", "dataset": "digits"}, "train": {"epochs": 1}}
@@ -51,9 +43,9 @@ def test_execution_settings_leave_the_hash_and_defaults_keep_the_old_one() -> No
                     {"dist": {"activation_checkpointing": True}}, {"dist": {"grad_accum": 2}}):
         assert _cfg(science).hash() != base.hash(), science
     assert set(EXECUTION_FIELDS) <= set(base.flat())
-    assert execution_defaults() == {"train.checkpoint_every": TrainConfig().checkpoint_every,
-                                    "dist.cpus_per_worker": DistConfig().cpus_per_worker,
-                                    "dist.max_failures": DistConfig().max_failures}
+    models = {"train": TrainConfig().model_dump(mode="json"), "dist": DistConfig().model_dump(mode="json")}
+    declared = {k: models[k.split(".")[0]][k.split(".")[1]] for k in EXECUTION_FIELDS}
+    assert canonical_json(EXECUTION_DEFAULTS) == canonical_json(declared)  # 1.0, not 1: the dump's own JSON
     dump = _cfg(KNOBS).model_dump(mode="json")
     assert science_dump(dump) == base.model_dump(mode="json") and dump["train"]["checkpoint_every"] == 5  # a copy
 

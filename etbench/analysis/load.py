@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from etbench.hashing import EXECUTION_FIELDS
 from etbench.tracking import schema
 
 if TYPE_CHECKING:  # MLflow is imported when a client is first used: a report of a local SQL store never needs it
@@ -320,8 +321,6 @@ def replicate_key(frame: pd.DataFrame, axes: list[str]) -> list[str]:
 
 
 def _science_columns(frame: pd.DataFrame) -> list[str]:
-    from etbench.config import EXECUTION_FIELDS
-
     execution = {f"params.{k}" for k in EXECUTION_FIELDS}
     return [c for c in frame.columns if c.startswith("params.") and c not in execution]
 
@@ -341,7 +340,7 @@ def drop_duplicates(frame: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame,
     exclusions (run_id, status, reason, kept_run_id).
 
     Duplicates are runs of one science config: the same config hash, or the same logged params except the
-    execution settings (``etbench.config.EXECUTION_FIELDS``; such runs have two hashes when one was logged before
+    execution settings (``etbench.hashing.EXECUTION_FIELDS``; such runs have two hashes when one was logged before
     those settings left the hash, or a setting changed mid-grid). Runs of one replicate whose science differs —
     an experiment holding two versions of a grid whose base changed without an axis, or runs from outside the
     grid — are no replicates of one another and no seeds either: :class:`AnalysisError` names them and the fields

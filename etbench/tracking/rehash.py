@@ -1,13 +1,12 @@
 """Migrate a store's config hashes to the science hash (``etbench tracking rehash``; docs/run_identity.md).
 
-Since ``etbench.config.EXECUTION_FIELDS`` (retries, CPUs per worker, checkpoint cadence) left the config hash, a run
-that used a non-default execution setting carries a hash that today's code no longer plans: a sweep would re-train
-it and the sweep's dedup would not see it. :func:`rehash` recomputes each run's hash from the config it logged (its
-params, else its ``config.json`` artifact) and re-tags the runs whose stored ``etbench.config_hash`` differs, keeping
-the old value in ``etbench.config_hash_v1``. Narrow on purpose: it only resets the execution fields; a logged config
-must first reproduce the stored hash, so a run hashed under another schema version is reported, never re-tagged.
-Runs at default execution settings (every run of most stores) keep their hash and are settled from their params,
-without reading an artifact.
+Since ``etbench.hashing.EXECUTION_FIELDS`` (retries, CPUs per worker, checkpoint cadence) left the config hash, a
+run that used a non-default execution setting carries a hash that today's code no longer plans: a sweep would
+re-train it and the sweep's dedup would not see it. :func:`rehash` recomputes each run's hash from the config it
+logged (its params, else its ``config.json`` artifact) and re-tags the runs whose stored ``etbench.config_hash``
+differs, keeping the old value in ``etbench.config_hash_v1``. Narrow on purpose: it only resets the execution
+fields; a logged config must first reproduce the stored hash, so a run hashed under another schema version is
+reported, never re-tagged. Runs at default execution settings are settled from their params alone.
 
 Trial folders are not touched: a FINISHED run's folder under the old hash is no longer needed (the run is in MLflow
 and the next sweep skips its config); an unfinished run under the old hash re-trains under the new one, and the
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.errors import EtbenchError
+from etbench.hashing import EXECUTION_DEFAULTS, config_hash, science_hash
 from etbench.tracking import schema as S
 
 TAG_CONFIG_HASH_V1 = "etbench.config_hash_v1"  # the hash before the execution settings left it (set by rehash)
@@ -70,9 +70,7 @@ def parse_param(value: str) -> Any:
 
 def _at_default(params: dict[str, str]) -> bool | None:
     """True when every execution field's param shows its default; None when one is missing (no params logged)."""
-    from etbench.config import execution_defaults
-
-    for key, default in execution_defaults().items():
+    for key, default in EXECUTION_DEFAULTS.items():
         if key not in params:
             return None
         if parse_param(params[key]) != default:
@@ -104,14 +102,13 @@ def _artifact_config(client: Any, run_id: str) -> dict[str, Any] | None:
 
 
 def _params_config(params: dict[str, str]) -> dict[str, Any] | None:
-    """The run's config rebuilt from its params (validated, so the JSON types are the dump's), or None."""
-    from pydantic import ValidationError
-
-    from etbench.config import RunConfig
-
+    """The run's config dump rebuilt from its params (each value parsed back to its JSON type), or None. Not
+    validated: :func:`settle` trusts it only when it reproduces the run's stored hash."""
+    if not params:
+        return None
     try:
-        return RunConfig.model_validate(_unflatten(params)).model_dump(mode="json")
-    except (ValidationError, ValueError, TypeError):
+        return _unflatten(params)
+    except (AttributeError, TypeError):  # a key both a value and a section: not a flattened dump
         return None
 
 
@@ -120,9 +117,6 @@ def settle(client: Any, run_id: str, stored: str, params: dict[str, str]) -> tup
 
     A logged config is trusted only when it reproduces ``stored`` under the old rule (whole dump) or already under
     the new one (science dump): anything else was hashed by another version of the config schema."""
-    from etbench.config import science_hash
-    from etbench.hashing import config_hash
-
     reasons = []
     for source, get in (("params", lambda: _params_config(params)),  # no artifact I/O: tried first
                         ("config.json", lambda: _artifact_config(client, run_id))):
@@ -167,10 +161,8 @@ def rehash(tracking_uri: str, experiment: str | None = None, *, dry_run: bool = 
     hash; ``dry_run`` only reports. ``echo`` gets one line per change (and per run it cannot settle)."""
     from mlflow.tracking import MlflowClient
 
-    from etbench.config import execution_defaults
-
     client = client or MlflowClient(tracking_uri)
-    defaults = execution_defaults()
+    defaults = EXECUTION_DEFAULTS
     result = RehashResult(dry_run=dry_run)
     for exp_id, name in _experiments(client, experiment):
         for run in _runs(client, exp_id):
