@@ -197,6 +197,33 @@ def test_a_server_gone_past_the_final_wait_is_synced_by_the_next_attempt(tmp_pat
     assert_history_is_metrics_json(uri, ident["run_id"], out)
 
 
+def test_rank0_epochs_held_for_a_checkpoint_wait_out_an_outage(tmp_path: Path, proxy: TcpProxy) -> None:
+    """The Ray Train path's tracker (``commit_every``: an epoch goes out once a checkpoint covers it): epochs that
+    a flush could not send stay waiting and go out with the first flush that reaches the server; the end adds the
+    rest; each epoch once."""
+    from etbench.config import resolve_run_config
+    from etbench.tracking.mlflow_log import RunTracker
+
+    rows = [{"epoch": float(e), "train/loss": 1.0 / (e + 1), "val/mse_masked": 0.5 - 0.01 * e} for e in range(6)]
+    (tmp_path / "metrics.json").write_text(json.dumps(rows))
+    tracker = RunTracker(proxy.url, "commit", "r")
+    run_id = tracker.start(resolve_run_config(BASE), grid="commit")
+    tracker.commit_every, tracker.identity_dir = 2, tmp_path
+    modes: list[Mode] = ["pass", "pass", "blackhole", "refuse", "pass", "pass"]
+    for e, row in enumerate(rows):
+        proxy.set_mode(modes[e])
+        tracker.log_epoch(e, row)  # epoch e's row; the epochs up to (e // 2) * 2 are checkpointed
+    proxy.set_mode("pass")
+    client = MlflowClient(proxy.url)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
+    tracker.log_history(rows)
+    tracker.finish("FINISHED")
+    for key in ("train/loss", "val/mse_masked"):
+        hist = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert len(client.get_metric_history(run_id, key)) == 6 and hist == {e + 1: r[key] for e, r in
+                                                                             enumerate(rows)}
+
+
 def test_a_create_whose_answer_was_lost_opens_no_second_run(tmp_path: Path, proxy: TcpProxy,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's creation reaches the server but its answer is lost: the retry finds that run (by its open token)
