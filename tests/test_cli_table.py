@@ -61,7 +61,7 @@ def test_the_table_is_the_parser() -> None:
                 assert not [a for a in subs[e.name]._actions if isinstance(a, argparse._SubParsersAction)]
 
     check(COMMANDS, build_parser(), "etbench")
-    assert len(LEAVES) == 15 and len({h.run for _, h in LEAVES}) == 14  # train image and graph share one function
+    assert len(LEAVES) == 17 and len({h.run for _, h in LEAVES}) == 16  # train image and graph share one function
 
 
 @pytest.mark.parametrize("path, command", LEAVES, ids=[" ".join(p) for p, _ in LEAVES])

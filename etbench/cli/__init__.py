@@ -70,6 +70,8 @@ COMMANDS: tuple[Command | Group, ...] = (
                 bench.graph),
         Command("report", "etbench report, dedup lookup and sweep plan on generated stores of N runs",
                 bench.report_arguments, bench.report),
+        Command("chaos", "plain + tuned grid on a loopback cluster, fault-free vs seeded random faults (root)",
+                bench.chaos_arguments, bench.chaos),
     )),
     Command("inpaint", "inpaint a PNG with the authors' released ImageNet ET weights (.npz)", inpaint.arguments,
             inpaint.inpaint),

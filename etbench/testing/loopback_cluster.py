@@ -341,8 +341,7 @@ def loopback_cluster(*, node_cpus: int = 2, worker_slots: int = 2, proxy: bool =
     if proxy:
         from etbench.testing.tcp_proxy import TcpProxy
 
-        tcp = TcpProxy(("127.0.0.1", ml_port))
-        tcp.start()
+        tcp = TcpProxy(ml_port).start()
     uri = f"http://127.0.0.1:{tcp.port}" if tcp is not None else f"http://127.0.0.1:{ml_port}"
     cl = LoopbackCluster(base, base / "shared", gcs, f"http://127.0.0.1:{dash_port}", uri, env,
                          ["unshare", "--mount", "--propagation", "private", "bash", "-c", script], mlflow_cmd,

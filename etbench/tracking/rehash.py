@@ -26,7 +26,7 @@ from etbench.errors import EtbenchError
 from etbench.hashing import EXECUTION_DEFAULTS, config_hash, science_hash
 from etbench.tracking import schema as S
 
-TAG_CONFIG_HASH_V1 = "etbench.config_hash_v1"  # the hash before the execution settings left it (set by rehash)
+TAG_CONFIG_HASH_V1 = S.TAG_CONFIG_HASH_V1
 PAGE_SIZE = 1000
 
 

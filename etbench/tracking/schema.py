@@ -98,6 +98,8 @@ from __future__ import annotations
 
 TAG_PREFIX = "etbench."
 TAG_CONFIG_HASH = "etbench.config_hash"
+#: The hash a run had before the execution settings left the config hash (set by ``etbench tracking rehash``).
+TAG_CONFIG_HASH_V1 = "etbench.config_hash_v1"
 TAG_GRID = "etbench.grid"
 TAG_TASK = "etbench.task"
 TAG_MODEL = "etbench.model"
