@@ -193,6 +193,7 @@ def test_a_server_gone_past_the_final_wait_is_synced_by_the_next_attempt(tmp_pat
     assert (out / "metrics.json").read_text() == rows
     run = _run(uri, ident["run_id"])
     assert run.info.status == "FINISHED" and "best/epoch" in run.data.metrics
+    assert run.data.metrics["cost/wall_s"] == json.loads((out / "summary.json").read_text())["cost"]["wall_s"]
     assert json.loads((out / "tracking.json").read_text())["pending"] is None
     assert_history_is_metrics_json(uri, ident["run_id"], out)
 

@@ -17,6 +17,7 @@ import math
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -314,7 +315,7 @@ class RunTracker:
             heartbeat(self.identity_dir)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch. Keys the
+        """best/*, cost/* and the energy trace means (energy/* with step = descent step), in one batch. Values the
         run already holds are not logged again (an earlier attempt, or a call whose answer was lost, sent them);
         a retry in this process writes the same timestamps (stores drop an identical row)."""
         points: list[tuple[str, Any, int]] = [(f"best/{k}", v, 0) for k, v in summary.get("best", {}).items()]
@@ -328,9 +329,10 @@ class RunTracker:
             if energy.get("fixed_point_step") is not None:  # absent when the descent never reached one
                 points.append((S.ENERGY_FIXED_POINT, energy["fixed_point_step"], 0))
         keys = [k for k, v, _ in points if _finite(v)]
-        if self._attached or self._stale or self._summary_ts is not None:
-            held = set(self.client.get_run(self._id()).data.metrics)
-            points = [p for p in points if p[0] not in held]
+        if self._attached or self._stale or self._summary_ts is not None:  # what the run holds is not sent again
+            held = self.client.get_run(self._id()).data.metrics  # (latest values; a changed value, such as a
+            series = {k for k, n in Counter(keys).items() if n > 1}  # cost/wall_s grown by a later attempt, goes)
+            points = [p for p in points if p[0] not in held or (p[0] not in series and held[p[0]] != float(p[1]))]
         if self._summary_ts is None:
             self._summary_ts = int(time.time() * 1000)
         self._log_points(points, self._summary_ts)
