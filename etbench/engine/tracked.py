@@ -214,14 +214,14 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
         old, prev = tracker.client, read_identity(out)
         old_id = tracker._id()
         run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.creation_tags())
-        why = (f"held epochs up to {max(held)} but the trial restarted from epoch {state.epoch} (its checkpoint is "
-               f"older or gone); continued as run {run_id}")
-        old.set_tag(old_id, S.TAG_CLOSED_REASON, why)
-        old.set_tag(old_id, S.TAG_ERROR, why)
-        old.set_terminated(old_id, status="KILLED")
-        if prev is not None:
+        if prev is not None:  # the folder names the new run first: an outage from here on leaves no doubt which
             write_identity(out, Identity(run_id, tracker.uri, tracker.experiment, 1, prev.wall_s_prior,
                                          prev.attempt_started_unix, prev.updated_unix))
+        why = (f"held epochs up to {max(held)} but the trial restarted from epoch {state.epoch} (its checkpoint is "
+               f"older or gone); continued as run {run_id}")  # (left live if the server goes now: the next
+        old.set_tag(old_id, S.TAG_CLOSED_REASON, why)  # sweep plan closes a live run its folder does not name)
+        old.set_tag(old_id, S.TAG_ERROR, why)
+        old.set_terminated(old_id, status="KILLED")
     tracker.log_epochs({i + 1: row for i, row in enumerate(state.history)})
 
 
