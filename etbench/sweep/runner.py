@@ -35,7 +35,7 @@ from etbench.storage import Storage
 from etbench.sweep import grid_parent
 from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
-from etbench.sweep.prologue import SweepContext, default_uri, open_sweep
+from etbench.sweep.prologue import SweepContext, open_sweep
 from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import (
     SweepError,
@@ -159,10 +159,6 @@ def run_sweep(grid_path: str | Path, *, results_dir: str | Path | None = None, s
 def _flag(storage: str | None, results_dir: str | Path | None) -> str:
     """The CLI flag the storage came from, for messages (``--results`` is the older name of ``--storage``)."""
     return "--results" if storage is None and results_dir is not None else "--storage"
-
-
-def _default_uri(st: Storage, flag: str) -> str:
-    return default_uri(st, flag)  # (etbench.sweep.prologue; kept under its older address)
 
 
 def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, resume: bool, force: bool,
