@@ -152,7 +152,10 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for k in ("ETBENCH_DATA", "ETBENCH_FAULT_MARKER", ENV_STORAGE,  # the limits of a trial's start (cluster/README)
-              "ETBENCH_TRAIN_START_TIMEOUT_S", "ETBENCH_TRAIN_START_RETRIES"):
+              "ETBENCH_TRAIN_START_TIMEOUT_S", "ETBENCH_TRAIN_START_RETRIES",
+              # how long a trial waits out a tracking-server outage (etbench.tracking.outage)
+              "ETBENCH_TRACKING_CALL_TIMEOUT_S", "ETBENCH_TRACKING_RETRY_S", "ETBENCH_TRACKING_START_WAIT_S",
+              "ETBENCH_TRACKING_FINAL_WAIT_S", "ETBENCH_DRIVER_LEASE_TTL_S"):
         if k in os.environ:
             env[k] = os.environ[k]
     return {**env, **client_provenance()}

@@ -70,3 +70,22 @@ def test_a_driver_that_lost_its_lease_does_not_remove_the_new_holders(tmp_path: 
     path = _write_holder(tmp_path, token="someone-else")  # another driver took over (we were thought dead)
     lease.release()
     assert json.loads(path.read_text())["token"] == "someone-else"
+
+
+def test_a_sweep_refuses_to_run_a_grid_another_driver_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease is taken in the prologue every grid passes: a second `etbench sweep run` of the grid on the same
+    storage is refused before any trial (no Ray started, no run opened)."""
+    import yaml
+
+    from etbench.sweep.runner import run_sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "models": ["et"], "seeds": [0],
+                                    "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 32,
+                                                      "limit_eval": 16}, "train": {"epochs": 1}}}))
+    monkeypatch.setenv("ETBENCH_DRIVER_LEASE_TTL_S", "0.4")
+    holder = _lease(tmp_path / "results", ttl=0.4)
+    with holder, pytest.raises(LeaseHeld, match=f"pid {holder.me['pid']}"):
+        run_sweep(grid, storage=str(tmp_path / "results"), progress=False)
+    assert not (tmp_path / "results" / "g" / "trials").exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()

@@ -32,7 +32,11 @@ from etbench.storage import Storage, exists, read_text, remove, write_text
 from etbench.sweep.trial import SweepError
 
 LEASE_FILE = "driver.lease"
-TTL_S = float(os.environ.get("ETBENCH_DRIVER_LEASE_TTL_S", "60"))
+TTL_ENV = "ETBENCH_DRIVER_LEASE_TTL_S"  # seconds without a heartbeat after which a lease is stale (default 60)
+
+
+def _ttl() -> float:
+    return float(os.environ.get(TTL_ENV, "60"))
 
 
 class LeaseHeld(SweepError):
@@ -65,7 +69,7 @@ class DriverLease:
 
     storage: Storage
     grid: str
-    ttl_s: float = TTL_S
+    ttl_s: float = field(default_factory=_ttl)
     progress: bool = True
     me: dict[str, Any] = field(default_factory=_me)
     _stop: threading.Event = field(default_factory=threading.Event)

@@ -3,8 +3,12 @@
 stores → admit every trial once, in the driver → pre-flight on every node (a marker each trial checks again).
 
 :func:`open_sweep` builds one :class:`SweepContext` per sweep; leaving it removes the pre-flight marker and shuts
-down a Ray it started. A single machine (no ``--address``, not inside ``ray job submit``, Ray not initialised) keeps
-the zero-setup defaults: a relative storage and the SQLite store under it, no pre-flight; its trials are admitted
+down a Ray it started. While it is open the sweep holds the grid's driver lease (:mod:`etbench.sweep.lease`: a
+second driver of the same grid on the same storage waits, then refuses), and runs hashed before the execution
+settings left the config hash have been re-tagged (:func:`migrate_hashes`).
+
+A single machine (no ``--address``, not inside ``ray job submit``, Ray not initialised) keeps the zero-setup
+defaults: a relative storage and the SQLite store under it, no pre-flight; its trials are admitted
 against the local Ray once that is up (:meth:`SweepContext.admit_local`).
 """
 
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.storage import Storage, StorageError
+from etbench.sweep.lease import DriverLease
 from etbench.sweep.trial import SweepError, init_ray, local_root
 
 
@@ -79,6 +84,22 @@ def default_uri(st: Storage, flag: str) -> str:
     return default_tracking_uri(st.local)
 
 
+def migrate_hashes(uri: str, experiment: str, progress: bool) -> None:
+    """Re-tag the experiment's runs hashed before the execution settings left the config hash (one pass over its
+    runs' params; :mod:`etbench.tracking.rehash`), so the sweep's dedup finds them instead of re-training them."""
+    from etbench.tracking.rehash import RehashError, rehash
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return  # a store this sweep is about to create holds nothing to migrate
+    try:
+        result = rehash(uri, experiment)
+    except RehashError:  # no such experiment yet
+        return
+    if progress and result.changed:
+        print(f"grid {experiment}: {len(result.changed)} run(s) hashed before the execution settings left the config "
+              f"hash re-tagged (old hash kept in tag etbench.config_hash_v1; docs/run_identity.md)")
+
+
 @contextmanager
 def open_sweep(spec: Any, *, storage: str | Path | None, address: str | None, tracking_uri: str | None,
                use_gpu: bool, flag: str = "--storage", posix: bool = False, progress: bool = True,
@@ -110,7 +131,13 @@ def open_sweep(spec: Any, *, storage: str | Path | None, address: str | None, tr
             stg.check_cluster_storage(st, uri, stg.cluster_size(), storage_flag=flag)
         ctx = SweepContext(st, uri or default_uri(st, flag), cluster, flag, dict(spec.resources.custom),
                            spec.resources.gpu_share, log=log)
-        yield ctx
+        lease = DriverLease(st, spec.name, progress=progress)  # one driver per grid (etbench.sweep.lease)
+        lease.acquire()
+        try:
+            migrate_hashes(ctx.uri, spec.tracking.experiment or spec.name, progress)
+            yield ctx
+        finally:
+            lease.release()
     finally:
         if ctx is not None and ctx.marker is not None:
             stg.remove(ctx.marker[0])

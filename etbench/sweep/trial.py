@@ -143,7 +143,13 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
     cfg = RunConfig.model_validate(payload["config"])
     if cfg.hash() != payload["config_hash"]:
         raise RuntimeError(f"config hash mismatch in trial payload: {cfg.hash()} != {payload['config_hash']}")
-    if find_finished(payload["uri"], payload["experiment"], cfg.hash()):
+    from etbench.tracking.outage import is_server, start_wait_s, wait_for
+
+    def finished() -> Any:  # a tracking-server outage at the trial's start waits (bounded), as opening the run does
+        return find_finished(payload["uri"], payload["experiment"], cfg.hash())
+
+    if (wait_for(finished, start_wait_s(), "looking up the trial's finished run") if is_server(payload["uri"])
+            else finished()):
         return {"status": "skipped", "config_hash": cfg.hash()}
     out = Path(payload["out"])
     ray_storage = payload.get("ray_storage")
