@@ -31,6 +31,7 @@ from typing import Any
 
 from etbench.config import CheckpointRetention, RunConfig
 from etbench.engine.loop import LoopState, StopRequested
+from etbench.engine.provenance import in_process_tags
 from etbench.engine.run import check_out, run_single
 from etbench.tracking import identity as run_identity
 from etbench.tracking import outage
@@ -81,27 +82,36 @@ def _bounded(tracker: RunTracker, fn: Callable[[], Any], budget_s: float, what: 
     return outage.wait_for(fn, budget_s, what, on_retry=tracker.mark_stale)
 
 
-def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str, Any] | None = None
-                   ) -> RunTracker:
+def start_tracking(spec: TrackingSpec, cfg: RunConfig, out: Path, data: dict[str, Any] | None = None, *,
+                   tags: dict[str, str] | None = None) -> RunTracker:
     """The tracker of the trial in ``out``: its earlier run re-attached, or a new run; ``tracking.json`` written.
     Either way the run is a child of the grid's parent run when the spec names one (a re-attached run is re-tagged:
     it may predate the parent, or come from a sweep whose parent run was replaced). A server that is unreachable
-    is waited for (``$ETBENCH_TRACKING_START_WAIT_S``): the run id must be on disk before the first epoch."""
+    is waited for (``$ETBENCH_TRACKING_START_WAIT_S``): the run id must be on disk before the first epoch.
+
+    ``tags``: the provenance and placement of the process that trains (:mod:`etbench.engine.provenance`), set on a
+    new run and again on a re-attached one (a retry may run on another node). A Ray Train driver passes none:
+    rank 0 sets them (:mod:`etbench.engine.worker`)."""
     tracker = spec.tracker()
     tracker.identity_dir = Path(out)
 
     def opened() -> None:
         open_run(tracker, out, lambda: tracker.start(cfg, grid=spec.grid, axes=spec.axes, data=data,
-                                                     extra_tags=spec.creation_tags()), fallback_run_id=spec.run_id)
+                                                     extra_tags={**spec.creation_tags(), **(tags or {})}),
+                 fallback_run_id=spec.run_id)
         if spec.parent_run_id and tracker.attached:
             tracker.set_tag(S.TAG_PARENT_RUN, spec.parent_run_id)
+        if tags and tracker.attached:
+            tracker.set_tags(tags)
 
     _bounded(tracker, opened, outage.start_wait_s(), "opening the run")
     return tracker
 
 
-def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path, *, checksum: str | None = None) -> None:
-    """The epochs MLflow lacks (from ``out/metrics.json``), the dataset checksum tag, summary, artifacts, FINISHED.
+def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path, *, checksum: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
+    """The epochs MLflow lacks (from ``out/metrics.json``), the dataset checksum tag (and ``tags``: rank 0's
+    provenance, in case setting them at its start met an outage), summary, artifacts, FINISHED.
     ``cost/wall_s`` becomes the wall time over every attempt of the trial (from ``out/tracking.json``), also in
     ``summary`` and ``out/summary.json``.
 
@@ -121,6 +131,7 @@ def end_tracking(tracker: RunTracker, summary: dict[str, Any], out: Path, *, che
             tracker.log_history(json.loads(metrics.read_text()))  # waiting out an outage): added now
         if checksum is not None:
             tracker.set_tag(S.TAG_DATASET_CHECKSUM, checksum)
+        tracker.set_tags(tags or {})
         tracker.log_summary(summary)
         tracker.log_artifacts(out, RUN_ARTIFACTS)
         tracker.finish("FINISHED")
@@ -204,7 +215,8 @@ def _sync_only(spec: TrackingSpec, cfg: RunConfig, out: Path) -> dict[str, Any] 
     return summary
 
 
-def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out: Path, state: LoopState) -> None:
+def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out: Path, state: LoopState,
+                   tags: dict[str, str]) -> None:
     """Before the first epoch of an attempt: the run must hold no epoch past the attempt's checkpoint (else it is
     closed KILLED and a new run takes over), and it gets the checkpointed epochs it lacks."""
     held = tracker.logged_epochs()
@@ -213,7 +225,7 @@ def _continue_from(tracker: RunTracker, spec: TrackingSpec, cfg: RunConfig, out:
 
         old, prev = tracker.client, read_identity(out)
         old_id = tracker._id()
-        run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags=spec.creation_tags())
+        run_id = tracker.start(cfg, grid=spec.grid, axes=spec.axes, extra_tags={**spec.creation_tags(), **tags})
         if prev is not None:  # the folder names the new run first: an outage from here on leaves no doubt which
             write_identity(out, Identity(run_id, tracker.uri, tracker.experiment, 1, prev.wall_s_prior,
                                          prev.attempt_started_unix, prev.updated_unix))
@@ -235,13 +247,14 @@ def run_tracked(cfg: RunConfig, out: Path, spec: TrackingSpec | None, *, resume:
     check_out(cfg, out, resume)  # before the run is opened: a refused folder leaves its run as it was
     if resume and (synced := _sync_only(spec, cfg, out)) is not None:
         return synced
-    tracker = start_tracking(spec, cfg, out)
+    tags = in_process_tags(cfg)  # this process trains: its code, host, device and precision regime
+    tracker = start_tracking(spec, cfg, out, tags=tags)
 
     def committed(state: LoopState) -> None:  # the epochs up to this checkpoint stand: log those MLflow lacks
         tracker.log_epochs({i + 1: row for i, row in enumerate(state.history)})
 
     def continued(state: LoopState) -> None:
-        _bounded(tracker, lambda: _continue_from(tracker, spec, cfg, out, state), outage.start_wait_s(),
+        _bounded(tracker, lambda: _continue_from(tracker, spec, cfg, out, state, tags), outage.start_wait_s(),
                  "opening the run")
 
     try:

@@ -32,6 +32,7 @@ from etbench.config import RunConfig
 from etbench.engine.build import build_model, build_task, seed_everything
 from etbench.engine.loop import LoopState, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
+from etbench.engine.provenance import nodes_spanned, precision, run_tags
 from etbench.engine.retention import SCORE_KEY, checkpoint_score
 from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
@@ -109,9 +110,8 @@ def train_worker(config: dict[str, Any]) -> None:
     phases: dict[str, float] = {"worker_start_unix": time.time()}
     # rank 0 opens its MLflow store (engine creation + schema check, ~1 s on SQLite) while data and DeepSpeed load
     pool = ThreadPoolExecutor(1, thread_name_prefix="etbench-mlflow")
-    pending_tracker: Future[Any] | None = (pool.submit(_attached_tracker, spec)
-                                           if rank == 0 and spec is not None and spec.run_id else None)
-    pool.shutdown(wait=False)
+    attached: Future[Any] | None = (pool.submit(_attached_tracker, spec)
+                                    if rank == 0 and spec is not None and spec.run_id else None)
     device = _device(cfg)
     dtype = torch.bfloat16 if cfg.dist.use_gpu and cfg.train.bf16 else torch.float32
     seed_everything(cfg.train.seed)
@@ -125,6 +125,11 @@ def train_worker(config: dict[str, Any]) -> None:
     backend = DeepSpeedBackend(factory(), cfg, task.num_train_batches(), device, getattr(task, "micro_batch", 1),
                                model_factory=factory)
     phases["deepspeed_init_s"] = time.perf_counter() - t_start - phases["data_s"]
+    spanned = nodes_spanned()  # a collective: every rank
+    # rank 0's code, node, device and the regime DeepSpeed trains in (its bf16 decision), tagged on the same thread
+    tags = run_tags(device, precision(backend.bf16, deepspeed=True), spanned) if rank == 0 else {}
+    pending_tracker = pool.submit(_tagged, attached, tags) if attached is not None else None
+    pool.shutdown(wait=False)
     state, resumed_from = LoopState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -185,7 +190,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if tracker is not None:
             try:
                 end_tracking(tracker, summary, out,
-                             checksum=str(data["checksum"]) if "checksum" in data else None)
+                             checksum=str(data["checksum"]) if "checksum" in data else None, tags=tags)
             except TrackingPendingError as exc:
                 untracked = exc  # reported below, after the final checkpoint: the results are complete
     report(state, {SUMMARY_KEY: json.dumps(summary, default=float)})  # Ray's Result.metrics = last checkpoint's
@@ -199,4 +204,12 @@ def _attached_tracker(spec: TrackingSpec) -> Any:
     tracker.attach(spec.run_id)
     run_id = spec.run_id  # the first query opens the store: done here, off the critical path (a sink call: an
     tracker.sink_call(lambda: tracker.client.get_run(run_id), "opening the store")  # unreachable server waits)
+    return tracker
+
+
+def _tagged(attached: Future[Any], tags: dict[str, str]) -> Any:
+    """The attached tracker once rank 0's provenance tags are set (a sink call: an unreachable server skips them
+    here; :func:`end_tracking` sets them again when the run closes)."""
+    tracker = attached.result()
+    tracker.sink_call(lambda: tracker.set_tags(tags), "tagging the run")
     return tracker

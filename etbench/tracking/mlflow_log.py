@@ -199,6 +199,13 @@ class RunTracker:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self._id(), key, value)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Several tags in one call (the provenance and placement tags of each attempt's training process)."""
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(self._id(), tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def logged_epochs(self) -> set[int]:
         """The epochs (1-based steps of ``train/loss``, which every epoch row has) the run already holds. Read
         from the store for an attached run, and again after a call that failed mid-flight (its write may have

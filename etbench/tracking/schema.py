@@ -16,7 +16,18 @@ Tags (all strings):
     etbench.split             split index (graph tasks; "-1" when not applicable)
     etbench.axis.<name>       value of each swept grid axis (e.g. etbench.axis.model.steps = "4")
     etbench.paper_comparable  "true" | "false" (small presets are not paper-comparable)
-    etbench.git_commit        commit of the code that ran
+    etbench.git_commit        commit where the run was submitted (stamped by the submitter; "unknown" when the
+                              code came from an image built without GIT_COMMIT)
+    etbench.code_hash         16 hex of sha256 over the source (.py files) of the etbench package the training
+                              process imported (rank 0 of a Ray Train run): the code that ran, observed
+    etbench.device_name       the GPU's name (torch.cuda.get_device_name) of a GPU run, else the CPU model
+    etbench.hostname          host name of the process that trained (rank 0)
+    etbench.node_ip           Ray node IP of the process that trained (rank 0; the host's address outside Ray)
+    etbench.nodes_spanned     distributed (Ray Train) runs: how many distinct Ray nodes its workers ran on
+    etbench.precision         the regime it trained in: "autocast-bf16" (one worker on GPU, train.bf16: fp32
+                              weights, bf16 autocast), "bf16" (DeepSpeed with bf16: bf16 weights and bf16
+                              gradient reduction), "fp32" (CPU, or train.bf16 false); cost and accuracy of runs
+                              differing here or in device_name are not comparable
     etbench.git_dirty         true/false: uncommitted changes to tracked files where the run was submitted
     etbench.dataset_checksum  checksum / file-list hash of the data
     etbench.versions          JSON of package versions
@@ -111,6 +122,12 @@ TAG_AXIS_PREFIX = "etbench.axis."
 TAG_PAPER_COMPARABLE = "etbench.paper_comparable"
 TAG_GIT_COMMIT = "etbench.git_commit"
 TAG_GIT_DIRTY = "etbench.git_dirty"
+TAG_CODE_HASH = "etbench.code_hash"  # sha256 (16 hex) of the etbench source the training process imported
+TAG_DEVICE_NAME = "etbench.device_name"  # GPU name, or the CPU model of a CPU run
+TAG_HOSTNAME = "etbench.hostname"  # host of the process that trained (rank 0)
+TAG_NODE_IP = "etbench.node_ip"  # Ray node IP of the process that trained (rank 0)
+TAG_NODES_SPANNED = "etbench.nodes_spanned"  # Ray Train runs: distinct nodes of the run's workers
+TAG_PRECISION = "etbench.precision"  # "autocast-bf16" | "bf16" | "fp32" (etbench.engine.provenance.precision)
 TAG_DATASET_CHECKSUM = "etbench.dataset_checksum"
 TAG_VERSIONS = "etbench.versions"
 TAG_ERROR = "etbench.error"
