@@ -32,7 +32,7 @@ from etbench.config import RunConfig
 from etbench.engine.build import build_model, build_task, seed_everything
 from etbench.engine.loop import LoopState, train_loop
 from etbench.engine.memory import StepMemory, state_tensors
-from etbench.engine.provenance import nodes_spanned, precision, run_tags
+from etbench.engine.provenance import nodes_spanned, precision, run_tags, trains_bf16
 from etbench.engine.retention import SCORE_KEY, checkpoint_score
 from etbench.engine.run import finish_run, write_metrics
 from etbench.engine.tracked import TrackingSpec, end_tracking
@@ -113,7 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
     attached: Future[Any] | None = (pool.submit(_attached_tracker, spec)
                                     if rank == 0 and spec is not None and spec.run_id else None)
     device = _device(cfg)
-    dtype = torch.bfloat16 if cfg.dist.use_gpu and cfg.train.bf16 else torch.float32
+    dtype = torch.bfloat16 if trains_bf16(cfg.train, device.type) else torch.float32  # DeepSpeed's bf16 inputs
     seed_everything(cfg.train.seed)
     task = build_task(cfg, device, rank, world, dtype)
     data = task.describe()
