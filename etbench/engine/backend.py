@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from etbench.config import TrainConfig
+from etbench.engine.provenance import trains_bf16
 from etbench.errors import EtbenchError
 
 
@@ -139,7 +140,7 @@ class PlainBackend:
         return self.model
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda" and self.cfg.bf16:
+        if trains_bf16(self.cfg, self.device.type):  # the one precision rule (etbench.engine.provenance)
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from etbench.config import ConfigError, RunConfig
 from etbench.engine.backend import make_scheduler, optimizer_groups, rng_state, set_rng_state
+from etbench.engine.provenance import trains_bf16
 
 CKPT_TAG = "ds"
 _NEVER = 10**9
@@ -78,7 +79,7 @@ def ds_config(cfg: RunConfig, world_size: int, micro_batch: int) -> dict[str, An
     if world_size < 1 or micro_batch < 1:
         raise ValueError(f"ds_config needs world_size >= 1 and micro_batch >= 1, got {world_size}, {micro_batch}")
     d = cfg.dist
-    bf16 = d.use_gpu and cfg.train.bf16
+    bf16 = trains_bf16(cfg.train, "cuda" if d.use_gpu else "cpu")  # the one precision rule
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.zero_stage == 3:
         # partition every parameter (DeepSpeed keeps tensors < 1e5 elements whole by default, i.e. all of a small ET)
