@@ -9,11 +9,18 @@ on 127.0.0.1. Checked:
 
 - a relative ``--results`` and a SQLite tracking URI are refused before any trial starts, naming the setting;
 - a dataset that only the head has is reported for node 127.0.0.3 before any trial starts;
-- one-worker trials pinned to the worker node (a custom resource only it has: placement by resource, not by
-  timing) are FINISHED in the head's server store and shared storage with the submitter's git commit;
 - a 2-worker DeepSpeed trial that spans both nodes checkpoints to the shared storage; its worker node is killed by
   PID mid-trial and restarted, and ``--resume`` finishes it from the shared checkpoint with no config hash
-  FINISHED twice.
+  FINISHED twice;
+- chaos (issue 23): a grid of one-worker trials pinned to the worker node (a custom resource only it has:
+  placement by resource, not by timing), with the project's default retries, loses its driver (SIGKILL, then
+  ``--resume``), its worker node (SIGKILL, back 10 s later: Ray Tune retries the trials it held) and its tracking
+  server (black-holed through a proxy, then restarted on the same store), each while a trial is mid-run after a
+  checkpoint. Oracle from the store and the shared trial folders alone (:func:`etbench.testing.chaos.audit`):
+  exactly one FINISHED run per planned config hash, none left RUNNING, every other run closed with a reason, each
+  FINISHED run's per-epoch validation history holds every epoch once and equals ``metrics.json``, every trial a
+  fault hit continued its own run, an interrupted trial ends bit-identical to the same config trained once
+  uninterrupted, and every run carries the submitter's git commit and ran on the worker node.
 
 Everything the fixture starts is stopped by PID (the worker's session, the processes naming this test's directory
 or GCS address); no other Ray on the machine is touched.
@@ -25,13 +32,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from etbench.testing.chaos import audit
 from etbench.testing.loopback_cluster import (
     BIN,
     CLUSTER,
@@ -55,7 +63,7 @@ MultiNode = LoopbackCluster  # the cluster these tests run on (etbench.testing.l
 
 @pytest.fixture(scope="module")
 def multinode() -> Iterator[LoopbackCluster]:
-    with loopback_cluster(node_cpus=NODE_CPUS, worker_slots=2, prefix="etbm-") as cl:
+    with loopback_cluster(node_cpus=NODE_CPUS, worker_slots=2, proxy=True, prefix="etbm-") as cl:
         yield cl
 
 
@@ -142,33 +150,7 @@ def test_a_dataset_missing_on_the_worker_is_reported_by_node(multinode: MultiNod
     assert runs_of(multinode, "mn_nodata") == [] and not (multinode.shared / "mn_nodata" / "trials").exists()
 
 
-# --- trials on the worker node, one shared store -----------------------------------------------------------------
-def test_trials_on_the_worker_node_all_finished_in_one_store_with_the_commit(multinode: MultiNode) -> None:
-    """Both trials are pinned to the worker node by a resource only it has. (Left to Ray, two short trials do not
-    reliably use both nodes: Tune's actor reuse hands the second trial the head's actor when the first ends before
-    the worker's actor has started.) The head runs trials in the DeepSpeed test below, whose two workers cannot
-    share a node."""
-    from etbench.sweep.grid import expand, load_grid
-
-    grid = write_grid(multinode, "mn_both", axes={"model.et.steps": [1, 2]},
-                      resources={"workers": 1, "cpus_per_worker": 1.0, "custom": {WORKER_SLOT: 1}})
-    commit = head_commit()
-    status, logs = submit(multinode, grid, "--storage", str(multinode.shared))
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert "pre-flight: 2 node(s) see storage" in logs and "2 finished, 0 failed" in logs, logs[-3000:]
-    rows = [json.loads(line) for f in multinode.shared.glob("ray/mn_both-*/*/result.json")
-            for line in f.read_text().splitlines()]
-    assert len(rows) >= 2 and {row["node_ip"] for row in rows} == {WORKER_IP}, rows
-    planned = {t.config_hash for t in expand(load_grid(grid))}
-    runs = runs_of(multinode, "mn_both")
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    assert {r.data.tags["etbench.config_hash"] for r in runs} == planned
-    for r in runs:  # the working-dir copy has no .git: the commit came from the submitter
-        assert r.data.tags["etbench.git_commit"] == commit and r.data.tags["etbench.git_dirty"] in ("true", "false")
-        h = r.data.tags["etbench.config_hash"]
-        assert (multinode.shared / "mn_both" / "trials" / h / "summary.json").is_file()  # written on the worker
-
-
+# --- a DeepSpeed trial across both nodes ----------------------------------------------------------------------
 def test_deepspeed_trial_across_both_nodes_resumes_after_losing_a_node(multinode: MultiNode) -> None:
     from ray.util.state import list_actors
 
@@ -224,3 +206,110 @@ def test_deepspeed_trial_across_both_nodes_resumes_after_losing_a_node(multinode
     assert summary["distributed"]["workers"] == 2 and summary["distributed"]["resumed_from_epoch"] >= 1
     history = json.loads((trials / finished[0] / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [float(e) for e in range(1, 7)]
+
+
+# --- chaos: driver, node and tracking server lost while the grid runs ----------------------------------------
+EPOCHS = 6
+BLACKHOLE_S = 20  # `etbench bench chaos` holds the server for 90 s
+CHAOS_GRID = {"name": "chaos", "models": ["et"], "seeds": [0], "max_concurrent_trials": 2,
+        "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 1024, "limit_eval": 32},
+                 "train": {"epochs": EPOCHS, "batch_size": 64, "lr": 0.003, "eval_trace_samples": 2,
+                           "checkpoint_every": 1}},
+        "axes": {"model.et.steps": [1, 2, 3, 4]},
+        "resources": {"workers": 1, "cpus_per_worker": 1.0, "custom": {WORKER_SLOT: 1}}}
+
+
+def progress(trials: Path) -> dict[str, tuple[int, bool]]:
+    """Config hash → (latest checkpointed epoch, finished) of every trial folder on the shared storage."""
+    out = {}
+    for folder in trials.glob("*"):
+        retained = folder / "checkpoints" / "retained.json"
+        latest = json.loads(retained.read_text()).get("latest", 0) if retained.exists() else 0
+        out[folder.name] = (int(latest), (folder / "summary.json").exists())
+    return out
+
+
+def wait_for(what: str, cond: Callable[[], Any], cl: LoopbackCluster, sid: str, timeout: float = 300) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        status = cl.status(sid)
+        assert status in ("PENDING", "RUNNING"), f"job {status} before {what}:\n{cl.logs(sid)[-4000:]}"
+        time.sleep(0.3)
+    pytest.fail(f"no {what} within {timeout:.0f} s:\n{cl.logs(sid)[-4000:]}")
+
+
+def mid_trial(trials: Path, after: dict[str, tuple[int, bool]] | None = None) -> Callable[[], list[str]]:
+    """Trials with a checkpoint newer than in ``after`` and no final summary yet: a fault now hits a trial mid-run."""
+    def cond() -> list[str]:
+        before = after or {}
+        return [h for h, (epoch, done) in progress(trials).items()
+                if epoch >= 1 and not done and epoch > before.get(h, (0, False))[0]]
+    return cond
+
+
+def test_a_grid_survives_driver_node_and_tracking_server_loss(multinode: LoopbackCluster, tmp_path: Path) -> None:
+    cluster = multinode
+    from etbench.config import RunConfig
+    from etbench.engine.run import run_single
+    from etbench.sweep.grid import expand, load_grid
+
+    grid = cluster.base / "job" / "chaos.yaml"  # read by the driver, which runs on the head
+    grid.write_text(yaml.safe_dump(CHAOS_GRID))
+    trials = cluster.shared / "chaos" / "trials"
+    planned = {t.config_hash: t for t in expand(load_grid(grid))}
+
+    # 1. driver lost mid-trial, grid resubmitted with --resume
+    sid = cluster.submit(cluster.sweep_args(grid))
+    hit_driver = wait_for("first checkpoint", mid_trial(trials), cluster, sid)
+    cluster.kill_driver(sid)
+    assert cluster.status(sid) in ("FAILED", "STOPPED")
+    before = progress(trials)
+    sid = cluster.submit(cluster.sweep_args(grid, "--resume"))
+
+    # 2. the worker node lost mid-trial and back 10 s later: Tune retries the trials it held
+    hit_node = wait_for("a checkpoint after --resume", mid_trial(trials, before), cluster, sid)
+    cluster.kill_worker()
+    time.sleep(10)
+    cluster.start_worker()
+
+    # 3. the tracking server stops answering while a trial runs, then restarts on the same store
+    hit_mlflow = wait_for("a trial running after the node loss", mid_trial(trials, progress(trials)), cluster, sid)
+    cluster.proxy.set_mode("blackhole")
+    time.sleep(BLACKHOLE_S)
+    cluster.restart_mlflow()
+    cluster.proxy.set_mode("pass")
+
+    status = cluster.wait(sid, 600)
+    logs = cluster.logs(sid)
+    assert status == "SUCCEEDED", logs[-5000:]
+    result = audit(cluster.direct_uri, "chaos", {h: EPOCHS for h in planned}, trials)
+    assert result.problems == [], (result.as_dict(), logs[-3000:])
+    assert result.finished == len(planned) == 4
+    for h in {*hit_driver, *hit_node}:  # every trial a fault hit ran again and continued its own run
+        assert result.attempts.get(h, 1) >= 2, (h, result.attempts)
+    assert hit_mlflow
+    commit = head_commit()
+    for r in cluster.runs("chaos"):  # the working-dir copy has no .git: the commit came from the submitter
+        if r.info.status == "FINISHED":
+            assert r.data.tags["etbench.git_commit"] == commit and r.data.tags["etbench.git_dirty"] in ("true", "false")
+    rows = [json.loads(line) for f in cluster.shared.glob("ray/chaos-*/*/result.json")
+            for line in f.read_text().splitlines()]
+    assert rows and {row["node_ip"] for row in rows} == {WORKER_IP}, rows  # placed by resource on the worker node
+
+    # an interrupted trial ends bit-identical to the same config trained once, uninterrupted
+    import torch
+
+    h = sorted(hit_node)[0]
+    cfg = RunConfig.model_validate(planned[h].config.model_dump(mode="json"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial (dist.cpus_per_worker 1): the same reductions, bit for bit
+    try:
+        ref = run_single(cfg, tmp_path / "ref", progress=False).state.history
+    finally:
+        torch.set_num_threads(threads)
+    got = json.loads((trials / h / "metrics.json").read_text())
+    for key in ("train/loss", "val/loss"):
+        assert [r[key] for r in got] == [r[key] for r in ref], key
