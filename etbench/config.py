@@ -148,6 +148,13 @@ class DistConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     deepspeed: bool = Field(False, description="run under DeepSpeed even with one worker")
 
+    @property
+    def in_process(self) -> bool:
+        """The one rule for where a run trains: in the calling process (one worker, no DeepSpeed:
+        :func:`etbench.engine.tracked.run_tracked`) or as a Ray Train job of DeepSpeed ranks
+        (:func:`etbench.engine.launch.fit`)."""
+        return self.workers == 1 and not self.deepspeed
+
 
 class RunConfig(_Strict):
     """One fully resolved run."""

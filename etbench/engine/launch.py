@@ -242,7 +242,7 @@ def fit(cfg: RunConfig, out: Path, *, tracking: TrackingSpec | None = None, resu
         from etbench.engine.ds_backend import check_dist_config
 
         check_dist_config(cfg)  # the cluster's resources are checked once attached
-    if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
+    if cfg.dist.in_process:
         from etbench.engine.tracked import run_tracked
 
         return run_tracked(cfg, out, tracking, resume=resume, progress=progress, retention=retention)

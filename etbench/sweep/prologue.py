@@ -4,8 +4,8 @@ stores → admit every trial once, in the driver → pre-flight on every node (a
 
 :func:`open_sweep` builds one :class:`SweepContext` per sweep; leaving it removes the pre-flight marker and shuts
 down a Ray it started. While it is open the sweep holds the grid's driver lease (:mod:`etbench.sweep.lease`: a
-second driver of the same grid on the same storage waits, then refuses), and runs hashed before the execution
-settings left the config hash have been re-tagged (:func:`migrate_hashes`).
+second driver of the same grid on the same storage waits, then refuses). Before a sweep looks up what its store
+holds, :func:`migrate_hashes` re-tags runs hashed before the execution settings left the config hash.
 
 A single machine (no ``--address``, not inside ``ray job submit``, Ray not initialised) keeps the zero-setup
 defaults: a relative storage and the SQLite store under it, no pre-flight; its trials are admitted
@@ -134,7 +134,6 @@ def open_sweep(spec: Any, *, storage: str | Path | None, address: str | None, tr
         lease = DriverLease(st, spec.name, progress=progress)  # one driver per grid (etbench.sweep.lease)
         lease.acquire()
         try:
-            migrate_hashes(ctx.uri, spec.tracking.experiment or spec.name, progress)
             yield ctx
         finally:
             lease.release()

@@ -93,7 +93,7 @@ def deepspeed_share_error(resources: Resources, cfg: Any) -> str | None:
     """Why a resolved run ``cfg`` cannot take the grid's GPU share (None when it can): a fraction of a GPU for a
     run under DeepSpeed, whose every rank needs a whole device."""
     d = cfg.dist
-    if resources.gpu_share >= 1 or not d.use_gpu or (d.workers == 1 and not d.deepspeed):
+    if resources.gpu_share >= 1 or not d.use_gpu or d.in_process:
         return None
     return (f"resources.gpus_per_worker {resources.gpu_share:g} is a fraction of a GPU, but this trial runs under "
             f"DeepSpeed (dist.workers {d.workers}, dist.deepspeed {str(d.deepspeed).lower()}), whose every rank "

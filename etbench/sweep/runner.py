@@ -35,7 +35,7 @@ from etbench.storage import Storage
 from etbench.sweep import grid_parent
 from etbench.sweep import trial as lifecycle
 from etbench.sweep.grid import GridSpec, Trial, expand, load_grid
-from etbench.sweep.prologue import SweepContext, open_sweep
+from etbench.sweep.prologue import SweepContext, migrate_hashes, open_sweep
 from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import (
     SweepError,
@@ -47,6 +47,7 @@ from etbench.sweep.trial import (
     set_aside,
     trial_dir,
 )
+from etbench.sweep.trial import payload as trial_payload
 from etbench.sweep.tune_stage import run_tuned
 from etbench.tracking import schema as S
 from etbench.tracking.identity import supersede_runs
@@ -81,21 +82,16 @@ def _trial_payload(t: Trial, spec: GridSpec, uri: str, experiment: str, st: Stor
 
         st = resolve_storage(st)
     results_dir = local_root(st)
-    return {
-        "config": t.config.model_dump(mode="json"), "config_hash": t.config_hash, "run_name": t.run_name,
-        "axes": t.axes, "out": str(trial_dir(results_dir, spec.name, t.config_hash)), "uri": uri,
-        "experiment": experiment, "grid": spec.name, "resume": resume, "run_id": run_id,
+    sweep = {"marker": list(marker) if marker else None, "admitted": True,  # admitted once, in the driver
+             "custom": dict(spec.resources.custom), "gpus_per_worker": spec.resources.gpu_share}
+    return trial_payload(
+        t.config, run_name=t.run_name, axes=t.axes, out=trial_dir(results_dir, spec.name, t.config_hash), uri=uri,
+        experiment=experiment, grid=spec.name, resume=resume, run_id=run_id, sweep_fields=sweep,
+        checkpoints=spec.checkpoints.model_dump(), parent_run_id=parent_run_id,
         # Ray Train's storage of a multi-worker trial: beside the trial folder, or under the URI storage
-        "ray_storage": st.join(spec.name, "trials", t.config_hash, "ray") if st.is_uri else None,
-        "marker": list(marker) if marker else None,
-        "admitted": True,  # run_sweep admits every trial once, in the driver (a trial's node cannot see node types)
-        "custom": dict(spec.resources.custom),  # extra Ray resources per worker (accelerator types, test stand-ins)
-        "gpus_per_worker": spec.resources.gpu_share,  # placement only, like custom (etbench.sweep.resources)
-        "checkpoints": spec.checkpoints.model_dump(),  # retention, not part of the config hash
+        ray_storage=st.join(spec.name, "trials", t.config_hash, "ray") if st.is_uri else None,
         # a tracking server stores (proxies) artifacts itself; a local store keeps them beside the results
-        "artifact_root": None if uri.startswith("http") or st.is_uri else str(results_dir / "artifacts"),
-        "parent_run_id": parent_run_id,  # the grid's parent run (etbench.sweep.grid_parent)
-    }
+        artifact_root=None if uri.startswith("http") or st.is_uri else str(results_dir / "artifacts"))
 
 
 def _tune_trainable(config: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +164,8 @@ def _plan_trials(spec: GridSpec, trials: list[Trial], st: Storage, uri: str, res
     Every planned hash keeps at most one live run: the one its trial folder names (:func:`plan_hash`); other
     RUNNING/SCHEDULED runs of the hash, also of hashes already FINISHED, are closed KILLED with a reason."""
     from etbench.storage import exists
+
+    migrate_hashes(uri, spec.tracking.experiment or spec.name, progress)  # an older store's hashes, before dedup
 
     experiment = spec.tracking.experiment or spec.name
     results_dir = local_root(st)

@@ -122,6 +122,25 @@ def set_aside_stale(out: Path, uri: str, uri_folder: str | None = None) -> str |
     return label
 
 
+def payload(cfg: Any, *, run_name: str, axes: dict[str, Any], out: str | Path, uri: str, experiment: str,
+            grid: str, resume: bool, run_id: str | None, sweep_fields: dict[str, Any], checkpoints: dict[str, Any],
+            artifact_root: str | None, parent_run_id: str | None, ray_storage: str | None = None,
+            tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """The one trial payload, plain grid (:mod:`etbench.sweep.runner`) and tuned grid
+    (:mod:`etbench.sweep.tune_stage`) alike: what :func:`run_trial` needs, picklable for a Tune trial actor.
+
+    ``sweep_fields``: the prologue's part (marker, admitted, custom resources, GPU share:
+    :meth:`etbench.sweep.prologue.SweepContext.trial_fields`); ``run_id``: the run an older folder that names none
+    continues; ``ray_storage``: Ray Train's storage of a distributed trial on a URI storage (None: beside the
+    folder); ``checkpoints``: retention, not part of the config hash; ``artifact_root``: None when the tracking
+    server stores artifacts itself."""
+    return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
+            "out": str(out), "uri": uri, "experiment": experiment, "grid": grid, "resume": resume, "run_id": run_id,
+            "ray_storage": ray_storage, "marker": None, "admitted": False, "custom": {}, "gpus_per_worker": 1.0,
+            **sweep_fields, "checkpoints": checkpoints, "artifact_root": artifact_root,
+            "parent_run_id": parent_run_id, "tags": tags or {}}
+
+
 def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[str, Any] | None = None
               ) -> dict[str, Any]:
     """Execute one trial (inside a Tune trial actor, or directly). Diverged runs are FAILED, not retried.
@@ -161,7 +180,7 @@ def run_trial(payload: dict[str, Any], on_epoch: Any = None, tune_report: dict[s
                         parent_run_id=payload.get("parent_run_id"))
     keep = CheckpointRetention.model_validate(payload.get("checkpoints") or {})  # the grid's checkpoints:
     try:
-        if cfg.dist.workers == 1 and not cfg.dist.deepspeed:
+        if cfg.dist.in_process:
             from etbench.engine.tracked import run_tracked
 
             summary = run_tracked(cfg, out, spec, resume=resume, progress=False, on_epoch=on_epoch, retention=keep)

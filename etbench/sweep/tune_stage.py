@@ -36,9 +36,10 @@ from unittest import mock
 from etbench.sweep import grid_parent
 from etbench.sweep import tuning as T
 from etbench.sweep.grid import GridSpec
-from etbench.sweep.prologue import SweepContext, open_sweep
+from etbench.sweep.prologue import SweepContext, migrate_hashes, open_sweep
 from etbench.sweep.resources import trial_bundle
 from etbench.sweep.trial import SweepError, SweepResult, init_ray, plan_hash, record_results, run_trial
+from etbench.sweep.trial import payload as trial_payload
 from etbench.sweep.tune_runs import _client, _close_orphans, _close_stopped_run, select
 from etbench.tracking import schema as S
 from etbench.tracking.lookup import run_refs
@@ -62,12 +63,11 @@ def _payload(ctx: dict[str, Any], cfg: Any, run_name: str, axes: dict[str, Any],
     """One tuned trial's payload. ``sweep``: the prologue's fields of *this* sweep (marker, admitted, custom
     resources, GPU share: :meth:`etbench.sweep.prologue.SweepContext.trial_fields`) — never taken from ``ctx``,
     which a restored search brings back from the sweep that started it."""
-    fields = {"marker": None, "custom": {}, **(sweep or {})}
-    return {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "run_name": run_name, "axes": axes,
-            "out": str(Path(ctx["trials"]) / cfg.hash()), "uri": ctx["uri"], "experiment": ctx["experiment"],
-            "grid": ctx["grid"], "resume": True, "run_id": run_id, "artifact_root": ctx["artifact_root"],
-            "ray_storage": None, **fields, "tags": tags, "parent_run_id": _parent(ctx),
-            "checkpoints": ctx.get("checkpoints") or {}}  # absent in a search stored before retention existed
+    return trial_payload(cfg, run_name=run_name, axes=axes, out=Path(ctx["trials"]) / cfg.hash(), uri=ctx["uri"],
+                         experiment=ctx["experiment"], grid=ctx["grid"], resume=True, run_id=run_id,
+                         sweep_fields=sweep or {}, artifact_root=ctx["artifact_root"], parent_run_id=_parent(ctx),
+                         checkpoints=ctx.get("checkpoints") or {},  # absent in a search stored before retention
+                         tags=tags)
 
 
 def _parent(ctx: dict[str, Any]) -> str | None:
@@ -398,6 +398,7 @@ def _stages(spec: GridSpec, gs: list[T.Group], res: TunedResult, sweep: SweepCon
     from ray import tune
 
     root, uri = sweep.storage.local, sweep.uri
+    migrate_hashes(uri, experiment, progress)  # an older store's hashes, before any dedup lookup
     trials_root = root / spec.name / "trials"
     started = init_ray(address, spec.resources.use_gpu, state_api=not _in_actor(spec))  # stopped Train trials
     try:
