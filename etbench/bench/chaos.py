@@ -56,7 +56,7 @@ def tuned_grid(name: str, epochs: int, configurations: int) -> dict[str, Any]:
                      "train": {"epochs": epochs, "batch_size": 64, "eval_trace_samples": 2, "checkpoint_every": 1},
                      "model": {"et": {"steps": 2}}},
             "resources": {"workers": 1, "cpus_per_worker": 1.0},
-            "tuning": {"algorithm": "random", "search_seed": 3,
+            "tuning": {"algorithm": "random", "search_seed": 3, "scheduler": {"kind": "none"},
                        "budget": {"configurations": configurations, "epochs": epochs},
                        "models": {"et": {"space": {"train.lr": lr}}, "vit": {"space": {"train.lr": lr}}}}}
 
