@@ -40,7 +40,7 @@ def plain_grid(name: str, trials: int, epochs: int) -> dict[str, Any]:
     steps = [1, 2, 3, 4]
     seeds = list(range(max(1, -(-trials // len(steps)))))
     return {"name": name, "models": ["et"], "seeds": seeds, "max_concurrent_trials": 3,
-            "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 512, "limit_eval": 32},
+            "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 1024, "limit_eval": 32},
                      "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "eval_trace_samples": 2,
                                "checkpoint_every": 1}},
             "axes": {"model.et.steps": steps},
@@ -71,6 +71,7 @@ def _progress(trials: Path) -> dict[str, tuple[int, bool]]:
 
 
 def _mid_trial(trials: Path) -> bool:
+    """A trial is past its first checkpoint and not finished: a fault now hits it mid-run."""
     return any(epoch >= 1 and not done for epoch, done in _progress(trials).values())
 
 
@@ -148,8 +149,8 @@ def _tuned_state(uri: str, experiment: str) -> dict[str, Any]:
     return {g: {"tuning": e["tuning"], "selected": sorted(x for x in e["selected"] if x)} for g, e in groups.items()}
 
 
-def run_chaos_bench(out: Path, *, trials: int = 52, epochs: int = 4, seed: int = 0, blackhole_s: float = 90,
-                    mean_gap_s: float = 40, tuned: bool = True, configurations: int = 4,
+def run_chaos_bench(out: Path, *, trials: int = 52, epochs: int = 8, seed: int = 0, blackhole_s: float = 90,
+                    mean_gap_s: float = 20, tuned: bool = True, configurations: int = 4,
                     deadline_s: float = 3600) -> dict[str, Any]:
     """Both grids fault-free, then both under faults, on one cluster; writes ``out/bench_chaos.json``."""
     out.mkdir(parents=True, exist_ok=True)

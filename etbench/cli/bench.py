@@ -120,10 +120,10 @@ def sweep(a: argparse.Namespace) -> int:
 def chaos_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/bench")
     p.add_argument("--trials", type=int, default=52, help="trials of the plain grid (steps 1-4 x seeds)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per trial (a checkpoint after each)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per trial (a checkpoint after each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     p.add_argument("--blackhole-s", type=float, default=90, help="seconds the tracking server is black-holed")
-    p.add_argument("--mean-gap-s", type=float, default=40, help="mean seconds between faults (exponential)")
+    p.add_argument("--mean-gap-s", type=float, default=20, help="mean seconds between faults (exponential)")
     p.add_argument("--configurations", type=int, default=4, help="configurations per search of the tuned grid")
     p.add_argument("--no-tuned", action="store_true", help="the plain grid only")
 
