@@ -310,11 +310,20 @@ def preflight(storage: Storage, configs: list[Any], *, timeout_s: float = 180.0)
     task = ray.remote(node_check)
     pending = {n["NodeID"]: task.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         node_id=n["NodeID"], soft=False)).remote(marker, token, refs) for n in nodes}
+    # every node's check in parallel under one deadline; a check still running then is cancelled, not left behind
+    _, late_refs = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
+    late = set(late_refs)
+    for ref in late:
+        ray.cancel(ref, force=True)
     reports, problems = [], []
     for n in nodes:
         name = f"node {n.get('NodeManagerAddress')} ({n['NodeID'][:12]})"
+        if pending[n["NodeID"]] in late:
+            problems.append(f"{name}: the pre-flight check did not finish within {timeout_s:.0f} s (cancelled): "
+                            f"the storage or a dataset is slow or hangs there")
+            continue
         try:
-            rep = ray.get(pending[n["NodeID"]], timeout=timeout_s)
+            rep = ray.get(pending[n["NodeID"]])
         except Exception as e:  # the task could not run there at all
             problems.append(f"{name}: the pre-flight task failed: {type(e).__name__}: {str(e)[:300]}")
             continue
