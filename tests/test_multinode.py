@@ -13,14 +13,15 @@ on 127.0.0.1. Checked:
   PID mid-trial and restarted, and ``--resume`` finishes it from the shared checkpoint with no config hash
   FINISHED twice;
 - chaos (issue 23): a grid of one-worker trials pinned to the worker node (a custom resource only it has:
-  placement by resource, not by timing), with the project's default retries, loses its driver (SIGKILL, then
-  ``--resume``), its worker node (SIGKILL, back 10 s later: Ray Tune retries the trials it held) and its tracking
-  server (black-holed through a proxy, then restarted on the same store), each while a trial is mid-run after a
+  placement by resource, not by timing), with the project's default retries, loses its worker node (SIGKILL, back
+  10 s later: Ray Tune retries the trials it held), its driver (SIGKILL, then ``--resume``) and its tracking server
+  (black-holed through a proxy, then restarted on the same store), each while a trial is mid-run after a
   checkpoint. Oracle from the store and the shared trial folders alone (:func:`etbench.testing.chaos.audit`):
   exactly one FINISHED run per planned config hash, none left RUNNING, every other run closed with a reason, each
   FINISHED run's per-epoch validation history holds every epoch once and equals ``metrics.json``, every trial a
-  fault hit continued its own run, an interrupted trial ends bit-identical to the same config trained once
-  uninterrupted, and every run carries the submitter's git commit and ran on the worker node.
+  fault hit continued its own run (one MLflow run per trial over all its attempts), an interrupted trial ends
+  bit-identical to the same config trained once uninterrupted, and every run carries the submitter's git commit
+  and ran on the worker node.
 
 Everything the fixture starts is stopped by PID (the worker's session, the processes naming this test's directory
 or GCS address); no other Ray on the machine is touched.
@@ -261,22 +262,23 @@ def test_a_grid_survives_driver_node_and_tracking_server_loss(multinode: Loopbac
     trials = cluster.shared / "chaos" / "trials"
     planned = {t.config_hash: t for t in expand(load_grid(grid))}
 
-    # 1. driver lost mid-trial, grid resubmitted with --resume
+    # 1. the worker node lost mid-trial and back 10 s later: Ray Tune retries the trials it held (no --resume yet:
+    #    only the trial folder's tracking.json can lead a retry back to its run)
     sid = cluster.submit(cluster.sweep_args(grid))
-    hit_driver = wait_for("first checkpoint", mid_trial(trials), cluster, sid)
+    hit_node = wait_for("first checkpoint", mid_trial(trials), cluster, sid)
+    cluster.kill_worker()
+    time.sleep(10)
+    cluster.start_worker()
+
+    # 2. the driver lost mid-trial, the grid re-submitted with --resume
+    hit_driver = wait_for("a checkpoint after the node came back", mid_trial(trials, progress(trials)), cluster, sid)
     cluster.kill_driver(sid)
     assert cluster.status(sid) in ("FAILED", "STOPPED")
     before = progress(trials)
     sid = cluster.submit(cluster.sweep_args(grid, "--resume"))
 
-    # 2. the worker node lost mid-trial and back 10 s later: Tune retries the trials it held
-    hit_node = wait_for("a checkpoint after --resume", mid_trial(trials, before), cluster, sid)
-    cluster.kill_worker()
-    time.sleep(10)
-    cluster.start_worker()
-
     # 3. the tracking server stops answering while a trial runs, then restarts on the same store
-    hit_mlflow = wait_for("a trial running after the node loss", mid_trial(trials, progress(trials)), cluster, sid)
+    hit_mlflow = wait_for("a checkpoint after --resume", mid_trial(trials, before), cluster, sid)
     cluster.proxy.set_mode("blackhole")
     time.sleep(BLACKHOLE_S)
     cluster.restart_mlflow()
@@ -291,6 +293,11 @@ def test_a_grid_survives_driver_node_and_tracking_server_loss(multinode: Loopbac
     for h in {*hit_driver, *hit_node}:  # every trial a fault hit ran again and continued its own run
         assert result.attempts.get(h, 1) >= 2, (h, result.attempts)
     assert hit_mlflow
+    runs_per_hash: dict[str, int] = {}
+    for r in cluster.runs("chaos"):
+        h = r.data.tags["etbench.config_hash"]
+        runs_per_hash[h] = runs_per_hash.get(h, 0) + 1
+    assert runs_per_hash == {h: 1 for h in planned}  # one run per trial over every attempt: none opened twice
     commit = head_commit()
     for r in cluster.runs("chaos"):  # the working-dir copy has no .git: the commit came from the submitter
         if r.info.status == "FINISHED":
