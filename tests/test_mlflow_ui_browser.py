@@ -76,11 +76,12 @@ def test_experiments_are_model_training_with_a_metric_view(tmp_path: Path) -> No
     publish_runs_view(client, exp_id, ["best/val/mse_masked"])  # (as each finished run does) … is re-sorted
     assert json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["orderByKey"] == "attributes.start_time"
     # an experiment made elsewhere, without the tag, gets it when etbench logs into it; an explicit choice stays
+    # (a tracker resolves its experiment on first use, not when built: issue 23's outage handling)
     old = client.create_experiment("made-by-hand")
-    RunTracker(uri, "made-by-hand", "r")
+    assert RunTracker(uri, "made-by-hand", "r").experiment_id == old
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
-    RunTracker(uri, "chosen", "r")
+    assert RunTracker(uri, "chosen", "r").experiment_id == chosen
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
     hint = ui_hint(uri, "ui-grid")
     assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in hint and runs_page_url(exp_id) in hint

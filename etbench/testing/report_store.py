@@ -305,6 +305,10 @@ def _run_rows(trial: Trial, template: dict[str, str], shape: StoreShape, run_id:
     return run, tag_rows, param_rows, metric_rows, latest_rows, out
 
 
+#: The provenance tags a one-worker run gets where it trains (:func:`etbench.engine.provenance.in_process_tags`).
+PROVENANCE_TAGS = (S.TAG_CODE_HASH, S.TAG_DEVICE_NAME, S.TAG_HOSTNAME, S.TAG_NODE_IP, S.TAG_PRECISION)
+
+
 def _templates(trials: list[Trial], grid: str) -> dict[str, dict[str, str]]:
     """The tags RunTracker.start writes, once per model (git commit, versions, ... as a real run has them)."""
     out: dict[str, dict[str, str]] = {}
@@ -315,6 +319,8 @@ def _templates(trials: list[Trial], grid: str) -> dict[str, dict[str, str]]:
         tracker = _tracker(rec, t.run_name)
         tracker.start(t.config, grid=grid, axes=t.axes, data={"checksum": "generated-store"})
         rec.tags.setdefault(S.TAG_DATASET_CHECKSUM, "generated-store")  # run_tracked sets it after the run
+        for key in PROVENANCE_TAGS:  # what run_tracked tags the run with where it trains (etbench.engine.provenance)
+            rec.tags.setdefault(key, "generated-store")
         out[t.model] = rec.tags
     return out
 
