@@ -211,7 +211,7 @@ def test_deepspeed_trial_across_both_nodes_resumes_after_losing_a_node(multinode
 
 # --- chaos: driver, node and tracking server lost while the grid runs ----------------------------------------
 EPOCHS = 6
-BLACKHOLE_S = 20  # `etbench bench chaos` holds the server for 90 s
+BLACKHOLE_S = 10  # `etbench bench chaos` holds the server for 90 s; here only long enough to stall a trial's calls
 CHAOS_GRID = {"name": "chaos", "models": ["et"], "seeds": [0], "max_concurrent_trials": 2,
         "base": {"task": {"kind": "image", "dataset": "digits", "limit_train": 1024, "limit_eval": 32},
                  "train": {"epochs": EPOCHS, "batch_size": 64, "lr": 0.003, "eval_trace_samples": 2,
