@@ -126,6 +126,28 @@ def test_node_check_reports_marker_and_data_problems(tmp_path: Path, monkeypatch
         stg.check_marker(marker, token)
 
 
+def test_a_trial_on_a_node_without_the_storage_refuses_before_any_work(tmp_path: Path) -> None:
+    """A trial that lands where the sweep's marker is not visible (a node the autoscaler added without the shared
+    mount) refuses before it opens a run or writes a file — here the marker is gone, as on such a node. (Issue 23's
+    mutation check: with run_trial's check_marker call removed, this trial trains and this test fails.)"""
+    from etbench.sweep import runner
+    from etbench.sweep.grid import expand, load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "models": ["et"], "seeds": [0], "base": {
+        "task": {"kind": "image", "dataset": "digits", "limit_train": 32, "limit_eval": 16},
+        "train": {"epochs": 1, "batch_size": 16}}}))
+    spec = load_grid(grid)
+    st = stg.resolve_storage(str(tmp_path / "shared"))
+    marker, token = stg.write_marker(st)
+    stg.remove(marker)  # what a node that does not mount the storage sees
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    payload = runner._trial_payload(expand(spec)[0], spec, uri, "g", st, False, None, marker=(marker, token))
+    with pytest.raises(StorageError, match="does not mount the shared storage"):
+        runner.run_trial(payload)
+    assert not Path(payload["out"]).exists() and not (tmp_path / "m.db").exists()
+
+
 def test_dataset_refs_are_distinct_loader_arguments() -> None:
     a = resolve_run_config({"task": {"kind": "image", "dataset": "digits"}})
     b = resolve_run_config({"task": {"kind": "image", "dataset": "digits"}, "train": {"seed": 3}})
