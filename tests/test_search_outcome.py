@@ -37,3 +37,22 @@ def test_statuses_follow_the_grid_order_and_a_mismatch_is_refused() -> None:
     assert trial_statuses(Grid([object(), object()])) == ["TERMINATED", "RUNNING"]
     with pytest.raises(SweepError, match="3 results but 2 trials"):
         trial_statuses(Grid([object(), object(), object()]))
+
+
+def test_a_stopped_trials_reported_epochs_are_read_from_tunes_result() -> None:
+    """A distributed trial that ASHA stopped right after its ranks' report may have written no epoch anywhere yet:
+    the stage closes its run from what it reported to Tune (epochs 1..k of the search metric), never from a gap."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from etbench.sweep.tune_stage import _reported_rows
+    from etbench.sweep.tuning import metric_key
+
+    key = metric_key("val/mse_masked")
+    df = pd.DataFrame({"epoch": [1, 2], key: [0.5, 0.4]})
+    assert _reported_rows(SimpleNamespace(metrics_dataframe=df), "val/mse_masked") == [
+        {"val/mse_masked": 0.5}, {"val/mse_masked": 0.4}]
+    gap = pd.DataFrame({"epoch": [1, 3], key: [0.5, 0.4]})  # not epochs 1..k: nothing to stand for the run
+    assert _reported_rows(SimpleNamespace(metrics_dataframe=gap), "val/mse_masked") == []
+    assert _reported_rows(SimpleNamespace(metrics_dataframe=None), "val/mse_masked") == []

@@ -24,14 +24,16 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int) -> int | None:
+def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int,
+                       reported: list[dict[str, float]] | None = None) -> int | None:
     """Close the RUNNING run of a trial the scheduler stopped, from the epochs it recorded: MLflow's per-epoch
     history of the run (logged during the trial, readable wherever the driver runs), plus any epoch of the trial
     folder's metrics.json that MLflow lacks (a stop between writing metrics.json and logging; read only when the
     folder is visible here). best/* at the best validation epoch, status FINISHED, tag etbench.stopped_early only
     when fewer than ``budget_epochs`` epochs were recorded (:func:`etbench.sweep.tuning.stopped_at`). A run with no
-    recorded epoch anywhere is closed KILLED with the reason — never left RUNNING. Idempotent: only a RUNNING run
-    is touched. Returns the epochs recorded when cut short, else None."""
+    recorded epoch anywhere falls back to ``reported`` (the metric values the trial reported to Tune per epoch:
+    what the scheduler judged), else is closed KILLED with the reason — never left RUNNING. Idempotent: only a
+    RUNNING run is touched. Returns the epochs recorded when cut short, else None."""
     from mlflow.entities import Metric
 
     refs = run_refs(ctx["uri"], ctx["experiment"], config_hash=config_hash)
@@ -45,6 +47,8 @@ def _close_stopped_run(ctx: dict[str, Any], config_hash: str, budget_epochs: int
     ts = int(time.time() * 1000)
     for n, run in enumerate(running):
         rows, missing = _epoch_rows(client, run.run_id, file_rows)
+        if not rows and reported:  # stopped before rank 0 wrote its epochs: the reports the scheduler judged
+            rows, missing = list(reported), list(enumerate(reported, start=1))
         cut = T.stopped_at(rows, budget_epochs) if n == 0 else cut
         if not rows:
             why = ("stopped by the scheduler before any epoch reached MLflow, and the trial folder "

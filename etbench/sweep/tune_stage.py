@@ -286,7 +286,7 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
             res.failed[h] = SEARCH_INTERRUPTED
             interrupted += 1
         elif outcome == "stopped":
-            res.stopped[h] = _close_stopped_run(ctx, h, g.budget.epochs)
+            res.stopped[h] = _close_stopped_run(ctx, h, g.budget.epochs, _reported_rows(result, g.metric))
             res.finished.append(h)
         elif outcome == "skipped":
             res.skipped.append(h)
@@ -300,6 +300,22 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
 
 SEARCH_INTERRUPTED = ("did not finish: the search was interrupted before this configuration ended (not stopped by "
                       "the scheduler); `etbench sweep run --resume` restores the search and continues it")
+
+
+def _reported_rows(result: Any, metric: str) -> list[dict[str, float]]:
+    """The per-epoch values of ``metric`` a trial reported to Tune (epochs 1..k, or none): what the scheduler judged
+    it on, for a stopped run whose epochs never reached MLflow or its folder (a distributed trial stopped right
+    after its ranks' report, before rank 0 wrote them)."""
+    import math
+
+    df = getattr(result, "metrics_dataframe", None)
+    key = T.metric_key(metric)
+    if df is None or key not in df or "epoch" not in df:
+        return []
+    by_epoch = {int(e): float(v) for e, v in zip(df["epoch"], df[key], strict=True)
+                if isinstance(v, int | float) and math.isfinite(v) and isinstance(e, int | float) and math.isfinite(e)}
+    epochs = sorted(by_epoch)
+    return [{metric: by_epoch[e]} for e in epochs] if epochs == list(range(1, len(epochs) + 1)) else []
 
 
 def trial_statuses(grid: Any) -> list[str]:
