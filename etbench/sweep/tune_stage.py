@@ -113,14 +113,19 @@ def tune_tags(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def search_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> None:
+def search_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None,
+                 group: dict[str, Any] | None = None) -> None:
     """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune.
-    ``sweep``: this sweep's prologue fields, passed with ``tune.with_parameters`` (fresh on a restored search)."""
+    ``sweep``: this sweep's prologue fields, passed with ``tune.with_parameters`` (fresh on a restored search);
+    ``group``: the group's context, also passed that way — used when a restored search hands a trial a config
+    without its stored ``ctx`` (seen once in a killed-and-resumed search: KeyError 'ctx')."""
     from ray import tune
 
     from etbench.engine.loop import StopRequested
 
-    ctx, params = config["ctx"], dict(config["params"])
+    ctx, params = config.get("ctx") or group, dict(config["params"])
+    if ctx is None:
+        raise KeyError("ctx: the trial's config holds no search context and none was passed")
     _threads(ctx)
     cfg = T.config_from(ctx["over"], params)
     h, key, last = cfg.hash(), T.metric_key(ctx["metric"]), cfg.train.epochs
@@ -250,7 +255,8 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
         res.evaluated[g.gid] = json.loads((path / SEARCH_DONE).read_text())["evaluated"]
         return
     conc = t.max_concurrent_trials or spec.max_concurrent_trials
-    trainable = tune.with_resources(tune.with_parameters(search_trial, sweep=sweep or {}), _resources(spec))
+    trainable = tune.with_resources(tune.with_parameters(search_trial, sweep=sweep or {}, group=ctx),
+                                    _resources(spec))
     if tune.Tuner.can_restore(str(path)):
         if progress:
             print(f"search {g.gid}: restoring Tune's search state from {path}")
