@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import yaml
 
-from etbench.testing.chaos import audit
+from etbench.testing.chaos import audit, trial_progress
 from etbench.testing.loopback_cluster import (
     BIN,
     CLUSTER,
@@ -220,14 +220,7 @@ CHAOS_GRID = {"name": "chaos", "models": ["et"], "seeds": [0], "max_concurrent_t
         "resources": {"workers": 1, "cpus_per_worker": 1.0, "custom": {WORKER_SLOT: 1}}}
 
 
-def progress(trials: Path) -> dict[str, tuple[int, bool]]:
-    """Config hash → (latest checkpointed epoch, finished) of every trial folder on the shared storage."""
-    out = {}
-    for folder in trials.glob("*"):
-        retained = folder / "checkpoints" / "retained.json"
-        latest = json.loads(retained.read_text()).get("latest", 0) if retained.exists() else 0
-        out[folder.name] = (int(latest), (folder / "summary.json").exists())
-    return out
+progress = trial_progress  # (etbench.testing.chaos)
 
 
 def wait_for(what: str, cond: Callable[[], Any], cl: LoopbackCluster, sid: str, timeout: float = 300) -> Any:

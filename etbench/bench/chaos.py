@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from etbench.bench.common import machine_info
-from etbench.testing.chaos import audit
+from etbench.testing.chaos import audit, trial_progress
 from etbench.testing.loopback_cluster import LoopbackCluster, loopback_cluster
 
 KINDS = ("node", "driver", "tracking")
@@ -61,18 +61,9 @@ def tuned_grid(name: str, epochs: int, configurations: int) -> dict[str, Any]:
                        "models": {"et": {"space": {"train.lr": lr}}, "vit": {"space": {"train.lr": lr}}}}}
 
 
-def _progress(trials: Path) -> dict[str, tuple[int, bool]]:
-    out = {}
-    for folder in trials.glob("*"):
-        retained = folder / "checkpoints" / "retained.json"
-        latest = json.loads(retained.read_text()).get("latest", 0) if retained.exists() else 0
-        out[folder.name] = (int(latest), (folder / "summary.json").exists())
-    return out
-
-
 def _mid_trial(trials: Path) -> bool:
     """A trial is past its first checkpoint and not finished: a fault now hits it mid-run."""
-    return any(epoch >= 1 and not done for epoch, done in _progress(trials).values())
+    return any(epoch >= 1 and not done for epoch, done in trial_progress(trials).values())
 
 
 def run_grid(cl: LoopbackCluster, spec: dict[str, Any], *, rng: random.Random | None, blackhole_s: float,

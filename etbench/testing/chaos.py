@@ -117,6 +117,17 @@ def _check_run(client: Any, run: Any, folder: Path, epochs: int) -> list[str]:
     return problems
 
 
+def trial_progress(trials: Path | str) -> dict[str, tuple[int, bool]]:
+    """Config hash → (latest checkpointed epoch, finished) of every trial folder of a grid: when a fault now would
+    hit a trial mid-run (the chaos test and ``etbench bench chaos`` time their faults by it)."""
+    out = {}
+    for folder in Path(trials).glob("*"):
+        retained = folder / "checkpoints" / "retained.json"
+        latest = json.loads(retained.read_text()).get("latest", 0) if retained.exists() else 0
+        out[folder.name] = (int(latest), (folder / "summary.json").exists())
+    return out
+
+
 def final_rows(trials: Path | str, h: str) -> list[dict[str, float]]:
     """A trial's per-epoch rows (its metrics.json) for comparing with an uninterrupted reference run."""
     return json.loads((Path(trials) / h / "metrics.json").read_text())
