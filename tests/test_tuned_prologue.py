@@ -196,3 +196,42 @@ def test_selection_refuses_a_group_with_more_configurations_than_its_budget(stor
         tune_stage.select(uri, "sel", g)
     msg = str(err.value)
     assert "tuning group et has 3 evaluated configurations" in msg and "its budget is 2" in msg, msg
+
+
+def _probe(key: str) -> Any:
+    """A stand-in tuning trial: reports whether Tune handed it the group's search context."""
+
+    def probe(config: dict[str, Any]) -> None:
+        from ray import tune
+
+        tune.report({"epoch": 2, "has_ctx": int("ctx" in config), key: 0.0})
+
+    return probe
+
+
+def test_a_search_killed_before_tunes_first_save_restores_with_its_context(tmp_path: Path) -> None:
+    """Tune writes ``tuner.pkl`` when the Tuner is built, its experiment state only once the search runs: a driver
+    killed in between leaves a search that ``Tuner.restore`` cannot resume, so Tune starts it afresh from the param
+    space the restore was given. ``open_tuner`` hands it the group's space again: every trial gets its ``ctx`` (the
+    old restore, without it, gave each trial only its sampled params — the killed-search flake)."""
+    from ray import tune
+
+    from etbench.ray_local import init_local_ray
+    from etbench.sweep.grid import load_grid
+
+    spec = load_grid(_grid(tmp_path))
+    g = next(x for x in T.groups(spec) if x.model == "et")
+    ctx = {"over": T.tuning_overrides(spec, g), "gid": g.gid, "metric": g.metric, "mode": g.mode}
+    path, probe = tmp_path / "tune" / g.gid, _probe(T.metric_key(g.metric))
+    tune_stage.open_tuner(spec, g, ctx, path, probe, progress=False)  # built, never fitted: the driver died here
+    assert tune.Tuner.can_restore(str(path)) and not list(path.glob("experiment_state*"))
+    init_local_ray("127.0.0.2", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        grid = tune_stage.open_tuner(spec, g, ctx, path, probe, progress=False).fit()
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert len(grid) == g.budget.configurations
+    assert all(r.error is None and r.metrics["has_ctx"] == 1 for r in grid), [(r.error, r.config) for r in grid]
+    assert all(r.config["ctx"] == ctx for r in grid)

@@ -113,19 +113,14 @@ def tune_tags(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def search_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None,
-                 group: dict[str, Any] | None = None) -> None:
+def search_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> None:
     """One tuning trial: resolve the sampled configuration, run (or recall) it, report every epoch to Tune.
-    ``sweep``: this sweep's prologue fields, passed with ``tune.with_parameters`` (fresh on a restored search);
-    ``group``: the group's context, also passed that way — used when a restored search hands a trial a config
-    without its stored ``ctx`` (seen once in a killed-and-resumed search: KeyError 'ctx')."""
+    ``sweep``: this sweep's prologue fields, passed with ``tune.with_parameters`` (fresh on a restored search)."""
     from ray import tune
 
     from etbench.engine.loop import StopRequested
 
-    ctx, params = config.get("ctx") or group, dict(config["params"])
-    if ctx is None:
-        raise KeyError("ctx: the trial's config holds no search context and none was passed")
+    ctx, params = config["ctx"], dict(config["params"])
     _threads(ctx)
     cfg = T.config_from(ctx["over"], params)
     h, key, last = cfg.hash(), T.metric_key(ctx["metric"]), cfg.train.epochs
@@ -247,35 +242,12 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
     ``tune.with_parameters`` so that a restored search gets this sweep's marker, not the stored one."""
     from ray import tune
 
-    t = spec.tuning
-    assert t is not None
-    base = root / spec.name / "tune"
-    path = base / g.gid
+    path = root / spec.name / "tune" / g.gid
     if (path / SEARCH_DONE).exists():
         res.evaluated[g.gid] = json.loads((path / SEARCH_DONE).read_text())["evaluated"]
         return
-    conc = t.max_concurrent_trials or spec.max_concurrent_trials
-    trainable = tune.with_resources(tune.with_parameters(search_trial, sweep=sweep or {}, group=ctx),
-                                    _resources(spec))
-    if tune.Tuner.can_restore(str(path)):
-        if progress:
-            print(f"search {g.gid}: restoring Tune's search state from {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-    else:  # the searcher caps the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"ctx": ctx, "params": {k: d.to_tune() for k, d in g.dims.items()}},
-            tune_config=tune.TuneConfig(metric=T.metric_key(g.metric), mode=g.mode, search_alg=_searcher(spec, g, conc),
-                                        scheduler=_scheduler(spec, g), num_samples=g.budget.configurations,
-                                        reuse_actors=_in_actor(spec)),  # a stopped trial's thread ends at the reset
-            run_config=tune.RunConfig(name=g.gid, storage_path=str(base), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      # the search state Tuner.restore reads lags its trials by at most 10 s
-                                      sync_config=tune.SyncConfig(sync_period=10),
-                                      callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
-        )
-    grid = tuner.fit()
+    trainable = tune.with_resources(tune.with_parameters(search_trial, sweep=sweep or {}), _resources(spec))
+    grid = open_tuner(spec, g, ctx, path, trainable, progress).fit()
     seen: set[str] = set()
     interrupted = 0
     for result, tune_status in zip(grid, trial_statuses(grid), strict=True):
@@ -300,9 +272,51 @@ def run_search(spec: GridSpec, g: T.Group, ctx: dict[str, Any], root: Path, res:
             res.finished.append(h)
     _close_orphans(ctx, seen)
     res.evaluated[g.gid] = len(grid) - interrupted
+    if not interrupted and len(grid) != g.budget.configurations:  # e.g. a restore Tune could not resume
+        raise SweepError(f"search {g.gid}: Tune ended the search with {len(grid)} of {g.budget.configurations} "
+                         f"configurations (state in {path}); the search is not marked done. Move that folder aside "
+                         "and run again with --resume: FINISHED tuning runs are reused, not retrained.")
     if not interrupted:
         (path / SEARCH_DONE).write_text(json.dumps({"evaluated": len(grid), "finished_unix": time.time()}))
 
+
+def open_tuner(spec: GridSpec, g: T.Group, ctx: dict[str, Any], path: Path, trainable: Any, progress: bool) -> Any:
+    """The group's Tune search: restored from ``path`` when Tune saved its experiment state there, else a new one.
+
+    Tune writes ``tuner.pkl`` when the Tuner is built and its experiment state only once the search runs, so a driver
+    killed in between leaves a folder that ``Tuner.can_restore`` accepts but ``Tuner.restore`` cannot resume. Tune
+    2.x then quietly runs a fresh search from what the restore was given — one sample, and no param space unless
+    passed (it is not stored): every trial got a config without its ``ctx`` (the killed-search flake of issue 23).
+    No trial ran in such a search, so it is started anew here; a restore is still handed the group's param space."""
+    from ray import tune
+
+    t = spec.tuning
+    assert t is not None
+    space = {"ctx": ctx, "params": {k: d.to_tune() for k, d in g.dims.items()}}
+    if tune.Tuner.can_restore(str(path)) and any(path.glob("experiment_state-*.json")):
+        if progress:
+            print(f"search {g.gid}: restoring Tune's search state from {path}")
+        try:
+            return tune.Tuner.restore(str(path), trainable, param_space=space, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+        except ValueError as e:  # Tune refuses a param space whose keys differ from the stored one's
+            raise SweepError(f"search {g.gid}: the search state in {path} was stored for another search context "
+                             f"(an older etbench or a changed grid) and cannot be restored: {e}. Move that folder "
+                             "aside to start this group's search anew (FINISHED tuning runs are reused).") from e
+    conc = t.max_concurrent_trials or spec.max_concurrent_trials
+    # the searcher caps the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=T.metric_key(g.metric), mode=g.mode, search_alg=_searcher(spec, g, conc),
+                                    scheduler=_scheduler(spec, g), num_samples=g.budget.configurations,
+                                    reuse_actors=_in_actor(spec)),  # a stopped trial's thread ends at the reset
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  # the search state Tuner.restore reads lags its trials by at most 10 s
+                                  sync_config=tune.SyncConfig(sync_period=10),
+                                  callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
+    )
 
 SEARCH_INTERRUPTED = ("did not finish: the search was interrupted before this configuration ended (not stopped by "
                       "the scheduler); `etbench sweep run --resume` restores the search and continues it")
