@@ -80,8 +80,11 @@ def submit(mn: MultiNode, grid: Path | None, *args: str, data: Path | None = Non
            timeout: float = 420) -> tuple[str, str]:
     """`ray job submit --working-dir .` of `etbench sweep run GRID …` (``grid`` None: of `etbench ARGS`);
     returns (final status, logs)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    return finish(mn, start(mn, grid, *args, data=data), timeout)
 
+
+def start(mn: MultiNode, grid: Path | None, *args: str, data: Path | None = None) -> str:
+    """Submit as :func:`submit` does without waiting for the job; its submission id."""
     from etbench.storage import job_runtime_env
 
     runtime_env = job_runtime_env(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
@@ -94,6 +97,13 @@ def submit(mn: MultiNode, grid: Path | None, *args: str, data: Path | None = Non
                             if grid is not None else []), *args]
     r = subprocess.run(cmd, env=mn.env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return sid
+
+
+def finish(mn: MultiNode, sid: str, timeout: float = 420) -> tuple[str, str]:
+    """A submitted job's final status and logs (stopped when ``timeout`` passes first)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     client = JobSubmissionClient(mn.dashboard)
     deadline = time.time() + timeout
     status = client.get_job_status(sid)
@@ -122,19 +132,20 @@ def head_commit() -> str:
 # --- refused before anything starts -------------------------------------------------------------------------------
 def test_node_local_settings_are_refused_before_any_trial(multinode: MultiNode) -> None:
     grid = write_grid(multinode, "mn_refused", axes={"model.et.steps": [1, 2]})
-    status, logs = submit(multinode, grid, "--results", "results")
+    db = multinode.shared / "m.db"
+    jobs = [start(multinode, grid, "--results", "results"),  # the three are submitted together: each is refused
+            start(multinode, grid, "--storage", str(multinode.shared), "--tracking-uri", f"sqlite:///{db}"),
+            # `etbench train` on the cluster: its default --out is relative too
+            start(multinode, None, "train", "image", "--dataset", "digits", "--limit-train", "64", "--epochs", "1",
+                  "--workers", "2", "--address", "auto", "--tracking-uri", multinode.tracking_uri,
+                  "--experiment", "mn_train")]
+    (status, logs), (status2, logs2), (status3, logs3) = (finish(multinode, sid) for sid in jobs)
     assert status == "FAILED", logs[-3000:]
     assert "--results is the relative path 'results'" in logs and "NFS/EFS/Lustre" in logs, logs[-3000:]
-    db = multinode.shared / "m.db"
-    status, logs = submit(multinode, grid, "--storage", str(multinode.shared), "--tracking-uri", f"sqlite:///{db}")
-    assert status == "FAILED" and f"--tracking-uri sqlite:///{db} is a file store" in logs, logs[-3000:]
+    assert status2 == "FAILED" and f"--tracking-uri sqlite:///{db} is a file store" in logs2, logs2[-3000:]
     assert runs_of(multinode, "mn_refused") == [] and not db.exists()
     assert not (multinode.shared / "mn_refused" / "trials").exists() and not (multinode.shared / "ray").exists()
-    # `etbench train` on the cluster: its default --out is relative too
-    status, logs = submit(multinode, None, "train", "image", "--dataset", "digits", "--limit-train", "64",
-                          "--epochs", "1", "--workers", "2", "--address", "auto", "--tracking-uri",
-                          multinode.tracking_uri, "--experiment", "mn_train")
-    assert status == "FAILED" and "--out is the relative path 'results/runs/image-et-" in logs, logs[-3000:]
+    assert status3 == "FAILED" and "--out is the relative path 'results/runs/image-et-" in logs3, logs3[-3000:]
     assert runs_of(multinode, "mn_train") == []
 
 

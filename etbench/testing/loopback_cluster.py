@@ -97,6 +97,26 @@ def processes_matching(needles: list[str]) -> dict[int, psutil.Process]:
     return found
 
 
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited — gone, or a zombie whose parent has not reaped it yet (a killed raylet's
+    children are re-parented to PID 1, which may reap late: ``psutil.wait_procs`` would wait out its whole timeout
+    for them). Our own children are reaped. Returns the ones still running at ``timeout``."""
+    deadline = time.time() + timeout
+    alive = list(procs)
+    while True:
+        _, alive = psutil.wait_procs(alive, timeout=0.2)  # reaps our own children
+        running = []
+        for p in alive:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        alive = running
+        if not alive or time.time() >= deadline:
+            return alive
+
+
 def stop_processes(procs: dict[int, psutil.Process], grace: float = 3.0) -> list[int]:
     """SIGTERM, then SIGKILL what is left (raylet, gcs_server and the agents ignore SIGTERM). Returns survivors."""
     live = list(procs.values())
@@ -105,14 +125,13 @@ def stop_processes(procs: dict[int, psutil.Process], grace: float = 3.0) -> list
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(live, timeout=grace)
+    alive = wait_gone(live, grace)
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    return [p.pid for p in alive]
+    return [p.pid for p in wait_gone(alive, 10)]
 
 
 def kill_session(sid: int) -> None:
@@ -129,7 +148,7 @@ def kill_session(sid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    wait_gone(procs, 10)
 
 
 @dataclass
@@ -163,12 +182,16 @@ class LoopbackCluster:
         if self.alive_nodes() != 2:
             raise ClusterError("the worker node did not join")
 
-    def kill_worker(self) -> None:
-        """SIGKILL every process of the worker node's session (raylet, its workers, agents): a node lost."""
+    def kill_worker(self, wait_dead: bool = True) -> None:
+        """SIGKILL every process of the worker node's session (raylet, its workers, agents): a node lost.
+        ``wait_dead``: also wait (≤ 60 s) until the GCS counts the node dead — its health check takes ~15 s here;
+        a teardown has no need to."""
         if self.worker is None:
             return
         kill_session(self.worker.pid)
         self.worker.wait(timeout=10)
+        if not wait_dead:
+            return
         deadline = time.time() + 60
         while time.time() < deadline and self.alive_nodes() > 1:
             time.sleep(1)
@@ -359,7 +382,7 @@ def loopback_cluster(*, node_cpus: int = 2, worker_slots: int = 2, proxy: bool =
         yield cl
     finally:
         if cl.worker is not None and cl.worker.poll() is None:
-            cl.kill_worker()
+            cl.kill_worker(wait_dead=False)
         cl.started.update(processes_matching(needles))
         cl.started.update({p.pid: p for p in cl._mlflow_tree()})
         survivors = stop_processes(cl.started)
