@@ -296,13 +296,12 @@ def open_tuner(spec: GridSpec, g: T.Group, ctx: dict[str, Any], path: Path, trai
     if tune.Tuner.can_restore(str(path)) and any(path.glob("experiment_state-*.json")):
         if progress:
             print(f"search {g.gid}: restoring Tune's search state from {path}")
+        kw = {"resume_unfinished": True, "resume_errored": False, "restart_errored": False}
         try:
-            return tune.Tuner.restore(str(path), trainable, param_space=space, resume_unfinished=True,
-                                      resume_errored=False, restart_errored=False)
-        except ValueError as e:  # Tune refuses a param space whose keys differ from the stored one's
-            raise SweepError(f"search {g.gid}: the search state in {path} was stored for another search context "
-                             f"(an older etbench or a changed grid) and cannot be restored: {e}. Move that folder "
-                             "aside to start this group's search anew (FINISHED tuning runs are reused).") from e
+            return tune.Tuner.restore(str(path), trainable, param_space=space, **kw)
+        except ValueError:  # a search stored by an older etbench, whose ctx had other keys: Tune refuses the new
+            # space; its state is there, so the stored space is not needed (run_search checks the count after)
+            return tune.Tuner.restore(str(path), trainable, **kw)
     conc = t.max_concurrent_trials or spec.max_concurrent_trials
     # the searcher caps the concurrency (TuneConfig's max_concurrent_trials would wrap it once more)
     return tune.Tuner(
