@@ -44,8 +44,12 @@ def laplacian_pe(graph: Data, k: int) -> Tensor:
     if k == 0 or n < 2:
         return out
     m = min(k, n - 1)  # a graph of n nodes has n − 1 non-trivial eigenvectors
-    pe = AddLaplacianEigenvectorPE(m, attr_name="pe", is_undirected=True)(Data(edge_index=graph.edge_index,
-                                                                              num_nodes=n)).pe
+    # from 100 nodes PyG calls ARPACK (scipy's eigsh), whose default start vector is random and not seeded by torch
+    # or numpy: the same graph's PE then differed between processes (eigenvector signs, and ~1e-5 in value), so an
+    # identical run did not reproduce. A start vector from the graph's size makes it deterministic.
+    v0 = np.random.default_rng([PE_SEED, n]).standard_normal(n)
+    pe = AddLaplacianEigenvectorPE(m, attr_name="pe", is_undirected=True, v0=v0)(
+        Data(edge_index=graph.edge_index, num_nodes=n)).pe
     out[:, :m] = pe.float()
     return out
 
