@@ -317,6 +317,7 @@ def open_tuner(spec: GridSpec, g: T.Group, ctx: dict[str, Any], path: Path, trai
                                   callbacks=[_SearchProgress.make(g.gid, g.budget.configurations, progress)]),
     )
 
+
 SEARCH_INTERRUPTED = ("did not finish: the search was interrupted before this configuration ended (not stopped by "
                       "the scheduler); `etbench sweep run --resume` restores the search and continues it")
 
