@@ -381,8 +381,12 @@ def loopback_cluster(*, node_cpus: int = 2, worker_slots: int = 2, proxy: bool =
         cl.started.update(processes_matching(needles))
         yield cl
     finally:
-        if cl.worker is not None and cl.worker.poll() is None:
-            cl.kill_worker(wait_dead=False)
+        try:
+            if cl.worker is not None and cl.worker.poll() is None:
+                cl.kill_worker(wait_dead=False)
+        except Exception as e:  # whatever failed, every process below is still stopped
+            print(f"loopback cluster: stopping the worker node failed ({e!r}); stopping every process by PID",
+                  file=sys.stderr)
         cl.started.update(processes_matching(needles))
         cl.started.update({p.pid: p for p in cl._mlflow_tree()})
         survivors = stop_processes(cl.started)
